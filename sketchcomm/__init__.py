@@ -1,0 +1,12 @@
+"""sketchcomm: Count Sketch gradient communication for PyTorch DDP, with differential privacy.
+
+``SketchState`` + ``sketch_hook`` replace DDP's gradient allreduce with an allreduce of Count Sketch
+tables; :mod:`sketchcomm.privacy` adds clipping and Gaussian noise in sketch space with an epsilon
+ledger on Opacus accountants; :mod:`sketchcomm.gear` compresses transformer KV caches with GEAR.
+"""
+
+from sketchcomm.hooks import SketchState, SketchStats, sketch_hook
+from sketchcomm.sketch import CountSketch
+
+__all__ = ["CountSketch", "SketchState", "SketchStats", "sketch_hook"]
+__version__ = "0.1.0"

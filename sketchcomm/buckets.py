@@ -1,0 +1,70 @@
+"""Canonical layout of a DDP gradient bucket.
+
+DDP fills a bucket's flat buffer with its parameters' gradients in the bucket's own order, and
+that order changes when DDP rebuilds its buckets after the first iteration (and again in the first
+iteration of a DDP model rebuilt from a checkpoint). A sketch table or residual kept for a bucket
+is only meaningful in one flat order, so the hooks work in a *canonical* order: the bucket's
+parameters by descending position in the model (the order in which gradients usually become
+ready, so the rebuilt buckets need no copy). The positions are known once the state is bound to
+the model (``state.register(ddp_model)``); an unbound state falls back to the bucket's own order
+and keys its state by the bucket's shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class BucketLayout:
+    """``key`` identifies the bucket's parameters (independently of their order); ``slices`` are
+    the ``(offset, length)`` of each parameter in the bucket buffer, listed in canonical order, or
+    None when the buffer already is in canonical order."""
+
+    key: tuple
+    numel: int
+    slices: tuple[tuple[int, int], ...] | None
+
+    @classmethod
+    def of(cls, bucket: dist.GradBucket, positions: dict[int, int] | None) -> BucketLayout:
+        params = bucket.parameters()
+        numel = bucket.buffer().numel()
+        if positions is None:
+            return cls(("shapes", numel, tuple(tuple(p.shape) for p in params)), numel, None)
+        try:
+            ranks = [positions[id(p)] for p in params]
+        except KeyError as error:
+            raise ValueError(
+                "a bucket holds a parameter of another model: the state was registered on a "
+                "different DDP model"
+            ) from error
+        order = sorted(range(len(params)), key=lambda i: -ranks[i])
+        key = ("params", tuple(ranks[i] for i in order))
+        if order == list(range(len(params))):
+            return cls(key, numel, None)
+        offsets, offset = [], 0
+        for p in params:
+            offsets.append(offset)
+            offset += p.numel()
+        return cls(key, numel, tuple((offsets[i], params[i].numel()) for i in order))
+
+    def to_canonical(self, flat: Tensor) -> Tensor:
+        """The bucket buffer ``[numel]`` in canonical order (the same tensor if already so)."""
+        if self.slices is None:
+            return flat
+        return torch.cat([flat[o : o + n] for o, n in self.slices])
+
+    def from_canonical(self, flat: Tensor) -> Tensor:
+        """Inverse of :meth:`to_canonical`."""
+        if self.slices is None:
+            return flat
+        out = torch.empty_like(flat)
+        start = 0
+        for o, n in self.slices:
+            out[o : o + n] = flat[start : start + n]
+            start += n
+        return out

@@ -1,0 +1,41 @@
+"""The ``sketchcomm`` command.
+
+Every sub-command lives in its own module, which exposes ``configure(parser)`` to declare its
+options and ``run(args) -> int`` to execute. Those modules import their heavy dependencies
+(transformers, wandb) inside ``run``, so ``sketchcomm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "privacy": ("sketchcomm.privacy.cli", "epsilon of a plan, noise for a target, ledger files"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sketchcomm",
+        description="Count Sketch DDP communication, differential privacy and GEAR KV-cache tools.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.configure(command)
+        command.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

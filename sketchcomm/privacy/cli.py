@@ -1,0 +1,158 @@
+"""Differential privacy accounting: the epsilon of a training plan, the noise multiplier for a
+target epsilon, and the contents of a privacy ledger file.
+
+Every epsilon is stated for the given delta and accountant, for add/remove-one adjacency of the
+unit of privacy under Poisson sampling at the given sample rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from sketchcomm.privacy.calibration import (
+    calibrate_noise_multiplier,
+    describe_plan,
+    steps_for_epochs,
+)
+from sketchcomm.privacy.ledger import ACCOUNTANTS, LedgerError, PrivacyLedger
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sample-rate",
+        "-q",
+        type=float,
+        required=True,
+        help="probability that a unit is in a step's batch (batch size / dataset size)",
+    )
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="number of optimizer steps")
+    length.add_argument("--epochs", type=float, help="number of epochs (epochs / q steps)")
+    parser.add_argument("--delta", type=float, required=True, help="target delta")
+    parser.add_argument(
+        "--accountant", choices=ACCOUNTANTS, default="prv", help="Opacus accountant (default: prv)"
+    )
+    parser.add_argument(
+        "--dataset-size", type=int, help="number of units; checks that delta < 1/dataset-size"
+    )
+    parser.add_argument("--unit", default="example", help="unit of privacy (default: example)")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Declare the ``epsilon``, ``calibrate`` and ``inspect`` actions."""
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+
+    epsilon = actions.add_parser(
+        "epsilon", help="epsilon spent by a plan (noise multiplier, sample rate, steps)"
+    )
+    epsilon.add_argument(
+        "--sigma",
+        "--noise-multiplier",
+        type=float,
+        required=True,
+        dest="sigma",
+        help="noise multiplier: noise std / clipping norm",
+    )
+    _add_plan_arguments(epsilon)
+    epsilon.add_argument("--budget", type=float, help="epsilon budget to compare with")
+
+    calibrate = actions.add_parser(
+        "calibrate", help="smallest noise multiplier whose epsilon is at most a target"
+    )
+    calibrate.add_argument(
+        "--target-epsilon", "--epsilon", type=float, required=True, dest="target_epsilon"
+    )
+    _add_plan_arguments(calibrate)
+    calibrate.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="how far below the target the plan's epsilon may be (default: 0.01)",
+    )
+
+    inspect = actions.add_parser("inspect", help="show a privacy ledger file (read-only)")
+    inspect.add_argument("path", help="ledger JSON file")
+    inspect.add_argument("--json", action="store_true", help="print the ledger as JSON")
+
+
+def _steps(args: argparse.Namespace) -> int:
+    if args.steps is not None:
+        return args.steps
+    return steps_for_epochs(args.epochs, args.sample_rate)
+
+
+def _run_epsilon(args: argparse.Namespace) -> int:
+    print(
+        describe_plan(
+            args.sigma,
+            args.sample_rate,
+            _steps(args),
+            args.delta,
+            args.accountant,
+            unit=args.unit,
+            budget=args.budget,
+            dataset_size=args.dataset_size,
+        )
+    )
+    return 0
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    steps = _steps(args)
+    sigma = calibrate_noise_multiplier(
+        args.target_epsilon,
+        args.delta,
+        args.sample_rate,
+        steps=steps,
+        accountant=args.accountant,
+        epsilon_tolerance=args.tolerance,
+    )
+    print(f"noise multiplier: {sigma!r}")
+    print(
+        describe_plan(
+            sigma,
+            args.sample_rate,
+            steps,
+            args.delta,
+            args.accountant,
+            unit=args.unit,
+            budget=args.target_epsilon,
+            dataset_size=args.dataset_size,
+        )
+    )
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from sketchcomm.report import format_privacy_report
+
+    ledger = PrivacyLedger.open(args.path)
+    with open(args.path, encoding="utf-8") as handle:
+        stored = json.load(handle)
+    if args.json:
+        print(json.dumps(stored, indent=2))
+        return 0
+    print(format_privacy_report(ledger))
+    print(f"created {stored['created_at']}, updated {stored['updated_at']}")
+    stored_epsilon = math.inf if stored["epsilon"] == "inf" else stored["epsilon"]
+    if stored_epsilon != ledger.epsilon:
+        print(
+            f"note: the file records epsilon {stored['epsilon']} (Opacus "
+            f"{stored.get('opacus_version', 'unknown')}); the installed Opacus gives "
+            f"{ledger.epsilon!r} for the same history, which is the value reported above"
+        )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen action; returns 0, or 2 with a message on stderr for invalid input."""
+    handlers = {"epsilon": _run_epsilon, "calibrate": _run_calibrate, "inspect": _run_inspect}
+    try:
+        return handlers[args.action](args)
+    except (LedgerError, ValueError) as err:
+        print(f"sketchcomm privacy {args.action}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,178 @@
+"""wandb reporting: the epsilon logged offline, read back from the run file, is the ledger's."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from sketchcomm.privacy import PrivacyLedger
+from sketchcomm.report import (
+    PrivacyReporter,
+    format_privacy_report,
+    resolve_wandb_mode,
+    wandb_credentials_available,
+)
+
+DELTA = 1e-5
+STEPS = [(1.0, 0.01)] * 3 + [(0.8, 0.02)] * 2 + [(1.2, 0.01)] * 3
+
+_BLOCK = 32 * 1024
+_HEADER = 7  # crc32 (4), length (2, little endian), type (1)
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _read_records(path: Path) -> list[bytes]:
+    """Records of a wandb ``.wandb`` file: a 7-byte file header (``:W&B``, magic, version),
+    then LevelDB log framing in 32 KiB blocks; each record's crc32 covers its type and data."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records: list[bytes] = []
+    pending = b""
+    position = 7
+    while position + _HEADER <= len(data):
+        left_in_block = _BLOCK - position % _BLOCK
+        if left_in_block < _HEADER:  # block trailer padding
+            position += left_in_block
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[position : position + _HEADER])
+        if kind == 0 and length == 0:  # zero padding to the end of the block
+            position += left_in_block
+            continue
+        payload = data[position + _HEADER : position + _HEADER + length]
+        assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) == crc, f"bad crc at {position}"
+        position += _HEADER + length
+        if kind == _FULL:
+            records.append(payload)
+        elif kind == _FIRST:
+            pending = payload
+        elif kind == _MIDDLE:
+            pending += payload
+        elif kind == _LAST:
+            records.append(pending + payload)
+        else:
+            raise AssertionError(f"unknown record type {kind} at {position}")
+    return records
+
+
+def _history_and_summary(run_file: Path) -> tuple[dict[int, dict], dict]:
+    from wandb.proto import wandb_internal_pb2
+
+    rows: dict[int, dict] = {}
+    summary: dict = {}
+    for raw in _read_records(run_file):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
+            rows[row["_step"]] = {**rows.get(row["_step"], {}), **row}
+        elif kind == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return rows, summary
+
+
+@pytest.fixture
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
+    return tmp_path / "wandb-runs"
+
+
+def test_offline_run_file_holds_the_ledger_epsilons(offline_wandb: Path, tmp_path: Path) -> None:
+    ledger = PrivacyLedger("rdp", DELTA, budget=5.0, path=tmp_path / "ledger.json")
+    expected: dict[int, dict[str, float]] = {}
+    with PrivacyReporter(ledger, project="sketchcomm-test", dir=offline_wandb, rank=0) as reporter:
+        for index, (sigma, q) in enumerate(STEPS):
+            ledger.record_step(sigma, q)
+            comm = {"bytes_sent": 1000.0 + index, "compression_ratio": 8.0}
+            logged = reporter.log_step(comm)
+            assert logged is not None
+            expected[ledger.steps] = {
+                "privacy/epsilon": ledger.epsilon,
+                "privacy/delta": DELTA,
+                "privacy/noise_multiplier": sigma,
+                "privacy/sample_rate": q,
+                "privacy/steps": ledger.steps,
+                "privacy/budget_remaining": ledger.budget_remaining,
+                "comm/bytes_sent": comm["bytes_sent"],
+                "comm/compression_ratio": 8.0,
+            }
+            assert logged == expected[ledger.steps]
+        assert reporter.run.settings.mode == "offline"
+
+    (run_file,) = offline_wandb.glob("wandb/offline-run-*/run-*.wandb")
+    rows, summary = _history_and_summary(run_file)
+    assert sorted(rows) == sorted(expected)
+    for step, values in expected.items():
+        assert {key: rows[step][key] for key in values} == values
+    assert len({values["privacy/epsilon"] for values in expected.values()}) == len(STEPS)
+    assert rows[len(STEPS)]["privacy/summary/_type"] == "table-file"
+    assert rows[len(STEPS)]["privacy/history/nrows"] == 3
+    assert summary["privacy/epsilon"] == ledger.epsilon
+    assert summary["privacy/accountant"] == "rdp"
+    assert summary["privacy/budget"] == 5.0
+    assert summary["comm/total_bytes_sent"] == sum(1000.0 + i for i in range(len(STEPS)))
+    assert summary["comm/mean_compression_ratio"] == 8.0
+
+
+def test_other_ranks_do_nothing(offline_wandb: Path) -> None:
+    reporter = PrivacyReporter(None, dir=offline_wandb, rank=1)
+    assert not reporter.enabled
+    assert reporter.run is None
+    assert reporter.log_step({"bytes_sent": 1.0}) is None
+    reporter.finish()
+    assert not offline_wandb.exists()
+    with pytest.raises(ValueError, match="ledger"):
+        PrivacyReporter(None, dir=offline_wandb, rank=0)
+
+
+def test_mode_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine example.com login user password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert not wandb_credentials_available()
+    assert resolve_wandb_mode() == "offline"
+
+    netrc_file.write_text("machine api.wandb.ai login user password " + "a" * 40 + "\n")
+    assert wandb_credentials_available()
+    assert resolve_wandb_mode() == "online"
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode() == "disabled"
+    assert resolve_wandb_mode("offline") == "offline"
+    with pytest.raises(ValueError, match="mode"):
+        resolve_wandb_mode("sometimes")
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+    assert resolve_wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "b" * 40)
+    assert resolve_wandb_mode() == "online"
+
+
+def test_format_privacy_report(tmp_path: Path) -> None:
+    ledger = PrivacyLedger("rdp", DELTA, budget=5.0, path=tmp_path / "ledger.json")
+    for sigma, q in STEPS:
+        ledger.record_step(sigma, q)
+    text = format_privacy_report(ledger, comm={"bytes_sent": 123456.0})
+    assert f"epsilon spent     : {ledger.epsilon:.6g}" in text
+    assert f"remaining {ledger.budget_remaining:.6g}" in text
+    assert "delta             : 1e-05" in text
+    assert "one example" in text and "RDPAccountant" in text
+    assert f"steps             : {len(STEPS)}" in text
+    assert "0.8          0.02         2" in text
+    assert "bytes_sent" in text and "123456" in text
+    assert f"({ledger.epsilon:.4g}, 1e-05)-DP for each example" in text
+    assert "adds no privacy of its own" in text
