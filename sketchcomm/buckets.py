@@ -21,12 +21,14 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class BucketLayout:
-    """``key`` identifies the bucket's parameters (independently of their order); ``slices`` are
-    the ``(offset, length)`` of each parameter in the bucket buffer, listed in canonical order, or
-    None when the buffer already is in canonical order."""
+    """``key`` identifies the bucket's parameters (independently of their order); ``order`` lists
+    the indices into ``bucket.parameters()`` in canonical order; ``slices`` are the
+    ``(offset, length)`` of each parameter in the bucket buffer, in canonical order, or None when
+    the buffer already is in canonical order."""
 
     key: tuple
     numel: int
+    order: tuple[int, ...]
     slices: tuple[tuple[int, int], ...] | None
 
     @classmethod
@@ -34,7 +36,8 @@ class BucketLayout:
         params = bucket.parameters()
         numel = bucket.buffer().numel()
         if positions is None:
-            return cls(("shapes", numel, tuple(tuple(p.shape) for p in params)), numel, None)
+            key = ("shapes", numel, tuple(tuple(p.shape) for p in params))
+            return cls(key, numel, tuple(range(len(params))), None)
         try:
             ranks = [positions[id(p)] for p in params]
         except KeyError as error:
@@ -45,12 +48,13 @@ class BucketLayout:
         order = sorted(range(len(params)), key=lambda i: -ranks[i])
         key = ("params", tuple(ranks[i] for i in order))
         if order == list(range(len(params))):
-            return cls(key, numel, None)
+            return cls(key, numel, tuple(order), None)
         offsets, offset = [], 0
         for p in params:
             offsets.append(offset)
             offset += p.numel()
-        return cls(key, numel, tuple((offsets[i], params[i].numel()) for i in order))
+        slices = tuple((offsets[i], params[i].numel()) for i in order)
+        return cls(key, numel, tuple(order), slices)
 
     def to_canonical(self, flat: Tensor) -> Tensor:
         """The bucket buffer ``[numel]`` in canonical order (the same tensor if already so)."""

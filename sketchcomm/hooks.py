@@ -305,7 +305,7 @@ class SketchState:
         if state is not None:
             # DDP rebuilt its buckets with other members, or a checkpoint came from another layout.
             self.stats.state_resets += 1
-            if self.iter > self.start_iter:
+            if self.iter > 1:  # DDP's own rebuild after iteration 0 is expected
                 logger.warning(
                     "bucket %d changed layout at iteration %d: state reset", index, self.iter
                 )
@@ -314,13 +314,16 @@ class SketchState:
         self.buckets[index] = state
         return state
 
-    def _new_bucket_state(self, key: tuple, numel: int, device: torch.device | None) -> BucketState:
+    def table_shape(self, numel: int) -> tuple[int, int] | None:
+        """Rows and columns of a bucket's table, or None if the bucket is sent uncompressed."""
         columns = self.table_columns(numel)
-        if columns is None:
-            raise ValueError(
-                f"a bucket of {numel} elements is not sketched with this configuration"
-            )
-        sketch = CountSketch(numel, self.rows, columns, derive_seed(self.seed, key), device)
+        return None if columns is None else (self.rows, columns)
+
+    def _new_bucket_state(self, key: tuple, numel: int, device: torch.device | None) -> BucketState:
+        shape = self.table_shape(numel)
+        if shape is None:
+            raise ValueError(f"a bucket of {numel} elements is not sketched with this configuration")
+        sketch = CountSketch(numel, *shape, derive_seed(self.seed, key), device)
         return BucketState(key, sketch, *self._top_counts(numel))
 
     def _top_counts(self, numel: int) -> tuple[int, int]:
@@ -485,6 +488,15 @@ def _sketch_space_step(state: SketchState, bs: BucketState, summed: Tensor) -> T
     return update
 
 
+def decode_table(state: SketchState, bs: BucketState, summed: Tensor) -> Tensor:
+    """The estimated sum ``[d]`` (fp32, canonical order) from a summed table, updating the
+    sketch-space error and momentum when ``error_feedback="sketch"``."""
+    if state.error_feedback == "sketch":
+        return _sketch_space_step(state, bs, summed)
+    update, _ = _recover(state, bs, summed)
+    return update
+
+
 def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     r"""DDP communication hook: allreduce Count Sketch tables instead of gradients.
 
@@ -503,7 +515,7 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
     buffer = bucket.buffer()
     numel = buffer.numel()
     full_bytes = numel * buffer.element_size()
-    compress = state.iter >= state.start_iter and state.table_columns(numel) is not None
+    compress = state.iter >= state.start_iter and state.table_shape(numel) is not None
     if not compress:
         state.stats.record(numel, full_bytes, numel, full_bytes)
         state.stats.bypassed_buckets += 1
@@ -552,10 +564,7 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
         summed = f.value()[0]
         if not torch.isfinite(summed).all():
             return _nan_result(state, index, buffer)
-        if state.error_feedback == "sketch":
-            update = _sketch_space_step(state, bs, summed)
-        else:
-            update, _ = _recover(state, bs, summed)
+        update = decode_table(state, bs, summed)
         return layout.from_canonical(update.div_(world).to(buffer.dtype))
 
     fut = dist.all_reduce(table, group=group, async_op=True).get_future()

@@ -192,6 +192,11 @@ class CountSketch:
             raise TypeError(f"Count Sketch needs a floating point vector, got {vec.dtype}")
         return vec.to(device=self.device, dtype=torch.float32).contiguous()
 
+    @property
+    def is_exact(self) -> bool:
+        """True when the table holds the vector without collisions (one row, ``c >= d``)."""
+        return self.rows == 1 and self.columns >= self.dim
+
     def sketch(self, vec: Tensor, out: Tensor | None = None) -> Tensor:
         """Sketch ``vec`` (shape ``[dim]``, any float dtype) into a ``[rows, columns]`` fp32 table.
 
@@ -200,28 +205,41 @@ class CountSketch:
         x = self._check_vector(vec)
         table = self.zeros() if out is None else out
         if table.shape != self.table_shape or table.dtype != torch.float32:
-            raise ValueError(
-                f"out must be a {self.table_shape} fp32 table, got {tuple(table.shape)}"
-            )
+            raise ValueError(f"out must be a {self.table_shape} fp32 table, got {tuple(table.shape)}")
+        self._accumulate(x[None, :], table[None])
+        return table
+
+    def sketch_batch(self, vectors: Tensor) -> Tensor:
+        """Sketch each row of ``vectors`` (``[batch, dim]``) separately: ``[batch, rows, columns]``."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"expected [batch, {self.dim}] vectors, got {tuple(vectors.shape)}")
+        x = vectors.to(device=self.device, dtype=torch.float32).contiguous()
+        tables = torch.zeros((len(x), *self.table_shape), dtype=torch.float32, device=self.device)
+        self._accumulate(x, tables)
+        return tables
+
+    def _accumulate(self, x: Tensor, tables: Tensor) -> None:
+        """Add the sketches of the rows of ``x`` (``[b, d]`` fp32) to ``tables`` (``[b, r, c]``)."""
         c = self.columns
         if x.device.type == "cpu":
             # numpy slices cost a fraction of torch's per-op overhead; both views share memory.
-            xn, tn = x.numpy(), table.numpy()
+            xn, tn = x.numpy(), tables.numpy()
             add, sub = np.add, np.subtract
         else:
-            xn, tn = x, table
+            xn, tn = x, tables
             add, sub = torch.add, torch.sub
         for k in range(self.chunks):
-            chunk = xn[k * c : (k + 1) * c]
-            length = chunk.shape[0]
+            chunk = xn[:, k * c : (k + 1) * c]
+            length = chunk.shape[1]
             for j in range(self.rows):
-                row, offset = tn[j], self._offsets_list[j][k]
+                row, offset = tn[:, j], self._offsets_list[j][k]
                 op = add if self._signs_list[j][k] > 0 else sub
                 head = min(length, c - offset)
-                op(row[offset : offset + head], chunk[:head], out=row[offset : offset + head])
+                target = row[:, offset : offset + head]
+                op(target, chunk[:, :head], out=target)
                 if head < length:
-                    op(row[: length - head], chunk[head:], out=row[: length - head])
-        return table
+                    wrapped = row[:, : length - head]
+                    op(wrapped, chunk[:, head:], out=wrapped)
 
     def sketch_sparse(self, indices: Tensor, values: Tensor, out: Tensor | None = None) -> Tensor:
         """Sketch the vector that is ``values`` at ``indices`` and zero elsewhere (``O(r k)``)."""

@@ -12,6 +12,7 @@ from sketchcomm.privacy.calibration import (
     plan_epsilon,
     steps_for_epochs,
 )
+from sketchcomm.privacy.hook import DPSketchState, dp_sketch_hook
 from sketchcomm.privacy.ledger import (
     ACCOUNTANT_DESCRIPTIONS,
     ACCOUNTANTS,
@@ -24,6 +25,7 @@ from sketchcomm.privacy.ledger import (
 )
 
 __all__ = [
+    "DPSketchState",
     "ACCOUNTANTS",
     "ACCOUNTANT_DESCRIPTIONS",
     "LEDGER_FORMAT",
@@ -33,6 +35,7 @@ __all__ = [
     "PrivacyLedger",
     "calibrate_noise_multiplier",
     "describe_plan",
+    "dp_sketch_hook",
     "epsilon_for_history",
     "plan_epsilon",
     "steps_for_epochs",
