@@ -322,7 +322,9 @@ class SketchState:
     def _new_bucket_state(self, key: tuple, numel: int, device: torch.device | None) -> BucketState:
         shape = self.table_shape(numel)
         if shape is None:
-            raise ValueError(f"a bucket of {numel} elements is not sketched with this configuration")
+            raise ValueError(
+                f"a bucket of {numel} elements is not sketched with this configuration"
+            )
         sketch = CountSketch(numel, *shape, derive_seed(self.seed, key), device)
         return BucketState(key, sketch, *self._top_counts(numel))
 

@@ -205,12 +205,14 @@ class CountSketch:
         x = self._check_vector(vec)
         table = self.zeros() if out is None else out
         if table.shape != self.table_shape or table.dtype != torch.float32:
-            raise ValueError(f"out must be a {self.table_shape} fp32 table, got {tuple(table.shape)}")
+            raise ValueError(
+                f"out must be a {self.table_shape} fp32 table, got {tuple(table.shape)}"
+            )
         self._accumulate(x[None, :], table[None])
         return table
 
     def sketch_batch(self, vectors: Tensor) -> Tensor:
-        """Sketch each row of ``vectors`` (``[batch, dim]``) separately: ``[batch, rows, columns]``."""
+        """Sketch each row of ``vectors`` (``[batch, dim]``) into ``[batch, rows, columns]``."""
         if vectors.dim() != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected [batch, {self.dim}] vectors, got {tuple(vectors.shape)}")
         x = vectors.to(device=self.device, dtype=torch.float32).contiguous()

@@ -290,7 +290,9 @@ def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futur
         summed = f.value()[0]
         if not torch.isfinite(summed).all():
             return _nan_result(state, index, buffer)
-        update = bs.sketch.estimate(summed) if bs.sketch.is_exact else decode_table(state, bs, summed)
+        update = (
+            bs.sketch.estimate(summed) if bs.sketch.is_exact else decode_table(state, bs, summed)
+        )
         return layout.from_canonical(update.div_(normalizer).to(buffer.dtype))
 
     fut = dist.all_reduce(table, group=group, async_op=True).get_future()
