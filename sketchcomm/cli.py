@@ -13,6 +13,7 @@ import sys
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("sketchcomm.demo", "short private sketched DDP training on real data, with a report"),
     "privacy": ("sketchcomm.privacy.cli", "epsilon of a plan, noise for a target, ledger files"),
 }
 

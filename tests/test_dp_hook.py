@@ -39,7 +39,7 @@ def noise_worker(rank: int, world: int, noise: str) -> dict:
     dim, sigma, clip = 20_000, 1.5, 2.0
     model = DDP(Target(dim))
     state = DPSketchState(
-        _ledger(), max_grad_norm=clip, unit="rank", noise_multiplier=sigma, noise=noise,
+        _ledger(unit="rank"), max_grad_norm=clip, unit="rank", noise_multiplier=sigma, noise=noise,
         min_compression_size=10**9,
     )  # fmt: skip
     state.register(model)
@@ -235,6 +235,7 @@ def test_unsupported_layer_is_refused_when_registered() -> None:
     [
         ({"max_grad_norm": 0.0}, "max_grad_norm"),
         ({"unit": "user"}, "unit"),
+        ({"unit": "rank", "dataset_size": None}, "ledger accounts for unit='example'"),
         ({"noise": "each"}, "noise"),
         ({"sample_rate": None}, "sample_rate"),
         ({"sample_rate": 1.5}, "sample_rate"),

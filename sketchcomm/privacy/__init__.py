@@ -25,11 +25,11 @@ from sketchcomm.privacy.ledger import (
 )
 
 __all__ = [
-    "DPSketchState",
     "ACCOUNTANTS",
     "ACCOUNTANT_DESCRIPTIONS",
     "LEDGER_FORMAT",
     "LEDGER_SCHEMA_VERSION",
+    "DPSketchState",
     "LedgerError",
     "PrivacyBudgetExceeded",
     "PrivacyLedger",

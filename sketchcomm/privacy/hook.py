@@ -117,6 +117,8 @@ class DPSketchState(SketchState):
             raise ValueError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
         _check_float("max_grad_norm", max_grad_norm, 0.0, math.inf, open_low=True)
         _check_choice("unit", unit, UNITS)
+        if ledger.unit != unit:
+            raise ValueError(f"the ledger accounts for unit={ledger.unit!r}, the state for {unit!r}")
         _check_choice("noise", noise, NOISE_PLACEMENTS)
         if unit == "example":
             if sample_rate is None or dataset_size is None:

@@ -1,0 +1,196 @@
+"""Private, sketched DDP training of the digits MLP: the job behind ``sketchcomm demo`` and
+``examples/train_dp.py``.
+
+Run it under torchrun::
+
+    torchrun --standalone --nproc_per_node=2 -m sketchcomm.private_training --target-epsilon 4
+
+Each rank draws its batches by Poisson sampling (Opacus's distributed sampler), the per-example
+gradients are clipped and noised in sketch space by :func:`~sketchcomm.privacy.dp_sketch_hook`,
+the ledger is written to ``RUN_DIR/ledger.json`` before each step is released, a checkpoint is
+written to ``RUN_DIR/checkpoint.pt`` (the run resumes from both), and rank 0 reports to wandb
+(offline without credentials) and prints a privacy report at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sketchcomm.privacy import DPSketchState, PrivacyBudgetExceeded, PrivacyLedger
+from sketchcomm.report import PrivacyReporter, format_privacy_report
+from sketchcomm.training import accuracy, load_digits, make_mlp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=4.0,
+        help="epsilon the noise is calibrated for, also the enforced budget",
+    )
+    parser.add_argument("--delta", type=float, default=1e-5, help="delta (below 1/N)")
+    parser.add_argument(
+        "--accountant",
+        choices=("rdp", "prv", "gdp"),
+        default="rdp",
+        help="Opacus accountant for calibration and the ledger",
+    )
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="expected global batch size; sample rate q = batch / N",
+    )
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
+    parser.add_argument("--lr", type=float, default=2.0, help="SGD learning rate")
+    parser.add_argument(
+        "--compression", type=float, default=20.0, help="bucket elements per sketch table element"
+    )
+    parser.add_argument(
+        "--topk-fraction",
+        type=float,
+        default=0.01,
+        help="coordinates recovered per step, as a fraction of the bucket",
+    )
+    parser.add_argument(
+        "--momentum", type=float, default=0.9, help="momentum kept in sketch space (FetchSGD)"
+    )
+    parser.add_argument("--hidden", type=int, default=512, help="hidden width of the MLP")
+    parser.add_argument("--seed", type=int, default=0, help="model, sampling and hash seed")
+    parser.add_argument(
+        "--run-dir",
+        default="runs/private-digits",
+        help="ledger, checkpoint and wandb files go here (resumed if present)",
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=50, help="steps between checkpoints"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+
+
+def train(args: argparse.Namespace) -> dict[str, float]:
+    """The training loop of one rank; returns the final figures (on every rank)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if torch.cuda.is_available() \
+        else torch.device("cpu")  # fmt: skip
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_digits()
+    n = len(data.x_train)
+    sample_rate = args.batch_size / n
+
+    model = make_mlp(args.hidden, args.seed).to(device)
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ledger = PrivacyLedger(
+        accountant=args.accountant, delta=args.delta, budget=args.target_epsilon,
+        path=run_dir / "ledger.json", writer=rank == 0, dataset_size=n,
+    )  # fmt: skip
+    state = DPSketchState(
+        ledger, max_grad_norm=args.max_grad_norm, unit="example", sample_rate=sample_rate,
+        dataset_size=n, target_epsilon=args.target_epsilon, steps=args.steps,
+        compression=args.compression, topk_fraction=args.topk_fraction,
+        momentum=args.momentum, seed=args.seed,
+    )  # fmt: skip
+    state.register(ddp_model)
+    optimizer = torch.optim.SGD(ddp_model.parameters(), lr=args.lr)
+
+    start = 0
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state.load_state_dict(checkpoint["hook"])
+        start = checkpoint["step"]
+    if rank == 0:
+        print(state.describe(args.steps), flush=True)
+        if start:
+            print(f"resuming at step {start}; ledger already holds {ledger.steps} steps "
+                  f"(epsilon {ledger.epsilon:.3f})", flush=True)  # fmt: skip
+
+    sampler = DistributedUniformWithReplacementSampler(
+        total_size=n, sample_rate=sample_rate, shuffle_seed=args.seed, steps=args.steps
+    )
+    sampler.set_epoch(0)
+    batches = list(sampler)
+    reporter = PrivacyReporter(ledger, name=run_dir.name, dir=run_dir, config=vars(args), rank=rank)
+    progress = range(start, args.steps)
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(progress, desc="private training", unit="step")
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    stopped = None
+    for step in progress:
+        index = torch.as_tensor(batches[step], dtype=torch.long)
+        x, y = data.x_train[index].to(device), data.y_train[index].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            loss_fn(ddp_model(x), y).backward()
+        except PrivacyBudgetExceeded as error:
+            stopped = str(error)
+            break
+        optimizer.step()
+        reporter.log_step({
+            "bytes_sent": state.stats.step_bytes_sent,
+            "compression_ratio": state.stats.compression_ratio,
+        })  # fmt: skip
+        if (step + 1) % args.checkpoint_every == 0 and rank == 0:
+            _save(checkpoint_path, model, optimizer, state, step + 1)
+    else:
+        if rank == 0:
+            _save(checkpoint_path, model, optimizer, state, args.steps)
+
+    test_accuracy = accuracy(model.cpu(), data.x_test, data.y_test)
+    if rank == 0:
+        if stopped:
+            print(f"stopped: {stopped}")
+        print(f"test accuracy: {test_accuracy:.4f}")
+        print(format_privacy_report(ledger, comm={
+            "bytes_sent_per_step": state.stats.step_bytes_sent,
+            "bytes_allreduce_per_step": state.stats.step_bytes_uncompressed,
+            "compression_ratio": state.stats.compression_ratio,
+        }))  # fmt: skip
+    reporter.finish()
+    return {"test_accuracy": test_accuracy, "epsilon": ledger.epsilon, "steps": ledger.steps}
+
+
+def _save(path: Path, model: nn.Module, optimizer, state: DPSketchState, step: int) -> None:
+    """Write the checkpoint atomically (a crash never leaves a half-written file)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "hook": state.state_dict(), "step": step}, tmp)  # fmt: skip
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    try:
+        train(args)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
