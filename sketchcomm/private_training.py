@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train(args: argparse.Namespace) -> dict[str, float]:
     """The training loop of one rank; returns the final figures (on every rank)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if torch.cuda.is_available() \
         else torch.device("cpu")  # fmt: skip
     run_dir = Path(args.run_dir)

@@ -118,7 +118,7 @@ class DPSketchState(SketchState):
         _check_float("max_grad_norm", max_grad_norm, 0.0, math.inf, open_low=True)
         _check_choice("unit", unit, UNITS)
         if ledger.unit != unit:
-            raise ValueError(f"the ledger accounts for unit={ledger.unit!r}, the state for {unit!r}")
+            raise ValueError(f"the ledger accounts for unit={ledger.unit!r}, this state {unit!r}")
         _check_choice("noise", noise, NOISE_PLACEMENTS)
         if unit == "example":
             if sample_rate is None or dataset_size is None:
