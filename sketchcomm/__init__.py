@@ -5,7 +5,8 @@ tables; :mod:`sketchcomm.privacy` adds clipping and Gaussian noise in sketch spa
 ledger on Opacus accountants; :mod:`sketchcomm.gear` compresses transformer KV caches with GEAR.
 """
 
-from sketchcomm.hooks import SketchState, SketchStats, sketch_hook
+from sketchcomm.hooks import SketchState, sketch_hook
+from sketchcomm.stats import SketchStats
 from sketchcomm.sketch import CountSketch
 
 __all__ = ["CountSketch", "SketchState", "SketchStats", "sketch_hook"]

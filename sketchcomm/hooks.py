@@ -54,7 +54,6 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,7 +61,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sketchcomm.buckets import BucketLayout
+from sketchcomm.recovery import BucketState, decode_table
 from sketchcomm.sketch import CountSketch, derive_seed, prime_at_most
+from sketchcomm.stats import SketchStats
+from sketchcomm.validation import check_choice, check_float, check_int
 
 __all__ = ["SketchState", "SketchStats", "sketch_hook"]
 
@@ -72,84 +74,6 @@ _RECOVERY = ("topk", "dense")
 _ERROR_FEEDBACK = ("local", "sketch", "none")
 _NONFINITE = ("propagate", "raise")
 _DEFAULT_ROWS = {"topk": 3, "dense": 1}
-
-
-@dataclass
-class SketchStats:
-    """Communication figures, per optimizer step and in total (elements and bytes per rank)."""
-
-    iterations: int = 0
-    compressed_buckets: int = 0
-    bypassed_buckets: int = 0
-    nonfinite_buckets: int = 0
-    state_resets: int = 0
-    step_elements_sent: int = 0
-    step_bytes_sent: int = 0
-    step_elements_uncompressed: int = 0
-    step_bytes_uncompressed: int = 0
-    total_bytes_sent: int = 0
-    total_bytes_uncompressed: int = 0
-    _pending: list[int] = field(default_factory=lambda: [0, 0, 0, 0], repr=False)
-
-    def record(self, elements: int, nbytes: int, full_elements: int, full_bytes: int) -> None:
-        self._pending[0] += elements
-        self._pending[1] += nbytes
-        self._pending[2] += full_elements
-        self._pending[3] += full_bytes
-
-    def end_iteration(self) -> None:
-        (
-            self.step_elements_sent,
-            self.step_bytes_sent,
-            self.step_elements_uncompressed,
-            self.step_bytes_uncompressed,
-        ) = self._pending
-        self.total_bytes_sent += self.step_bytes_sent
-        self.total_bytes_uncompressed += self.step_bytes_uncompressed
-        self._pending = [0, 0, 0, 0]
-        self.iterations += 1
-
-    @property
-    def compression_ratio(self) -> float:
-        """Uncompressed over sent bytes of the last step (1.0 before any step)."""
-        return self.step_bytes_uncompressed / self.step_bytes_sent if self.step_bytes_sent else 1.0
-
-    def as_dict(self) -> dict[str, float]:
-        names = [n for n in self.__dataclass_fields__ if not n.startswith("_")]
-        return {**{n: getattr(self, n) for n in names}, "compression_ratio": self.compression_ratio}
-
-
-@dataclass
-class BucketState:
-    """What the hook keeps for one gradient bucket, keyed by ``bucket.index()``; ``layout`` is the
-    :attr:`BucketLayout.key` of the parameters it was made for."""
-
-    layout: tuple
-    sketch: CountSketch
-    k: int
-    m: int
-    residual: Tensor | None = None
-    error_table: Tensor | None = None
-    momentum_table: Tensor | None = None
-
-
-def _check_choice(name: str, value: object, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value: object, low: float, high: float, *, open_low: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
 
 
 class SketchState:
@@ -199,28 +123,28 @@ class SketchState:
         log_every: int = 0,
         nonfinite: str = "propagate",
     ) -> None:
-        _check_float("compression", compression, 1.0, math.inf, open_low=True)
-        _check_choice("recovery", recovery, _RECOVERY)
+        check_float("compression", compression, 1.0, math.inf, open_low=True)
+        check_choice("recovery", recovery, _RECOVERY)
         rows = _DEFAULT_ROWS[recovery] if rows is None else rows
-        _check_int("rows", rows, 1)
+        check_int("rows", rows, 1)
         if columns is not None:
-            _check_int("columns", columns, 1)
-        _check_float("topk_fraction", topk_fraction, 0.0, 1.0, open_low=True)
+            check_int("columns", columns, 1)
+        check_float("topk_fraction", topk_fraction, 0.0, 1.0, open_low=True)
         if not isinstance(second_round, bool):
             raise ValueError(f"second_round must be a bool, got {second_round!r}")
-        _check_float("candidates", candidates, 1.0, math.inf, open_low=False)
+        check_float("candidates", candidates, 1.0, math.inf, open_low=False)
         if error_feedback is None:
             error_feedback = (
                 "none" if recovery == "dense" else "local" if second_round else "sketch"
             )
-        _check_choice("error_feedback", error_feedback, _ERROR_FEEDBACK)
+        check_choice("error_feedback", error_feedback, _ERROR_FEEDBACK)
         if recovery == "dense" and error_feedback != "none":
             raise ValueError(
                 "error_feedback must be 'none' with recovery='dense' (it would diverge)"
             )
         if error_feedback == "local" and not second_round:
             raise ValueError("error_feedback='local' needs second_round=True (it would diverge)")
-        _check_float("momentum", momentum, 0.0, 1.0, open_low=False)
+        check_float("momentum", momentum, 0.0, 1.0, open_low=False)
         if momentum == 1.0:
             raise ValueError("momentum must be below 1")
         if momentum and error_feedback != "sketch":
@@ -232,11 +156,11 @@ class SketchState:
                 "second_round is incompatible with error_feedback='sketch': exact values of the "
                 "current gradients do not match the accumulated sketch"
             )
-        _check_int("start_iter", start_iter, 0)
-        _check_int("min_compression_size", min_compression_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("log_every", log_every, 0)
-        _check_choice("nonfinite", nonfinite, _NONFINITE)
+        check_int("start_iter", start_iter, 0)
+        check_int("min_compression_size", min_compression_size, 1)
+        check_int("seed", seed, 0)
+        check_int("log_every", log_every, 0)
+        check_choice("nonfinite", nonfinite, _NONFINITE)
 
         self.process_group = process_group
         self.compression = float(compression)
@@ -457,46 +381,6 @@ def _nan_result(state: SketchState, bucket_index: int, buffer: Tensor) -> Tensor
             "(NaN or Inf on at least one rank)"
         )
     return torch.full_like(buffer, float("nan"))
-
-
-def _recover(state: SketchState, bs: BucketState, table: Tensor) -> tuple[Tensor, Tensor | None]:
-    """From a summed (and for ``"sketch"`` error feedback, accumulated) table to the estimated
-    *sum* of the ranks' vectors: dense ``[d]`` fp32, and the selected indices for top-k."""
-    if state.recovery == "dense":
-        return bs.sketch.estimate(table), None
-    indices, values = bs.sketch.heavy_hitters(table, bs.k)
-    dense = torch.zeros(bs.sketch.dim, dtype=torch.float32, device=table.device)
-    dense[indices] = values
-    return dense, indices
-
-
-def _sketch_space_step(state: SketchState, bs: BucketState, summed: Tensor) -> Tensor:
-    """FetchSGD: accumulate momentum and error on the aggregated table, extract the top-k, then
-    zero the cells of both tables that the extracted coordinates hash to."""
-    if bs.error_table is None:
-        bs.error_table = torch.zeros_like(summed)
-        bs.momentum_table = torch.zeros_like(summed) if state.momentum else None
-    if bs.momentum_table is not None:
-        bs.momentum_table.mul_(state.momentum).add_(summed)
-        bs.error_table.add_(bs.momentum_table)
-    else:
-        bs.error_table.add_(summed)
-    update, indices = _recover(state, bs, bs.error_table)
-    assert indices is not None
-    cells, _ = bs.sketch.buckets_and_signs(indices)
-    bs.error_table.scatter_(1, cells, 0.0)
-    if bs.momentum_table is not None:
-        bs.momentum_table.scatter_(1, cells, 0.0)
-    return update
-
-
-def decode_table(state: SketchState, bs: BucketState, summed: Tensor) -> Tensor:
-    """The estimated sum ``[d]`` (fp32, canonical order) from a summed table, updating the
-    sketch-space error and momentum when ``error_feedback="sketch"``."""
-    if state.error_feedback == "sketch":
-        return _sketch_space_step(state, bs, summed)
-    update, _ = _recover(state, bs, summed)
-    return update
 
 
 def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

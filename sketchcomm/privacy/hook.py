@@ -40,14 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sketchcomm.buckets import BucketLayout
-from sketchcomm.hooks import (
-    BucketState,
-    SketchState,
-    _check_choice,
-    _check_float,
-    _nan_result,
-    decode_table,
-)
+from sketchcomm.hooks import SketchState, _nan_result
 from sketchcomm.privacy.calibration import calibrate_noise_multiplier, describe_plan
 from sketchcomm.privacy.capture import PerExampleGradients
 from sketchcomm.privacy.ledger import PrivacyLedger
@@ -58,6 +51,8 @@ from sketchcomm.privacy.mechanism import (
     clip_and_sum,
     private_generator,
 )
+from sketchcomm.recovery import BucketState, decode_table
+from sketchcomm.validation import check_choice, check_float
 
 __all__ = ["DPSketchState", "dp_sketch_hook"]
 
@@ -115,11 +110,11 @@ class DPSketchState(SketchState):
         super().__init__(start_iter=0, **sketch_options)
         if not isinstance(ledger, PrivacyLedger):
             raise ValueError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
-        _check_float("max_grad_norm", max_grad_norm, 0.0, math.inf, open_low=True)
-        _check_choice("unit", unit, UNITS)
+        check_float("max_grad_norm", max_grad_norm, 0.0, math.inf, open_low=True)
+        check_choice("unit", unit, UNITS)
         if ledger.unit != unit:
             raise ValueError(f"the ledger accounts for unit={ledger.unit!r}, this state {unit!r}")
-        _check_choice("noise", noise, NOISE_PLACEMENTS)
+        check_choice("noise", noise, NOISE_PLACEMENTS)
         if unit == "example":
             if sample_rate is None or dataset_size is None:
                 raise ValueError("unit='example' needs sample_rate and dataset_size")
@@ -132,7 +127,7 @@ class DPSketchState(SketchState):
         elif dataset_size is not None:
             raise ValueError("dataset_size is for unit='example' only")
         sample_rate = 1.0 if sample_rate is None else sample_rate
-        _check_float("sample_rate", sample_rate, 0.0, 1.0, open_low=True)
+        check_float("sample_rate", sample_rate, 0.0, 1.0, open_low=True)
         if noise_multiplier is None:
             if target_epsilon is None:
                 raise ValueError("give noise_multiplier, or target_epsilon with steps or epochs")
@@ -142,7 +137,7 @@ class DPSketchState(SketchState):
             )  # fmt: skip
         elif target_epsilon is not None:
             raise ValueError("give either noise_multiplier or target_epsilon, not both")
-        _check_float("noise_multiplier", noise_multiplier, 0.0, math.inf, open_low=False)
+        check_float("noise_multiplier", noise_multiplier, 0.0, math.inf, open_low=False)
         if not isinstance(secure_mode, bool):
             raise ValueError(f"secure_mode must be a bool, got {secure_mode!r}")
 
