@@ -6,8 +6,8 @@ ledger on Opacus accountants; :mod:`sketchcomm.gear` compresses transformer KV c
 """
 
 from sketchcomm.hooks import SketchState, sketch_hook
-from sketchcomm.stats import SketchStats
 from sketchcomm.sketch import CountSketch
+from sketchcomm.stats import SketchStats
 
 __all__ = ["CountSketch", "SketchState", "SketchStats", "sketch_hook"]
 __version__ = "0.1.0"

@@ -101,19 +101,29 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         accountant=args.accountant, delta=args.delta, budget=args.target_epsilon,
         path=run_dir / "ledger.json", writer=rank == 0, dataset_size=n,
     )  # fmt: skip
+    # A resumed run keeps the noise multiplier it was planned with: running past the plan then
+    # spends beyond the budget, which the ledger refuses.
+    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpoint = (
+        torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if checkpoint_path.exists()
+        else None
+    )
+    noise = (
+        {"noise_multiplier": checkpoint["hook"]["config"]["noise_multiplier"]}
+        if checkpoint
+        else {"target_epsilon": args.target_epsilon, "steps": args.steps}
+    )
     state = DPSketchState(
         ledger, max_grad_norm=args.max_grad_norm, unit="example", sample_rate=sample_rate,
-        dataset_size=n, target_epsilon=args.target_epsilon, steps=args.steps,
-        compression=args.compression, topk_fraction=args.topk_fraction,
-        momentum=args.momentum, seed=args.seed,
+        dataset_size=n, compression=args.compression, topk_fraction=args.topk_fraction,
+        momentum=args.momentum, seed=args.seed, **noise,
     )  # fmt: skip
     state.register(ddp_model)
     optimizer = torch.optim.SGD(ddp_model.parameters(), lr=args.lr)
 
     start = 0
-    checkpoint_path = run_dir / "checkpoint.pt"
-    if checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+    if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state.load_state_dict(checkpoint["hook"])
