@@ -6,7 +6,7 @@ Each :class:`GEARLayer` keeps, for its keys and for its values,
   the model's dtype with ``t_b < n_b`` (``n_b = buffer_size``), held in ``keys`` / ``values``
   as the residual states of transformers' quantized layers are;
 * the **compressed** older tokens: ``c`` blocks of ``n_b`` tokens, stored as one
-  :class:`~sketchcomm.gear.compress.CompressedTensor` of shape ``[batch, kv_heads, c, n_b,
+  :class:`~sketchcomm.gear.compression.CompressedTensor` of shape ``[batch, kv_heads, c, n_b,
   head_dim]`` (every ``[n_b, head_dim]`` block of every head is compressed on its own).
 
 ``update`` returns the decompressed blocks, then the buffer, then the new states (exact), cast to
@@ -29,7 +29,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 from transformers.configuration_utils import PreTrainedConfig
 
-from .compress import CompressedTensor, compress
+from .compression import CompressedTensor, compress
 from .config import GEARConfig
 
 
