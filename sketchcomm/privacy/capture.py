@@ -52,7 +52,9 @@ class PerExampleGradients:
                 "(requires_grad=False) or use unit='rank'."
             )
         self._samples: dict[Tensor, Tensor] = {}
-        self._handles = [
+        # A new forward pass starts a new set of samples, even if the last backward failed.
+        self._handles = [model.register_forward_pre_hook(lambda *_: self._samples.clear())]
+        self._handles += [
             module.register_forward_hook(self._forward_hook)
             for module in model.modules()
             if isinstance(module, SUPPORTED_LAYERS)

@@ -25,8 +25,9 @@ Two units of privacy:
 Noise (``noise``): ``"distributed"`` has every rank add ``N(0, sigma^2 C^2 / W)`` per cell from a
 private generator seeded by the operating system, so the sum carries ``N(0, sigma^2 C^2)`` once;
 ``"single"`` has rank 0 add all of it. The ledger (:class:`~sketchcomm.privacy.PrivacyLedger`)
-records each step exactly once, at the first bucket of the step and before that bucket's table
-leaves the process; a step that would exceed the budget raises
+records each step exactly once, at the step's first bucket (DDP launches bucket 0 first) and
+before that bucket's table leaves the process, so a backward pass that fails half-way still counts
+as a step (over-reporting, never under-reporting); a step that would exceed the budget raises
 :class:`~sketchcomm.privacy.PrivacyBudgetExceeded` on every rank before anything is released.
 """
 
@@ -152,7 +153,6 @@ class DPSketchState(SketchState):
         self._capture: PerExampleGradients | None = None
         self._total_elements = 0
         self._generator: torch.Generator | None = None
-        self._step_open = False
         self._checked_sums: set[int] = set()
 
     _CONFIG_KEYS = (
@@ -206,7 +206,6 @@ class DPSketchState(SketchState):
         self.ledger.record_step(self.noise_multiplier, self.sample_rate)
         if self._generator is None or self.secure_mode or self._generator.device != device:
             self._generator = private_generator(device)
-        self._step_open = True
 
     def noise_std(self, rank: int, world: int) -> float:
         """This rank's share of the noise: ``sigma C / sqrt(W)``, or all of it on rank 0."""
@@ -242,8 +241,9 @@ def _per_example_tables(
         if error > 1e-3 * scale + 1e-6:
             raise ValueError(
                 f"per-example gradients of bucket {bucket.index()} do not add up to its gradient "
-                f"(max difference {error:.3g}): use a loss that sums over examples "
-                "(reduction='sum') and one forward per backward"
+                f"(max difference {error:.3g}): zero the gradients before each backward, run one "
+                "forward per backward (no accumulation under no_sync), and train only supported "
+                "layers"
             )
         state._checked_sums.add(bucket.index())
     return bs.sketch.sketch_batch(samples)
@@ -263,7 +263,7 @@ def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futur
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     buffer = bucket.buffer()
-    if not state._step_open:
+    if bucket.index() == 0:  # DDP launches buckets in index order: this starts a step
         state._open_step(buffer.device)
     layout = BucketLayout.of(bucket, state._positions)
     bs = state._bucket_state(bucket, layout, group)
@@ -280,7 +280,6 @@ def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futur
     state.stats.compressed_buckets += 1
     index, normalizer = bucket.index(), state.normalizer
     if bucket.is_last():
-        state._step_open = False
         state.end_iteration()
 
     def decode(f: torch.futures.Future) -> Tensor:
