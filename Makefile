@@ -21,7 +21,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check sketchcomm tests examples
-	$(BIN)/python -m pytest -n 2 --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
 lint: venv
 	$(BIN)/ruff check sketchcomm tests examples

@@ -5,7 +5,7 @@ Run it under torchrun::
 
     torchrun --standalone --nproc_per_node=2 -m sketchcomm.private_training --target-epsilon 4
 
-Each rank draws its batches by Poisson sampling (Opacus's distributed sampler), the per-example
+Each rank draws its batches by Poisson sampling (:func:`poisson_batches`), the per-example
 gradients are clipped and noised in sketch space by :func:`~sketchcomm.privacy.dp_sketch_hook`,
 the ledger is written to ``RUN_DIR/ledger.json`` before each step is released, a checkpoint is
 written to ``RUN_DIR/checkpoint.pt`` (the run resumes from both), and rank 0 reports to wandb
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sketchcomm.privacy import DPSketchState, PrivacyBudgetExceeded, PrivacyLedger
 from sketchcomm.report import PrivacyReporter, format_privacy_report
+from sketchcomm.sketch import derive_seed
 from sketchcomm.training import accuracy, load_digits, make_mlp
 
 
@@ -58,18 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="expected global batch size; sample rate q = batch / N",
     )
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
-    parser.add_argument("--lr", type=float, default=2.0, help="SGD learning rate")
+    parser.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
     parser.add_argument(
         "--compression", type=float, default=20.0, help="bucket elements per sketch table element"
     )
     parser.add_argument(
         "--topk-fraction",
         type=float,
-        default=0.01,
+        default=0.1,
         help="coordinates recovered per step, as a fraction of the bucket",
     )
     parser.add_argument(
-        "--momentum", type=float, default=0.9, help="momentum kept in sketch space (FetchSGD)"
+        "--momentum", type=float, default=0.5, help="momentum kept in sketch space (FetchSGD)"
     )
     parser.add_argument("--hidden", type=int, default=512, help="hidden width of the MLP")
     parser.add_argument("--seed", type=int, default=0, help="model, sampling and hash seed")
@@ -82,6 +82,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-every", type=int, default=50, help="steps between checkpoints"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+
+
+def poisson_batches(
+    n: int, sample_rate: float, rank: int, world: int, seed: int, steps: int
+) -> list[torch.Tensor]:
+    """This rank's batches: every example of its shard (a seeded permutation split ``world``
+    ways) is included in each step independently with probability ``sample_rate``.
+
+    Each rank draws from its own generator, and empty batches are kept, so that every rank
+    takes every step (Opacus's distributed sampler skips empty batches, which would put the ranks
+    out of step).
+    """
+    shard = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[rank::world]
+    generator = torch.Generator().manual_seed(derive_seed("poisson", seed, rank))
+    return [shard[torch.rand(len(shard), generator=generator) < sample_rate] for _ in range(steps)]
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:
@@ -134,11 +149,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             print(f"resuming at step {start}; ledger already holds {ledger.steps} steps "
                   f"(epsilon {ledger.epsilon:.3f})", flush=True)  # fmt: skip
 
-    sampler = DistributedUniformWithReplacementSampler(
-        total_size=n, sample_rate=sample_rate, shuffle_seed=args.seed, steps=args.steps
-    )
-    sampler.set_epoch(0)
-    batches = list(sampler)
+    batches = poisson_batches(n, sample_rate, rank, dist.get_world_size(), args.seed, args.steps)
     reporter = PrivacyReporter(ledger, name=run_dir.name, dir=run_dir, config=vars(args), rank=rank)
     progress = range(start, args.steps)
     if rank == 0 and not args.no_progress:
@@ -148,7 +159,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     stopped = None
     for step in progress:
-        index = torch.as_tensor(batches[step], dtype=torch.long)
+        index = batches[step]
         x, y = data.x_train[index].to(device), data.y_train[index].to(device)
         optimizer.zero_grad(set_to_none=True)
         try:

@@ -26,6 +26,7 @@ def _torchrun(run_dir: Path, steps: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("wandb")  # wandb services of parallel tests must not meet
 def test_private_job_ledger_restart_budget_and_wandb(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = _torchrun(run_dir, steps=10)

@@ -27,6 +27,7 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "wandb-runs"
 
 
+@pytest.mark.xdist_group("wandb")
 def test_offline_run_file_holds_the_ledger_epsilons(offline_wandb: Path, tmp_path: Path) -> None:
     ledger = PrivacyLedger("rdp", DELTA, budget=5.0, path=tmp_path / "ledger.json")
     expected: dict[int, dict[str, float]] = {}

@@ -1,0 +1,193 @@
+"""The privacy benchmark in --quick mode, and the separate-noise baseline hooks against
+one-process references on real gloo ranks."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+from distributed import run_ranks
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sketchcomm.bench.baselines import SeparateNoiseState, random_coordinates
+from sketchcomm.bench.privacy import METHODS, configure, run
+from sketchcomm.privacy import PrivacyLedger
+from sketchcomm.training import load_digits, make_mlp
+
+CLIP, PER_RANK, Q, N = 0.5, 8, 16 / 1437, 1437
+
+
+def _canonical_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in reversed(list(model.parameters()))])
+
+
+def baseline_worker(rank: int, world: int) -> dict:
+    """Each compressor on one step of 8 examples per rank; noise off, then noise on for random-k
+    (also with per-message noise)."""
+    data = load_digits()
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    results = {}
+    runs = [("sketch", 0.0, False), ("topk", 0.0, False), ("randk", 0.0, False),
+            ("randk", 2.0, False), ("randk", 2.0, True)]  # fmt: skip
+    for compressor, sigma, per_message in runs:
+        model = DDP(make_mlp(hidden=32, seed=3))
+        state = SeparateNoiseState(
+            PrivacyLedger("rdp", 1e-5), CLIP, compressor, per_message_noise=per_message,
+            sample_rate=Q, dataset_size=N, noise_multiplier=sigma, compression=5,
+            min_compression_size=1000, topk_fraction=0.05,
+        )  # fmt: skip
+        state.register(model)
+        loss = nn.functional.cross_entropy(
+            model(data.x_train[rows]), data.y_train[rows], reduction="sum"
+        )
+        loss.backward()
+        bs = state.buckets[0]
+        results[(compressor, sigma, per_message)] = {
+            "update": _canonical_grad(model.module), "key": bs.layout, "k": bs.k,
+            "sketch": bs.sketch, "normalizer": state.normalizer, "steps": state.ledger.steps,
+            "bytes": state.stats.step_bytes_sent, "buckets": len(state.buckets),
+        }  # fmt: skip
+    return results
+
+
+def _clipped_sums(world: int) -> list[torch.Tensor]:
+    """Per rank, the sum of its examples' gradients clipped to ``CLIP``, by autograd one example
+    at a time (one bucket, so the bucket's threshold is ``CLIP``)."""
+    data = load_digits()
+    model = make_mlp(hidden=32, seed=3)
+    sums = []
+    for rank in range(world):
+        total = 0.0
+        for i in range(rank * PER_RANK, (rank + 1) * PER_RANK):
+            model.zero_grad()
+            nn.functional.cross_entropy(
+                model(data.x_train[i : i + 1]), data.y_train[i : i + 1], reduction="sum"
+            ).backward()
+            g = _canonical_grad(model)
+            total = total + g * min(1.0, CLIP / (g.norm().item() + 1e-6))
+        sums.append(total)
+    return sums
+
+
+@pytest.fixture(scope="module")
+def baselines() -> tuple[dict, list[torch.Tensor]]:
+    results = run_ranks(baseline_worker, 2)
+    for key, value in results[0].items():
+        assert torch.allclose(value["update"], results[1][key]["update"]), "ranks disagree"
+    return results[0], _clipped_sums(2)
+
+
+def test_baselines_one_bucket_one_step(baselines: tuple[dict, list[torch.Tensor]]) -> None:
+    results, _ = baselines
+    for result in results.values():
+        assert result["buckets"] == 1 and result["steps"] == 1
+    sketch = results[("sketch", 0.0, False)]["sketch"]
+    table_bytes = 4 * sketch.rows * sketch.columns
+    assert not sketch.is_exact
+    assert results[("sketch", 0.0, False)]["bytes"] == table_bytes
+    assert results[("randk", 0.0, False)]["bytes"] == table_bytes
+    assert table_bytes - 4 <= results[("topk", 0.0, False)]["bytes"] <= table_bytes
+
+
+def test_sketch_baseline_matches_reference(baselines: tuple[dict, list[torch.Tensor]]) -> None:
+    """Noise off, no momentum, first step: FetchSGD top-k of the sketch of the summed clipped
+    gradients, divided by q N."""
+    results, sums = baselines
+    result = results[("sketch", 0.0, False)]
+    sketch = result["sketch"]
+    indices, values = sketch.heavy_hitters(sketch.sketch(sums[0] + sums[1]), result["k"])
+    expected = torch.zeros(sketch.dim)
+    expected[indices] = values / result["normalizer"]
+    torch.testing.assert_close(result["update"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_baseline_matches_reference(baselines: tuple[dict, list[torch.Tensor]]) -> None:
+    """Noise off, first step: the sum of each rank's top-k of its clipped gradient sum."""
+    results, sums = baselines
+    result = results[("topk", 0.0, False)]
+    sketch = results[("sketch", 0.0, False)]["sketch"]
+    k = sketch.rows * sketch.columns // 2
+    expected = torch.zeros(sketch.dim)
+    for total in sums:
+        indices = total.abs().topk(k).indices
+        expected[indices] += total[indices]
+    torch.testing.assert_close(result["update"], expected / result["normalizer"])
+
+
+def test_randk_baseline_matches_reference(baselines: tuple[dict, list[torch.Tensor]]) -> None:
+    """Noise off: the one-process random-k of the summed clipped gradients, scaled by d / k."""
+    results, sums = baselines
+    result = results[("randk", 0.0, False)]
+    sketch = results[("sketch", 0.0, False)]["sketch"]
+    d, k = sketch.dim, sketch.rows * sketch.columns
+    coordinates = random_coordinates(0, result["key"], 0, d, k)
+    expected = torch.zeros(d)
+    expected[coordinates] = (sums[0] + sums[1])[coordinates] * d / (k * result["normalizer"])
+    torch.testing.assert_close(result["update"], expected)
+
+
+def test_randk_noise_scale(baselines: tuple[dict, list[torch.Tensor]]) -> None:
+    """The shares add up to N(0, sigma^2 C^2) per released value; per-message noise gives W
+    times the variance. Checked on the k released values, scaled back."""
+    results, _ = baselines
+    clean = results[("randk", 0.0, False)]["update"]
+    sketch = results[("sketch", 0.0, False)]["sketch"]
+    d, k = sketch.dim, sketch.rows * sketch.columns
+    for per_message, expected in ((False, 2.0 * CLIP), (True, 2.0 * CLIP * math.sqrt(2))):
+        result = results[("randk", 2.0, per_message)]
+        released = result["update"] != clean
+        assert released.sum().item() == k
+        noise = (result["update"] - clean)[released] * k * result["normalizer"] / d
+        assert noise.std().item() == pytest.approx(expected, rel=0.15)
+
+
+def test_bad_configuration() -> None:
+    ledger = PrivacyLedger("rdp", 1e-5)
+    common = {"sample_rate": Q, "dataset_size": N, "noise_multiplier": 1.0}
+    with pytest.raises(ValueError, match="compressor"):
+        SeparateNoiseState(ledger, 1.0, "quantize", **common)
+    with pytest.raises(ValueError, match="momentum"):
+        SeparateNoiseState(ledger, 1.0, "randk", momentum=0.9, **common)
+    with pytest.raises(ValueError, match="unit"):
+        SeparateNoiseState(PrivacyLedger("rdp", 1e-5, unit="rank"), 1.0, "topk", unit="rank")
+
+
+@pytest.mark.slow
+def test_quick_benchmark(tmp_path) -> None:
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    argv = ["--quick", "--quiet", "--hidden", "64", "--json", str(tmp_path / "bench.json"),
+            "--markdown", str(tmp_path / "bench.md")]  # fmt: skip
+    if importlib.util.find_spec("matplotlib") is not None:
+        argv += ["--plot", str(tmp_path / "bench.png")]
+    assert run(parser.parse_args(argv)) == 0
+
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = report["rows"]
+    assert {row["method"] for row in rows} == set(METHODS)
+    assert len(rows) == len(METHODS)
+    for row in rows:
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["steps"] == 30
+        if row["method"] == "nonprivate":
+            assert row["epsilon"] is None and row["epsilon_target"] is None
+        else:
+            assert row["epsilon_target"] == 4.0
+            assert 0.0 < row["epsilon"] <= row["epsilon_target"]
+            assert row["noise_multiplier"] == report["noise_multipliers"]["4"]
+    by_method = {row["method"]: row for row in rows}
+    table = by_method["sketch"]["bytes_per_step"]
+    assert by_method["sep-sketch"]["bytes_per_step"] == by_method["sep-randk"]["bytes_per_step"]
+    assert by_method["sep-sketch"]["bytes_per_step"] == table
+    assert by_method["sep-topk"]["bytes_per_step"] <= table
+    assert by_method["dpsgd"]["bytes_per_step"] == by_method["nonprivate"]["bytes_per_step"]
+    assert table < by_method["dpsgd"]["bytes_per_step"]
+    markdown = (tmp_path / "bench.md").read_text()
+    assert all(f"| {method} |" in markdown for method in METHODS)
+    if "--plot" in argv:
+        assert (tmp_path / "bench.png").stat().st_size > 0
