@@ -1,0 +1,115 @@
+"""The DDP example under a real ``torchrun`` (two gloo processes), and ``sketchcomm bench``."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sketchcomm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "train_ddp.py"
+
+
+def torchrun(*args: str) -> str:
+    """Run the example on two processes; returns rank 0's output."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(EXAMPLE), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert done.returncode == 0, f"exit code {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def final_lines(output: str) -> list[str]:
+    """The last logged step, the accuracy and the bytes line."""
+    lines = output.splitlines()
+    return [line for line in lines if line.startswith(("step 40/", "test accuracy", "bytes"))]
+
+
+@pytest.mark.slow
+def test_example_trains_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "run.pt"
+    # The default MLP: after DDP's first step its gradients travel in two buckets, which the
+    # restarted model's first step does not have until the example settles them.
+    common = ["--hook", "sketch", "--compression", "20", "--log-every", "5"]
+    resumable = [*common, "--checkpoint", str(checkpoint), "--checkpoint-every", "10"]
+
+    first = torchrun(*resumable, "--steps", "20")
+    assert "resumed" not in first
+    assert checkpoint.exists()
+    assert re.search(r"^test accuracy: 0\.\d{4}$", first, re.M)
+    sent = re.search(r"^bytes sent per step: (\d+) \(allreduce: (\d+), ratio ([\d.]+)", first, re.M)
+    assert sent is not None
+    ratio = int(sent[2]) / int(sent[1])
+    assert 19 < ratio < 21
+
+    results = tmp_path / "results.json"
+    second = torchrun(*resumable, "--steps", "40", "--json", str(results))
+    assert f"resumed from {checkpoint} at step 20" in second
+    assert re.findall(r"^step (\d+)/40 ", second, re.M) == ["25", "30", "35", "40"]
+    figures = json.loads(results.read_text())
+    assert figures["steps"] == 40 and figures["hook"] == "sketch"
+    assert figures["bytes_per_step"] == int(sent[1])
+    assert 0.0 <= figures["test_accuracy"] <= 1.0
+
+    # The checkpoint holds everything the run depends on: resuming reproduces an uninterrupted run.
+    assert final_lines(torchrun(*common, "--steps", "40")) == final_lines(second)
+
+
+def test_bench_kernels_quick_has_a_ratio_for_every_size_and_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--quick", "--devices", "cpu", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    sizes, rows = report["config"]["sizes"], report["config"]["rows"]
+    assert sizes == [100_000, 1_000_000] and rows == [1, 3, 5]
+    cases = report["cases"]
+    assert sorted((c["size"], c["rows"]) for c in cases) == list(itertools.product(sizes, rows))
+    for case in cases:
+        assert case["device"] == "cpu"
+        assert set(case["ratios"]) == {"sketch", "unsketch", "gather", "topk", "sketch+unsketch"}
+        assert all(math.isfinite(r) and r > 0 for r in case["ratios"].values())
+    table = capsys.readouterr().out
+    assert table.startswith("| device | d | rows | columns | copy |")
+    assert "| cpu | 1e6 | 5 | 9973 |" in table
+
+
+def test_bench_kernels_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "kernels.png"
+    argv = ["bench", "kernels", "--quick", "--devices", "cpu", "--sizes", "1e5", "--rows", "1"]
+    assert main([*argv, "--plot", str(path)]) == 0
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sizes", "1000"], "fewer than sqrt(1000)"),
+        (["--sizes", "1e5", "--json", "/nonexistent/dir/k.json"], "directory does not exist"),
+    ],
+)
+def test_bench_kernels_rejects_bad_settings_before_measuring(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "kernels", "--devices", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--sizes", "1.5"], ["--rows", "0"], ["--compression", "1"]])
+def test_bench_kernels_rejects_bad_numbers(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "kernels", *argv])
+    assert exit_info.value.code == 2
