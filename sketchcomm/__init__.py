@@ -2,7 +2,7 @@
 
 ``SketchState`` + ``sketch_hook`` replace DDP's gradient allreduce with an allreduce of Count Sketch
 tables; :mod:`sketchcomm.privacy` adds clipping and Gaussian noise in sketch space with an epsilon
-ledger on Opacus accountants; :mod:`sketchcomm.gear` compresses transformer KV caches with GEAR.
+ledger on Opacus accountants.
 """
 
 from sketchcomm.hooks import SketchState, sketch_hook
