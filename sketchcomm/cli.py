@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sketchcomm",
-        description="Count Sketch DDP communication, differential privacy and GEAR KV-cache tools.",
+        description="Count Sketch DDP communication and differential privacy tools.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
