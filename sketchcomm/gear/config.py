@@ -1,0 +1,128 @@
+"""Configuration of GEAR KV-cache compression.
+
+GEAR (Kang et al., 2024, "GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless
+Generative Inference of LLM", arXiv:2403.05527) approximates a key or value tensor ``X`` by
+
+    X ≈ D̂ + L + S,
+
+a low-bit quantization ``D̂`` of the bulk of the entries, a sparse matrix ``S`` holding the
+outlier entries exactly, and a low-rank matrix ``L`` fitted to the residual ``X - D̂ - S``.
+Following KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV
+Cache", arXiv:2402.02750), keys are quantized per channel (a group runs along the tokens of one
+channel) and values per token (a group runs along the channels of one token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+QuantMode = Literal["channel", "token"]
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class GEARConfig:
+    """Settings of GEAR compression, validated on construction.
+
+    Attributes:
+        bits: bits per quantized entry, one of 2, 4, 8; ``None`` or ``"none"`` disables
+            compression (the cache then behaves exactly like ``DynamicCache``).
+        enabled: a switch that disables compression regardless of ``bits`` when ``False``.
+        group_size: number of entries sharing one scale and one minimum (asymmetric min-max
+            quantization); a multiple of 4 so that 2-bit codes pack four to a byte.
+        key_mode: ``"channel"`` (default, KIVI) quantizes keys per channel, a group being
+            ``group_size`` consecutive tokens of one channel; ``"token"`` groups along channels.
+        value_mode: ``"token"`` (default, KIVI) quantizes values per token, a group being
+            ``group_size`` consecutive channels of one token; ``"channel"`` groups along tokens.
+        outlier_ratio: fraction ``s`` of the entries of each ``[tokens, head_dim]`` matrix kept
+            exactly in the sparse part: the ``s/2`` largest and the ``s/2`` smallest entries,
+            as in the GEAR reference. In ``[0, 0.5)``.
+        rank: rank ``r`` of the low-rank term ``L`` of each ``[tokens, head_dim]`` matrix; 0 turns
+            it off.
+        power_iters: number of power-iteration loops used to fit ``L``.
+        buffer_size: number ``n_b`` of most recent tokens kept in full precision by the cache; the
+            buffer is compressed in blocks of ``n_b`` tokens once it holds ``n_b`` tokens (the
+            streaming strategy of GEAR). With ``key_mode="channel"`` it must be a multiple of
+            ``group_size``.
+        seed: seed of the random start of the power iteration (compression is deterministic).
+    """
+
+    bits: int | None = 4
+    enabled: bool = True
+    group_size: int = 64
+    key_mode: QuantMode = "channel"
+    value_mode: QuantMode = "token"
+    outlier_ratio: float = 0.02
+    rank: int = 2
+    power_iters: int = 3
+    buffer_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bits = self.bits
+        if isinstance(bits, str):
+            if bits.strip().lower() != "none":
+                raise ValueError(
+                    f"bits must be one of {SUPPORTED_BITS} or None/'none', got {bits!r}"
+                )
+            object.__setattr__(self, "bits", None)
+        elif bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None/'none', got {bits!r}")
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"enabled must be a bool, got {self.enabled!r}")
+        _check_int("group_size", self.group_size, minimum=4)
+        if self.group_size % 4:
+            raise ValueError(f"group_size must be a multiple of 4, got {self.group_size}")
+        for name in ("key_mode", "value_mode"):
+            if getattr(self, name) not in ("channel", "token"):
+                raise ValueError(
+                    f"{name} must be 'channel' or 'token', got {getattr(self, name)!r}"
+                )
+        ratio = self.outlier_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 0.5:
+            raise ValueError(f"outlier_ratio must be a number in [0, 0.5), got {ratio!r}")
+        _check_int("rank", self.rank, minimum=0)
+        _check_int("power_iters", self.power_iters, minimum=1)
+        _check_int("buffer_size", self.buffer_size, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        per_channel = "channel" in (self.key_mode, self.value_mode)
+        if self.compresses and per_channel and self.buffer_size % self.group_size:
+            raise ValueError(
+                f"buffer_size ({self.buffer_size}) must be a multiple of group_size "
+                f"({self.group_size}) when a tensor is quantized per channel"
+            )
+
+    @property
+    def compresses(self) -> bool:
+        """Whether this configuration compresses at all (``enabled`` and ``bits`` set)."""
+        return self.enabled and self.bits is not None
+
+    def mode_for(self, kind: Literal["key", "value"]) -> QuantMode:
+        """The quantization mode used for keys or for values."""
+        if kind == "key":
+            return self.key_mode
+        if kind == "value":
+            return self.value_mode
+        raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
+
+    def quantization_only(self) -> GEARConfig:
+        """The same quantization without the low-rank and sparse parts (a KIVI-like baseline)."""
+        return dataclasses.replace(self, rank=0, outlier_ratio=0.0)
+
+    def describe(self) -> str:
+        """A short human-readable summary, e.g. ``GEAR 4-bit g64 r2 s2% nb64``."""
+        if not self.compresses:
+            return "uncompressed"
+        name = "GEAR" if self.rank or self.outlier_ratio else "quant-only"
+        return (
+            f"{name} {self.bits}-bit g{self.group_size} r{self.rank} "
+            f"s{100 * self.outlier_ratio:g}% nb{self.buffer_size}"
+        )
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

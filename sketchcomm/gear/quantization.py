@@ -1,0 +1,239 @@
+"""Group-wise asymmetric low-bit quantization with really packed codes.
+
+A matrix ``X`` of shape ``[..., n, d]`` (``n`` tokens, ``d`` channels of one head) is cut into
+groups of ``g`` consecutive entries along one axis:
+
+* ``mode="token"``: along the channels of one token (per-token quantization, KIVI's choice for
+  values), giving groups ``X[t, j*g:(j+1)*g]``;
+* ``mode="channel"``: along the tokens of one channel (per-channel quantization, KIVI's choice
+  for keys), giving groups ``X[j*g:(j+1)*g, c]``.
+
+Each group ``G`` with minimum ``m = min G`` and maximum ``M = max G`` is stored as ``b``-bit codes
+
+    q = clamp(round((x - m) / s), 0, 2^b - 1),    s = (M - m) / (2^b - 1),
+
+and read back as ``x̂ = m + s q``, so that ``|x - x̂| <= s / 2`` (up to the float16 rounding of
+``m`` and ``s``, which are stored in float16). Entries flagged in an exclusion mask (the outliers
+of GEAR) are left out of ``m`` and ``M``, which shrinks the step ``s`` of their group.
+
+Codes are packed ``8 / b`` to a ``uint8`` (four 2-bit, two 4-bit or one 8-bit code per byte) in
+the ``[..., n, d]`` layout of the data in both modes, planes of tokens sharing a byte (see
+:func:`pack_codes`), so that unpacking yields ``[..., n, d]`` directly, without a transpose. A
+grouped axis whose length is not a multiple of ``g`` is padded by repeating its last entry, and
+the token axis is padded to a multiple of 4; the padding's codes are stored (and counted) too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from .config import QuantMode
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``b``-bit codes ``[..., m, k]`` (``uint8``, below ``2^b``) into ``[..., m*b/8, k]``.
+
+    The rows are cut into ``p = 8 / b`` planes of ``m / p`` consecutive rows; byte ``[i, c]``
+    holds row ``i + j*m/p`` of column ``c`` in its bits ``j*b`` to ``j*b + b - 1``. Unpacking is
+    then a few bitwise operations and one concatenation of contiguous planes.
+    """
+    _check_bits(bits)
+    if codes.dtype != torch.uint8 or codes.dim() < 2:
+        raise ValueError(
+            f"codes must be a uint8 tensor [..., m, k], got {codes.dtype} {tuple(codes.shape)}"
+        )
+    per_byte = 8 // bits
+    if codes.shape[-2] % per_byte:
+        raise ValueError(f"the row count ({codes.shape[-2]}) must be a multiple of {per_byte}")
+    if per_byte == 1:
+        return codes.contiguous()
+    planes = codes.chunk(per_byte, dim=-2)
+    packed = planes[0].clone()
+    for j in range(1, per_byte):
+        packed |= planes[j] << (bits * j)
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``[..., m*b/8, k]`` bytes to ``[..., m, k]`` codes."""
+    _check_bits(bits)
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return packed
+    mask = (1 << bits) - 1
+    planes = [packed & mask] + [(packed >> (bits * j)) & mask for j in range(1, per_byte)]
+    return torch.cat(planes, dim=-2)
+
+
+@dataclass
+class GroupQuantized:
+    """A tensor ``[..., n, d]`` quantized group-wise, as produced by :func:`quantize`.
+
+    Attributes:
+        codes: packed codes, ``uint8`` of shape ``[..., n'*b/8, d']`` (``n'``, ``d'``: padded).
+        scale: float16 step ``s`` of every group: ``[..., n', d'/g]`` for ``mode="token"``,
+            ``[..., n'/g, d']`` for ``mode="channel"``.
+        minimum: float16 minimum ``m`` of every group (the zero point), shaped like ``scale``.
+        bits: bits per code.
+        mode: ``"token"`` or ``"channel"`` (the axis the groups run along, see the module doc).
+        n: tokens of the unpadded tensor.
+        d: channels of the unpadded tensor.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    bits: int
+    mode: QuantMode
+    n: int
+    d: int
+
+    @property
+    def lead_shape(self) -> torch.Size:
+        """The leading dimensions ``[...]``."""
+        return self.codes.shape[:-2]
+
+    def dequantize(self) -> torch.Tensor:
+        """Return ``x̂ = m + s q`` as a float32 tensor of shape ``[..., n, d]``."""
+        codes = unpack_codes(self.codes, self.bits).float()
+        *lead, rows, cols = codes.shape
+        if self.mode == "token":
+            groups = self.scale.shape[-1]
+            grouped = codes.view(*lead, rows, groups, cols // groups)
+            scale, minimum = self.scale.unsqueeze(-1), self.minimum.unsqueeze(-1)
+        else:
+            groups = self.scale.shape[-2]
+            grouped = codes.view(*lead, groups, rows // groups, cols)
+            scale, minimum = self.scale.unsqueeze(-2), self.minimum.unsqueeze(-2)
+        values = torch.addcmul(minimum.float(), grouped, scale.float()).view(*lead, rows, cols)
+        if (rows, cols) != (self.n, self.d):
+            values = values[..., : self.n, : self.d]
+        return values
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this object holds."""
+        return [self.codes, self.scale, self.minimum]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, scales and minima."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> GroupQuantized:
+        """A copy with ``fn`` applied to every held tensor (for operations on leading dims)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return GroupQuantized(
+            **{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        )
+
+    @staticmethod
+    def cat(parts: list[GroupQuantized], dim: int) -> GroupQuantized:
+        """Concatenate along leading dimension ``dim`` (counted from the front, ``dim >= 0``)."""
+        first = parts[0]
+        key = (first.bits, first.mode, first.n, first.d)
+        if any((p.bits, p.mode, p.n, p.d) != key for p in parts):
+            raise ValueError(
+                "only tensors quantized with the same bits, mode and shape can be joined"
+            )
+        return GroupQuantized(
+            codes=torch.cat([p.codes for p in parts], dim),
+            scale=torch.cat([p.scale for p in parts], dim),
+            minimum=torch.cat([p.minimum for p in parts], dim),
+            bits=first.bits,
+            mode=first.mode,
+            n=first.n,
+            d=first.d,
+        )
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    mode: QuantMode,
+    exclude: torch.Tensor | None = None,
+) -> GroupQuantized:
+    """Quantize ``x`` of shape ``[..., n, d]`` group-wise to ``bits`` bits.
+
+    Args:
+        x: floating-point tensor ``[..., n, d]``.
+        bits: 2, 4 or 8.
+        group_size: entries per group along the grouped axis; a group never spans more than
+            that axis (rounded up to a multiple of 4).
+        mode: ``"token"`` (groups along ``d``) or ``"channel"`` (groups along ``n``).
+        exclude: optional boolean mask ``[..., n, d]`` of entries left out of the group minima
+            and maxima (they still get codes, which a caller overrides with exact values).
+
+    Returns:
+        The :class:`GroupQuantized` tensor.
+    """
+    _check_bits(bits)
+    if mode not in ("token", "channel"):
+        raise ValueError(f"mode must be 'token' or 'channel', got {mode!r}")
+    if x.dim() < 2 or x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise ValueError(f"x must have shape [..., n, d] with n, d > 0, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if group_size < 4 or group_size % 4:
+        raise ValueError(f"group_size must be a positive multiple of 4, got {group_size}")
+    if exclude is not None and exclude.shape != x.shape:
+        raise ValueError(
+            f"exclude must have the shape of x {tuple(x.shape)}, got {tuple(exclude.shape)}"
+        )
+
+    n, d = x.shape[-2:]
+    if mode == "token":
+        group = min(group_size, _round_up(d, 4))
+        rows, cols, reduce_dim = _round_up(n, 4), _round_up(d, group), -1
+    else:
+        group = min(group_size, _round_up(n, 4))
+        rows, cols, reduce_dim = _round_up(n, group), d, -2
+    work = _pad(x.float(), rows, cols)
+    if mode == "token":
+        grouped = work.view(*work.shape[:-1], cols // group, group)
+    else:
+        grouped = work.view(*work.shape[:-2], rows // group, group, cols)
+
+    if exclude is None:
+        low, high = grouped.amin(reduce_dim), grouped.amax(reduce_dim)
+    else:
+        mask = _pad(exclude, rows, cols).view(grouped.shape)
+        low = grouped.masked_fill(mask, torch.inf).amin(reduce_dim)
+        high = grouped.masked_fill(mask, -torch.inf).amax(reduce_dim)
+        empty = mask.all(reduce_dim)
+        low = low.masked_fill(empty, 0.0)
+        high = high.masked_fill(empty, 0.0)
+
+    levels = (1 << bits) - 1
+    minimum = low.half()
+    scale = ((high - minimum.float()) / levels).half()
+    if not (torch.isfinite(minimum).all() and torch.isfinite(scale).all()):
+        raise ValueError("x has entries outside the float16 range of the quantization scales")
+    step = torch.where(scale > 0, scale.float(), torch.ones_like(low))
+    codes = (grouped - minimum.unsqueeze(reduce_dim).float()) / step.unsqueeze(reduce_dim)
+    codes = codes.round_().clamp_(0, levels).to(torch.uint8).view(*work.shape)
+    return GroupQuantized(
+        codes=pack_codes(codes, bits), scale=scale, minimum=minimum, bits=bits, mode=mode, n=n, d=d
+    )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Pad ``[..., n, d]`` to ``[..., rows, cols]`` by repeating the last row and column."""
+    n, d = t.shape[-2:]
+    if cols > d:
+        t = torch.cat([t, t[..., -1:].expand(*t.shape[:-1], cols - d)], dim=-1)
+    if rows > n:
+        t = torch.cat([t, t[..., -1:, :].expand(*t.shape[:-2], rows - n, cols)], dim=-2)
+    return t.contiguous()
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits!r}")

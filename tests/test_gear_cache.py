@@ -1,0 +1,221 @@
+"""GEARCache on a tiny random Llama (grouped-query attention, batch of two) and on raw tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig
+
+from sketchcomm.gear.cache import GEARCache, GEARLayer
+from sketchcomm.gear.compression import compress
+from sketchcomm.gear.config import GEARConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: these small models gain nothing from more, and workers share cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 96, (2, 72), generator=torch.Generator().manual_seed(1))
+
+
+def small_config(**kwargs) -> GEARConfig:
+    return GEARConfig(**{"group_size": 16, "buffer_size": 16, **kwargs})
+
+
+@torch.inference_mode()
+def decode_logits(model, cache, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of a prefill then of one token per step, ``[batch, steps + 1, vocab]``."""
+    out = model(tokens[:, :prefill], cache=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for i in range(prefill, tokens.shape[1]):
+        out = model(tokens[:, i : i + 1], cache=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+def kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    ref = reference.float().log_softmax(-1)
+    return (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda cfg: GEARCache(GEARConfig(bits=None), config=cfg),
+        lambda cfg: GEARCache(GEARConfig(bits="none")),
+        lambda cfg: GEARCache(GEARConfig(bits=2, enabled=False), config=cfg),
+    ],
+)
+def test_disabled_cache_equals_dynamic_cache(model, tokens, make) -> None:
+    reference = decode_logits(model, DynamicCache(config=model.config), tokens, prefill=40)
+    cache = make(model.config)
+    assert torch.equal(decode_logits(model, cache, tokens, prefill=40), reference)
+    assert cache.nbytes == sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+    )
+
+
+def test_compressed_logits_track_the_uncompressed_ones(model, tokens) -> None:
+    reference = decode_logits(model, DynamicCache(config=model.config), tokens, prefill=40)
+    divergence = {
+        bits: kl(reference, decode_logits(model, GEARCache(small_config(bits=bits)), tokens, 40))
+        for bits in (8, 4, 2)
+    }
+    assert divergence[8] < 1e-4
+    assert divergence[8] < divergence[4] < divergence[2]
+    quant_only = small_config(bits=2).quantization_only()
+    assert divergence[2] < kl(reference, decode_logits(model, GEARCache(quant_only), tokens, 40))
+
+
+def test_generate_matches_a_hand_written_greedy_loop(model, tokens) -> None:
+    config = small_config(bits=4, rank=2)
+    prompt = tokens[:, :40]
+    generated = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        cache=GEARCache(config, config=model.config),
+        max_new_tokens=24,
+        min_new_tokens=24,
+        do_sample=False,
+        pad_token_id=0,
+    )[:, 40:]
+
+    cache = GEARCache(config, config=model.config)
+    with torch.inference_mode():
+        out = model(prompt, cache=cache, use_cache=True)
+        loop = [out.logits[:, -1].argmax(-1)]
+        for _ in range(23):
+            out = model(loop[-1][:, None], cache=cache, use_cache=True)
+            loop.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(generated, torch.stack(loop, 1))
+    assert cache.get_seq_length() == 40 + 23
+    assert all(layer.compressed_keys.shape[2] == 3 for layer in cache.layers)
+
+
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+def test_generate_accepts_past_key_values(model, tokens) -> None:
+    cache = GEARCache(small_config(bits=4))
+    out = model.generate(
+        tokens[:, :20],
+        attention_mask=torch.ones_like(tokens[:, :20]),
+        past_key_values=cache,
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    assert out.shape == (2, 40)
+    assert cache.get_seq_length() == 39
+    assert isinstance(cache.layers[0], GEARLayer) and cache.layers[0].compressed_keys is not None
+
+
+def test_layer_returns_decompressed_blocks_then_exact_tokens() -> None:
+    g = torch.Generator().manual_seed(2)
+    config = small_config(bits=2, rank=2, outlier_ratio=0.05)
+    first_k, first_v = torch.randn(2, 3, 40, 8, generator=g), torch.randn(2, 3, 40, 8, generator=g)
+    layer = GEARLayer(config)
+    keys, values = layer.update(first_k, first_v)
+    assert torch.equal(keys, first_k) and torch.equal(values, first_v)
+    assert layer.keys.shape[-2] == 8 and layer.compressed_keys.shape == (2, 3, 2, 16, 8)
+
+    new_k, new_v = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 3, 1, 8, generator=g)
+    keys, values = layer.update(new_k, new_v)
+    for got, first, new, kind in ((keys, first_k, new_k, "key"), (values, first_v, new_v, "value")):
+        blocks = compress(first[..., :32, :].reshape(2, 3, 2, 16, 8), config, kind)
+        expected_old = blocks.decompress().reshape(2, 3, 32, 8)
+        assert torch.equal(got[..., :32, :], expected_old)
+        assert torch.equal(got[..., 32:40, :], first[..., 32:, :])
+        assert torch.equal(got[..., 40:, :], new)
+    assert layer.get_seq_length() == 41
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_returns_the_model_dtype(dtype: torch.dtype) -> None:
+    layer = GEARLayer(small_config(bits=4))
+    states = torch.randn(1, 2, 33, 8).to(dtype)
+    layer.update(states, states)
+    keys, values = layer.update(states[..., :1, :], states[..., :1, :])
+    assert keys.dtype == values.dtype == dtype
+    assert keys.shape == (1, 2, 34, 8)
+
+
+def test_nbytes_is_what_the_layers_hold(model, tokens) -> None:
+    cache = GEARCache(small_config(bits=2, rank=2), config=model.config)
+    decode_logits(model, cache, tokens, prefill=40)
+    held = 0
+    for layer in cache.layers:
+        held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        for stored in (layer.compressed_keys, layer.compressed_values):
+            held += sum(t.numel() * t.element_size() for t in stored.tensors())
+    assert cache.nbytes == held
+    # 72 tokens cached: 64 in four compressed blocks, 8 in the float32 buffer.
+    assert all(layer.keys.shape[-2] == 8 for layer in cache.layers)
+    float32_bytes = 2 * 2 * 2 * 72 * 2 * 16 * 4  # layers, (K, V), batch, tokens, heads, head_dim
+    assert cache.nbytes < float32_bytes / 2
+
+
+def test_batch_reorder_and_select_act_on_compressed_rows(model, tokens) -> None:
+    config = small_config(bits=4, rank=2)
+    swapped = tokens.flip(0)
+    cache = GEARCache(config, config=model.config)
+    decode_logits(model, cache, tokens[:, :50], prefill=40)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    reference = GEARCache(config, config=model.config)
+    decode_logits(model, reference, swapped[:, :50], prefill=40)
+    with torch.inference_mode():
+        got = model(swapped[:, 50:51], cache=cache, use_cache=True).logits
+        want = model(swapped[:, 50:51], cache=reference, use_cache=True).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+    cache.batch_select_indices(torch.tensor([1]))
+    single = GEARCache(config, config=model.config)
+    decode_logits(model, single, tokens[:1, :51], prefill=40)
+    with torch.inference_mode():
+        got = model(tokens[:1, 51:52], cache=cache, use_cache=True).logits
+        want = model(tokens[:1, 51:52], cache=single, use_cache=True).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_unsupported_uses_raise_clear_errors(model) -> None:
+    sliding = MistralConfig(
+        num_hidden_layers=2,
+        sliding_window=16,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+    )
+    with pytest.raises(ValueError, match="full-attention"):
+        GEARCache(GEARConfig(), config=sliding)
+    with pytest.raises(ValueError, match="GEARConfig"):
+        GEARCache({"bits": 4})
+    layer = GEARLayer(GEARConfig())
+    with pytest.raises(NotImplementedError, match="cropped"):
+        layer.crop(-1)
+    with pytest.raises(ValueError, match="equal shape"):
+        layer.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5))
+    with pytest.raises(ValueError, match="compresses"):
+        GEARLayer(GEARConfig(bits=None))
