@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sketchcomm.demo", "short private sketched DDP training on real data, with a report"),
     "privacy": ("sketchcomm.privacy.cli", "epsilon of a plan, noise for a target, ledger files"),
+    "audit": ("sketchcomm.privacy.audit_cli", "empirical lower bound on epsilon against the claim"),
     "bench": ("sketchcomm.bench.cli", "benchmarks against baselines measured in the same run"),
     "gear-eval": ("sketchcomm.gear.cli", "GEAR KV-cache compression against its baselines"),
 }

@@ -18,18 +18,18 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, default=2, help="processes (ranks) to start")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks to start (default 2)")
     parser.add_argument(
         "--target-epsilon",
         type=float,
         default=4.0,
-        help="epsilon to calibrate the noise for (delta 1e-5)",
+        help="epsilon to calibrate the noise for, at delta 1e-5 (default 4)",
     )
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
     parser.add_argument(
-        "--compression", type=float, default=20.0, help="bucket elements per sketch table element"
+        "--compression", type=float, default=20.0, help="bucket / table elements (default 20)"
     )
-    parser.add_argument("--runs", default="runs", help="folder for the run's files")  # fmt: skip
+    parser.add_argument("--runs", default="runs", help="output folder (default runs)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -123,6 +123,11 @@ class SketchState:
         log_every: int = 0,
         nonfinite: str = "propagate",
     ) -> None:
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise ValueError(
+                f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                f"{process_group!r}"
+            )
         check_float("compression", compression, 1.0, math.inf, open_low=True)
         check_choice("recovery", recovery, _RECOVERY)
         rows = _DEFAULT_ROWS[recovery] if rows is None else rows
@@ -426,7 +431,7 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
         dist.all_reduce(table, group=group)
         if not torch.isfinite(table).all():
             return _completed(_nan_result(state, index, buffer))
-        candidates = bs.sketch.estimate(table).abs().topk(bs.m, sorted=False).indices
+        candidates = bs.sketch.heavy_hitters(table, bs.m)[0]
         exact = local[candidates]
         fut = dist.all_reduce(exact, group=group, async_op=True).get_future()
 

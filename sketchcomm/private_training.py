@@ -8,14 +8,16 @@ Run it under torchrun::
 Each rank draws its batches by Poisson sampling (:func:`poisson_batches`), the per-example
 gradients are clipped and noised in sketch space by :func:`~sketchcomm.privacy.dp_sketch_hook`,
 the ledger is written to ``RUN_DIR/ledger.json`` before each step is released, a checkpoint is
-written to ``RUN_DIR/checkpoint.pt`` (the run resumes from both), and rank 0 reports to wandb
-(offline without credentials) and prints a privacy report at the end.
+written to ``RUN_DIR/checkpoint.pt``, and rank 0 reports to wandb (offline without credentials)
+and prints a privacy report at the end. A restarted run continues the model from the checkpoint
+and the Poisson schedule at the ledger's step count (:func:`resume_step`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -72,7 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--momentum", type=float, default=0.5, help="momentum kept in sketch space (FetchSGD)"
     )
     parser.add_argument("--hidden", type=int, default=512, help="hidden width of the MLP")
-    parser.add_argument("--seed", type=int, default=0, help="model, sampling and hash seed")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the model, the data shards and the hashes"
+    )
+    parser.add_argument(
+        "--sampling-seed",
+        type=int,
+        default=None,
+        help="seed of the Poisson sampling, for reproducible runs; by default it is drawn from "
+        "the operating system, since the privacy guarantee assumes the sampling is secret",
+    )
     parser.add_argument(
         "--run-dir",
         default="runs/private-digits",
@@ -85,18 +96,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def poisson_batches(
-    n: int, sample_rate: float, rank: int, world: int, seed: int, steps: int
+    n: int,
+    sample_rate: float,
+    rank: int,
+    world: int,
+    seed: int,
+    steps: int,
+    sampling_seed: int | None = None,
 ) -> list[torch.Tensor]:
     """This rank's batches: every example of its shard (a seeded permutation split ``world``
     ways) is included in each step independently with probability ``sample_rate``.
 
     Each rank draws from its own generator, and empty batches are kept, so that every rank
     takes every step (Opacus's distributed sampler skips empty batches, which would put the ranks
-    out of step).
+    out of step). The inclusion draws are seeded from the operating system's entropy unless
+    ``sampling_seed`` is given: the accountant's amplification by subsampling assumes that no one
+    can tell which examples a step used, which a public seed would void. ``sampling_seed`` makes a
+    run reproducible (tests, debugging); the guarantee then holds only while it stays secret.
     """
     shard = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[rank::world]
-    generator = torch.Generator().manual_seed(derive_seed("poisson", seed, rank))
+    if sampling_seed is None:
+        generator_seed = secrets.randbits(63)
+    else:
+        generator_seed = derive_seed("poisson", sampling_seed, rank)
+    generator = torch.Generator().manual_seed(generator_seed)
     return [shard[torch.rand(len(shard), generator=generator) < sample_rate] for _ in range(steps)]
+
+
+def resume_step(checkpoint_step: int, ledger_steps: int) -> int:
+    """The first step of the Poisson schedule that a (re)started run takes: the ledger's count.
+
+    The ledger records step ``t`` (and persists it) before step ``t``'s noisy tables leave any
+    process, and the checkpoint is written after the optimizer has applied a step, so after a
+    crash ``checkpoint_step <= ledger_steps``. Steps ``checkpoint_step .. ledger_steps - 1`` were
+    released, or were about to be, when the run stopped: they stay counted, their updates are
+    lost with the process, and their batches are never drawn again. Running them again would
+    release a second noisy sum of the same Poisson sample, which the accountant's composition of
+    independently sampled steps does not cover; skipping them keeps every batch of the schedule
+    released at most once and the ledger's count equal to the number of steps started.
+
+    Raises:
+        RuntimeError: if the ledger holds fewer steps than the checkpoint: the ledger file was
+            lost or belongs to another run, and continuing would under-report the privacy spent.
+    """
+    if ledger_steps < checkpoint_step:
+        raise RuntimeError(
+            f"the ledger holds {ledger_steps} steps but the checkpoint was written after step "
+            f"{checkpoint_step}: the ledger file is missing or belongs to another run, so the "
+            "privacy already spent is unknown; refusing to continue"
+        )
+    return ledger_steps
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:
@@ -137,19 +186,23 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     state.register(ddp_model)
     optimizer = torch.optim.SGD(ddp_model.parameters(), lr=args.lr)
 
-    start = 0
+    checkpoint_step = 0
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state.load_state_dict(checkpoint["hook"])
-        start = checkpoint["step"]
+        checkpoint_step = checkpoint["step"]
+    start = resume_step(checkpoint_step, ledger.steps)
     if rank == 0:
         print(state.describe(args.steps), flush=True)
         if start:
-            print(f"resuming at step {start}; ledger already holds {ledger.steps} steps "
-                  f"(epsilon {ledger.epsilon:.3f})", flush=True)  # fmt: skip
+            print(f"resuming at step {start} from the checkpoint of step {checkpoint_step}; "
+                  f"ledger already holds {ledger.steps} steps (epsilon {ledger.epsilon:.3f})",
+                  flush=True)  # fmt: skip
 
-    batches = poisson_batches(n, sample_rate, rank, dist.get_world_size(), args.seed, args.steps)
+    batches = poisson_batches(
+        n, sample_rate, rank, dist.get_world_size(), args.seed, args.steps, args.sampling_seed
+    )
     reporter = PrivacyReporter(ledger, name=run_dir.name, dir=run_dir, config=vars(args), rank=rank)
     progress = range(start, args.steps)
     if rank == 0 and not args.no_progress:

@@ -22,6 +22,7 @@ __all__ = [
     "BENCH_LM",
     "TINY_LM",
     "CharText",
+    "CharTokenizer",
     "LMShape",
     "lm_batches",
     "lm_loss",
@@ -72,6 +73,30 @@ class CharText:
 
     def decode(self, ids: torch.Tensor) -> str:
         return "".join(self.vocab[i] for i in ids.tolist())
+
+    def tokenizer(self) -> CharTokenizer:
+        """A tokenizer for :func:`sketchcomm.gear.generation_eval` and other transformers code."""
+        return CharTokenizer(self)
+
+
+class CharTokenizer:
+    """The small part of a transformers tokenizer that generation code uses, over characters.
+
+    ``tokenizer(text)["input_ids"]`` is the list of character ids, ``batch_decode`` joins ids
+    back into text. There is no end-of-sequence token; the padding token is the space, which a
+    left-padded batch masks out with its attention mask.
+    """
+
+    def __init__(self, text: CharText) -> None:
+        self.text = text
+        self.pad_token_id = text.vocab.index(" ")
+        self.eos_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.text.encode(text).tolist()}
+
+    def batch_decode(self, ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+        return [self.text.decode(row) for row in ids]
 
 
 def load_char_text(test_fraction: float = 0.1) -> CharText:

@@ -1,5 +1,5 @@
-"""The privacy benchmark in --quick mode, and the separate-noise baseline hooks against
-one-process references on real gloo ranks."""
+"""The privacy benchmark in --quick mode on both tasks, the text task's data and model, and the
+separate-noise baseline hooks against one-process references on real gloo ranks."""
 
 from __future__ import annotations
 
@@ -11,12 +11,25 @@ import math
 import pytest
 import torch
 from distributed import run_ranks
+from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sketchcomm.bench.baselines import SeparateNoiseState, random_coordinates
 from sketchcomm.bench.privacy import METHODS, configure, run
+from sketchcomm.bench.privacy_config import BenchConfig
+from sketchcomm.bench.privacy_report import markdown_table
+from sketchcomm.bench.privacy_tasks import (
+    TEXT_CONTEXT,
+    TEXT_EXAMPLES,
+    OneHot,
+    load_task,
+    make_model,
+    next_char_pairs,
+)
 from sketchcomm.privacy import PrivacyLedger
+from sketchcomm.privacy.capture import PerExampleGradients
+from sketchcomm.text import load_char_text
 from sketchcomm.training import load_digits, make_mlp
 
 CLIP, PER_RANK, Q, N = 0.5, 8, 16 / 1437, 1437
@@ -191,3 +204,96 @@ def test_quick_benchmark(tmp_path) -> None:
     assert all(f"| {method} |" in markdown for method in METHODS)
     if "--plot" in argv:
         assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_next_char_pairs_are_the_preceding_characters() -> None:
+    ids = torch.arange(100, 120)
+    contexts, targets = next_char_pairs(ids, 3, torch.tensor([3, 10, 19]))
+    for row, t in enumerate((3, 10, 19)):
+        assert contexts[row].tolist() == list(range(100 + t - 3, 100 + t))
+        assert targets[row].item() == 100 + t
+    with pytest.raises(ValueError, match="positions"):
+        next_char_pairs(ids, 3, torch.tensor([2]))
+    with pytest.raises(ValueError, match="context"):
+        next_char_pairs(ids, 0, torch.tensor([5]))
+
+
+def test_text_task_data() -> None:
+    """Every training pair is a context and its next character somewhere in the training text,
+    every test pair one of the held-out text, in order."""
+    data, text = load_task("text"), load_char_text()
+    assert data.train_size == TEXT_EXAMPLES and data.classes == text.vocab_size
+    assert data.x_train.shape == (TEXT_EXAMPLES, TEXT_CONTEXT)
+    windows = text.train.unfold(0, TEXT_CONTEXT + 1, 1)
+    pairs = torch.cat((data.x_train[:10], data.y_train[:10, None]), dim=1)
+    for pair in pairs:
+        assert (windows == pair).all(1).any()
+    assert len(data.y_test) == len(text.test) - TEXT_CONTEXT
+    assert data.x_test[0].tolist() == text.test[:TEXT_CONTEXT].tolist()
+    assert data.y_test[-1].item() == text.test[-1].item()
+
+
+def test_text_model_per_example_gradients() -> None:
+    """The text model trains only nn.Linear layers, so per-example capture accepts it, and the
+    captured gradients of each example equal autograd on that example alone."""
+    data = load_task("text")
+    model = make_model("text", hidden=16, seed=0)
+    x, y = data.x_train[:4], data.y_train[:4]
+    one_hot = OneHot(data.classes)(x)
+    assert one_hot.shape == (4, TEXT_CONTEXT * data.classes)
+    assert torch.equal(one_hot, nn.functional.one_hot(x, data.classes).flatten(1).float())
+    capture = PerExampleGradients(model)
+    nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    samples = {p: capture.pop(p) for p in model.parameters()}
+    capture.remove()
+    for i in range(4):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        for p in model.parameters():
+            torch.testing.assert_close(samples[p][i], p.grad.flatten())
+
+
+def test_task_defaults_and_bad_settings() -> None:
+    text = BenchConfig.for_task("text", steps=None, hidden=32)
+    assert text.task == "text" and text.hidden == 32 and text.steps == 128
+    assert text.delta < 1.0 / TEXT_EXAMPLES
+    assert BenchConfig.for_task("digits") == BenchConfig()
+    with pytest.raises(ValueError, match="task"):
+        BenchConfig.for_task("images")
+    with pytest.raises(ValueError, match="widht"):
+        BenchConfig.for_task("text", widht=3)
+    with pytest.raises(ValueError, match="metric"):
+        markdown_table([], text, metric="perplexity")
+
+
+@pytest.mark.slow
+def test_quick_text_benchmark(tmp_path) -> None:
+    """The text task's quick mode: accuracies above chance, and the private sketch's recorded
+    epsilon equal to Opacus's RDP accountant for the same (sigma, q, steps)."""
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(
+        ["--task", "text", "--quick", "--quiet", "--methods", "nonprivate", "sketch", "sep-topk",
+         "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md")]
+    )  # fmt: skip
+    assert run(args) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    config, rows = report["config"], report["rows"]
+    assert config["task"] == "text" and config["steps"] == 30
+    assert {row["method"] for row in rows} == {"nonprivate", "sketch", "sep-topk"}
+    chance = 1.0 / load_task("text").classes
+    for row in rows:
+        assert row["task"] == "text"
+        assert math.isfinite(row["test_loss"])
+        assert chance < row["test_accuracy"] <= 1.0
+    sketch = next(row for row in rows if row["method"] == "sketch")
+    q = config["batch_size"] / TEXT_EXAMPLES
+    assert sketch["sample_rate"] == q
+    accountant = RDPAccountant()
+    accountant.history = [(sketch["noise_multiplier"], q, config["steps"])]
+    expected = accountant.get_epsilon(config["delta"])
+    assert sketch["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert sketch["epsilon"] <= 4.0
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "Test accuracy in %" in markdown and "Test cross-entropy in nats" in markdown
+    assert markdown.count("| sketch | ") == 2

@@ -451,3 +451,23 @@ def test_cli_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     path.write_text("{}")
     assert _cli("inspect", str(path)) == 2
     assert "not a valid privacy ledger" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.0, 0.01, 100)],
+        [(0.83, 2**-10, 128), (1.2, 0.05, 7)],
+        [(0.5, 1.0, 1)],
+        [(2.0, 0.3, 1000), (0.7, 0.001, 3)],
+    ],
+)
+def test_rdp_epsilon_equals_opacus_rdp_accountant_exactly(history: list) -> None:
+    """The ledger's RDP epsilon (per-step RDP cached per (sigma, q)) is Opacus's own number."""
+    from opacus.accountants import RDPAccountant
+
+    from sketchcomm.privacy.accounting import epsilon_for_history
+
+    reference = RDPAccountant()
+    reference.history = list(history)
+    assert epsilon_for_history("rdp", history, 1e-5) == reference.get_epsilon(1e-5)

@@ -19,6 +19,7 @@ from sketchcomm.report import (
 DELTA = 1e-5
 STEPS = [(1.0, 0.01)] * 3 + [(0.8, 0.02)] * 2 + [(1.2, 0.01)] * 3
 
+
 @pytest.fixture
 def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("WANDB_MODE", "offline")

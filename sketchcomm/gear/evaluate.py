@@ -140,6 +140,8 @@ def decode_in_lockstep(
             track = tracks[(i + j) % len(tracks)]
             start = time.perf_counter()
             logits = model(token, cache=track.cache, use_cache=True).logits
+            if logits.is_cuda:  # kernels run asynchronously: time them to completion
+                torch.cuda.synchronize(logits.device)
             track.step_seconds.append(time.perf_counter() - start)
             track.kv_bytes.append(cache_nbytes(track.cache))
             logprobs[(i + j) % len(tracks)] = logits[:, -1].float().log_softmax(-1)

@@ -123,7 +123,7 @@ def generation_eval(
 
     Args:
         model: a transformers causal language model.
-        tokenizer: its tokenizer.
+        tokenizer (transformers.PreTrainedTokenizerBase): its tokenizer.
         prompts: the prompts (at least one).
         cache_config: the GEAR settings of the compressed cache.
         max_new_tokens: tokens generated per prompt.

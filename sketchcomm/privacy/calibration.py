@@ -15,7 +15,7 @@ import warnings
 
 from opacus.accountants.utils import get_noise_multiplier
 
-from sketchcomm.privacy.ledger import (
+from sketchcomm.privacy.accounting import (
     ACCOUNTANT_DESCRIPTIONS,
     check_accountant,
     check_delta,

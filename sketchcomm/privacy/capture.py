@@ -68,12 +68,12 @@ class PerExampleGradients:
 
         def capture(grad_output: Tensor) -> None:
             g = grad_output.detach()
-            batch = g.shape[0]
+            # flatten, not reshape(batch, -1): an empty Poisson batch (batch = 0) is valid input.
             if module.weight.requires_grad:
                 weight = torch.einsum("b...o,b...i->boi", g, activation)
-                self._store(module.weight, weight.reshape(batch, -1))
+                self._store(module.weight, weight.flatten(1))
             if module.bias is not None and module.bias.requires_grad:
-                self._store(module.bias, g.reshape(batch, -1, g.shape[-1]).sum(1))
+                self._store(module.bias, g if g.dim() == 2 else g.flatten(1, -2).sum(1))
 
         output.register_hook(capture)
 

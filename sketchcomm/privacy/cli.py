@@ -47,7 +47,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     actions.required = True
 
     epsilon = actions.add_parser(
-        "epsilon", help="epsilon spent by a plan (noise multiplier, sample rate, steps)"
+        "epsilon",
+        help="epsilon spent by a plan (noise multiplier, sample rate, steps)",
+        description="Print the epsilon that a plan of --steps (or --epochs) Poisson-sampled "
+        "Gaussian steps at noise multiplier --sigma and sample rate -q spends at --delta, with "
+        "the chosen Opacus accountant.",
     )
     epsilon.add_argument(
         "--sigma",
@@ -61,10 +65,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     epsilon.add_argument("--budget", type=float, help="epsilon budget to compare with")
 
     calibrate = actions.add_parser(
-        "calibrate", help="smallest noise multiplier whose epsilon is at most a target"
+        "calibrate",
+        help="smallest noise multiplier whose epsilon is at most a target",
+        description="Print the smallest noise multiplier whose plan spends at most "
+        "--target-epsilon at --delta, and the plan it gives.",
     )
     calibrate.add_argument(
-        "--target-epsilon", "--epsilon", type=float, required=True, dest="target_epsilon"
+        "--target-epsilon",
+        "--epsilon",
+        type=float,
+        required=True,
+        dest="target_epsilon",
+        help="epsilon the whole plan may spend at most",
     )
     _add_plan_arguments(calibrate)
     calibrate.add_argument(
@@ -74,7 +86,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="how far below the target the plan's epsilon may be (default: 0.01)",
     )
 
-    inspect = actions.add_parser("inspect", help="show a privacy ledger file (read-only)")
+    inspect = actions.add_parser(
+        "inspect",
+        help="show a privacy ledger file (read-only)",
+        description="Print the privacy report of a ledger file: steps, epsilon at its delta "
+        "with its accountant, unit and budget. The file is only read.",
+    )
     inspect.add_argument("path", help="ledger JSON file")
     inspect.add_argument("--json", action="store_true", help="print the ledger as JSON")
 

@@ -28,22 +28,39 @@ post-processing: it cannot increase :math:`\varepsilon`, and the ledger claims n
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import operator
 import os
-import tempfile
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
-from functools import lru_cache
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import opacus
-from opacus.accountants import IAccountant, create_accountant
+
+from sketchcomm.privacy.accounting import (
+    ACCOUNTANT_DESCRIPTIONS,
+    ACCOUNTANTS,
+    History,
+    cached_epsilon,
+    check_accountant,
+    check_budget,
+    check_delta,
+    check_noise_multiplier,
+    check_positive_int,
+    check_sample_rate,
+    epsilon_for_history,
+    stepped_history,
+)
+from sketchcomm.privacy.ledger_file import (
+    LEDGER_FORMAT,
+    LEDGER_SCHEMA_VERSION,
+    LedgerError,
+    json_epsilon,
+    read_ledger_file,
+    utc_now,
+    validate_ledger_state,
+    write_ledger_file,
+)
 
 __all__ = [
     "ACCOUNTANTS",
@@ -55,33 +72,6 @@ __all__ = [
     "PrivacyLedger",
     "epsilon_for_history",
 ]
-
-#: Accountants the ledger accepts, by their Opacus mechanism name.
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
-
-#: One-line description of each accountant, for reports.
-ACCOUNTANT_DESCRIPTIONS: dict[str, str] = {
-    "rdp": "Rényi DP (Opacus RDPAccountant)",
-    "prv": "privacy loss random variables (Opacus PRVAccountant, upper bound)",
-    "gdp": "Gaussian DP (Opacus GaussianAccountant; experimental, may underestimate)",
-}
-
-#: Value of the ``format`` field of a ledger file.
-LEDGER_FORMAT = "sketchcomm-privacy-ledger"
-
-#: Version of the ledger file layout; files with another version are refused.
-LEDGER_SCHEMA_VERSION = 1
-
-HistoryEntry = tuple[float, float, int]
-History = tuple[HistoryEntry, ...]
-
-
-class LedgerError(ValueError):
-    """A ledger file or state dict cannot be used: corrupt, unreadable, of an unknown schema, or
-    written for a different accountant, delta, unit of privacy or noise source.
-
-    The file in question is never modified when this is raised.
-    """
 
 
 class PrivacyBudgetExceeded(RuntimeError):
@@ -113,173 +103,6 @@ class PrivacyBudgetExceeded(RuntimeError):
         )
 
 
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        result = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a number, got {value!r}") from err
-    if math.isnan(result):
-        raise ValueError(f"{name} must be a number, got NaN")
-    return result
-
-
-def check_accountant(accountant: Any) -> str:
-    """Return ``accountant`` if it names a supported accountant, else raise ValueError."""
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}; got {accountant!r}")
-    return accountant
-
-
-def check_delta(delta: Any, dataset_size: int | None = None) -> float:
-    r"""Return ``delta`` as a float if :math:`0 < \delta < 1` (and :math:`\delta < 1/n` when the
-    dataset size :math:`n` is given), else raise ValueError."""
-    value = _as_float("delta", delta)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    if dataset_size is not None:
-        dataset_size = check_positive_int(dataset_size, "dataset_size")
-        if value >= 1.0 / dataset_size:
-            raise ValueError(
-                f"delta must be below 1/dataset_size = {1.0 / dataset_size:.3g} "
-                f"(dataset_size={dataset_size}), got {value!r}: a delta of 1/n or more admits "
-                "mechanisms that publish one unit's data outright"
-            )
-    return value
-
-
-def check_positive_float(value: Any, name: str) -> float:
-    """Return ``value`` as a float if it is finite and > 0, else raise ValueError naming it."""
-    result = _as_float(name, value)
-    if not (result > 0.0 and math.isfinite(result)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return result
-
-
-def check_budget(budget: Any) -> float | None:
-    """Return ``budget`` as a float (or None) if it is a finite positive epsilon."""
-    return None if budget is None else check_positive_float(budget, "budget")
-
-
-def check_noise_multiplier(noise_multiplier: Any) -> float:
-    """Return ``noise_multiplier`` as a float if it is finite and >= 0."""
-    value = _as_float("noise_multiplier", noise_multiplier)
-    if not (value >= 0.0 and math.isfinite(value)):
-        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
-    return value
-
-
-def check_sample_rate(sample_rate: Any) -> float:
-    """Return ``sample_rate`` as a float if it is in (0, 1]."""
-    value = _as_float("sample_rate", sample_rate)
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    return value
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    """Return ``value`` as an int if it is a positive integer, else raise ValueError naming it."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        result = operator.index(value)
-    except TypeError as err:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from err
-    if result < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return result
-
-
-def _new_accountant(accountant: str) -> IAccountant:
-    # The GDP accountant warns on every construction that it can underestimate the privacy
-    # spent; PrivacyLedger repeats that warning once per ledger instead.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return create_accountant(mechanism=accountant)
-
-
-def _stepped_history(
-    accountant: str, history: History, noise_multiplier: float, sample_rate: float, steps: int
-) -> History:
-    acc = _new_accountant(accountant)
-    acc.history = list(history)
-    for _ in range(steps):
-        acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-    return tuple(acc.history)
-
-
-@lru_cache(maxsize=128)
-def _cached_epsilon(accountant: str, delta: float, history: History) -> float:
-    if not history:
-        return 0.0
-    if any(noise_multiplier == 0.0 for noise_multiplier, _, _ in history):
-        # A step without noise releases its batch exactly: no finite epsilon holds for it.
-        return math.inf
-    acc = _new_accountant(accountant)
-    acc.history = list(history)
-    try:
-        return float(acc.get_epsilon(delta))
-    except (ArithmeticError, ValueError) as err:
-        raise ValueError(
-            f"the {accountant} accountant could not compute epsilon for delta={delta:g} and "
-            f"history {list(history)}: {err}"
-        ) from err
-
-
-def epsilon_for_history(
-    accountant: str, history: Sequence[tuple[float, float, int]], delta: float
-) -> float:
-    r"""Return :math:`\varepsilon` spent by ``history`` at ``delta``, as computed by Opacus.
-
-    Builds the Opacus accountant named ``accountant``, gives it ``history`` (a sequence of
-    ``(noise_multiplier, sample_rate, num_steps)``, the layout of Opacus's ``history``) and
-    returns its ``get_epsilon(delta)``. An empty history has spent nothing (:math:`0`); a history
-    with a noise multiplier of 0 has no finite :math:`\varepsilon` (:math:`\infty`). Results are
-    cached per (accountant, delta, history), as the PRV accountant can take seconds on long runs.
-
-    Args:
-        accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
-        history: the steps, as ``(noise_multiplier, sample_rate, num_steps)``.
-        delta: target :math:`\delta`.
-
-    Raises:
-        ValueError: on invalid arguments, or when the accountant's numerics fail for them.
-    """
-    check_accountant(accountant)
-    delta = check_delta(delta)
-    entries: list[HistoryEntry] = []
-    for index, entry in enumerate(history):
-        if len(entry) != 3:
-            raise ValueError(
-                f"history[{index}] must be (noise_multiplier, sample_rate, num_steps), "
-                f"got {entry!r}"
-            )
-        noise_multiplier, sample_rate, num_steps = entry
-        entries.append(
-            (
-                check_noise_multiplier(noise_multiplier),
-                check_sample_rate(sample_rate),
-                check_positive_int(num_steps, f"history[{index}] num_steps"),
-            )
-        )
-    if accountant == "gdp" and len(entries) > 1:
-        raise ValueError(
-            "the gdp accountant supports only a constant noise multiplier and sample rate "
-            f"(one history entry), got {len(entries)} entries"
-        )
-    return _cached_epsilon(accountant, delta, tuple(entries))
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _json_epsilon(epsilon: float) -> float | str:
-    # JSON has no infinity; an unbounded epsilon is written as the string "inf".
-    return epsilon if math.isfinite(epsilon) else "inf"
-
-
 def _is_prefix(shorter: History, longer: History) -> bool:
     """Whether the steps of ``shorter`` are the first steps of ``longer``."""
     if len(shorter) > len(longer):
@@ -291,28 +114,6 @@ def _is_prefix(shorter: History, longer: History) -> bool:
         return False
     next_sigma, next_q, next_count = longer[len(body)]
     return (sigma, q) == (next_sigma, next_q) and count <= next_count
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a reader or a crash sees the old or the new
-    content, never a mix: temp file in the same directory, fsync, rename, fsync the directory."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    if os.name == "posix":
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class PrivacyLedger:
@@ -388,13 +189,15 @@ class PrivacyLedger:
             raise ValueError(f"secure_mode must be a bool, got {secure_mode!r}")
         if not isinstance(unit, str) or not unit.strip():
             raise ValueError(f"unit must be a non-empty string, got {unit!r}")
+        if not isinstance(writer, bool):
+            raise ValueError(f"writer must be a bool, got {writer!r}")
         self._secure_mode = secure_mode
         self._unit = unit
-        self._writer = bool(writer)
+        self._writer = writer
         self._path = None if path is None else Path(path)
         self._lock = threading.Lock()
         self._history: History = ()
-        now = _utc_now()
+        now = utc_now()
         self._created_at = now
         self._updated_at = now
         if self._accountant_name == "gdp":
@@ -405,7 +208,7 @@ class PrivacyLedger:
                 stacklevel=2,
             )
         if self._path is not None and (self._path.exists() or self._path.is_symlink()):
-            state = self._read_file(self._path)
+            state = read_ledger_file(self._path)
             self._history = self._checked_history(state, source=f"ledger file {self._path}")
             self._created_at = state["created_at"]
             self._updated_at = state["updated_at"]
@@ -470,7 +273,7 @@ class PrivacyLedger:
     def epsilon(self) -> float:
         r""":math:`\varepsilon` spent so far at :attr:`delta`, as the Opacus accountant computes it
         for :attr:`history`."""
-        return _cached_epsilon(self._accountant_name, self._delta, self._history)
+        return cached_epsilon(self._accountant_name, self._delta, self._history)
 
     @property
     def budget_remaining(self) -> float | None:
@@ -493,7 +296,7 @@ class PrivacyLedger:
         sigma = check_noise_multiplier(noise_multiplier)
         q = check_sample_rate(sample_rate)
         count = check_positive_int(steps, "steps")
-        return _stepped_history(self._accountant_name, self._history, sigma, q, count)
+        return stepped_history(self._accountant_name, self._history, sigma, q, count)
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
         r""":math:`\varepsilon` that would be spent after ``steps`` more steps with this noise
@@ -504,7 +307,7 @@ class PrivacyLedger:
                 the steps already recorded.
         """
         history = self._planned_history(noise_multiplier, sample_rate, steps)
-        return _cached_epsilon(self._accountant_name, self._delta, history)
+        return cached_epsilon(self._accountant_name, self._delta, history)
 
     def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> bool:
         r"""Whether ``steps`` more steps would bring :math:`\varepsilon` above the budget
@@ -542,7 +345,7 @@ class PrivacyLedger:
         """
         with self._lock:
             history = self._planned_history(noise_multiplier, sample_rate, 1)
-            would_be = _cached_epsilon(self._accountant_name, self._delta, history)
+            would_be = cached_epsilon(self._accountant_name, self._delta, history)
             if self._budget is not None and would_be > self._budget:
                 raise PrivacyBudgetExceeded(
                     spent=self.epsilon,
@@ -551,7 +354,7 @@ class PrivacyLedger:
                     delta=self._delta,
                     accountant=self._accountant_name,
                 )
-            now = _utc_now()
+            now = utc_now()
             if self._writes:
                 self._persist(history, self._created_at, now)
             self._history = history
@@ -585,7 +388,7 @@ class PrivacyLedger:
                     "state_dict diverges from the recorded history: neither is a prefix of the "
                     "other, so loading it would drop recorded steps"
                 )
-            now = _utc_now()
+            now = utc_now()
             created_at = min(self._created_at, state_dict["created_at"])
             if self._writes:
                 self._persist(incoming, created_at, now)
@@ -604,7 +407,7 @@ class PrivacyLedger:
         file_path = Path(path)
         if not file_path.exists():
             raise LedgerError(f"ledger file {file_path} does not exist")
-        state = cls._read_file(file_path)
+        state = read_ledger_file(file_path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return cls(
@@ -635,7 +438,7 @@ class PrivacyLedger:
             "secure_mode": self._secure_mode,
             "dataset_size": self._dataset_size,
             "steps": sum(count for _, _, count in history),
-            "epsilon": _json_epsilon(_cached_epsilon(self._accountant_name, self._delta, history)),
+            "epsilon": json_epsilon(cached_epsilon(self._accountant_name, self._delta, history)),
             "history": [
                 {"noise_multiplier": sigma, "sample_rate": q, "steps": count}
                 for sigma, q, count in history
@@ -647,24 +450,10 @@ class PrivacyLedger:
 
     def _persist(self, history: History, created_at: str, updated_at: str) -> None:
         assert self._path is not None
-        text = json.dumps(self._state(history, created_at, updated_at), indent=2) + "\n"
-        _write_atomically(self._path, text)
-
-    @staticmethod
-    def _read_file(path: Path) -> dict[str, Any]:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise LedgerError(f"ledger file {path} cannot be read: {err}") from err
-        try:
-            state = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise LedgerError(f"ledger file {path} is not valid JSON (corrupt?): {err}") from err
-        _validate_schema(state, source=f"ledger file {path}")
-        return state
+        write_ledger_file(self._path, self._state(history, created_at, updated_at))
 
     def _checked_history(self, state: Any, *, source: str) -> History:
-        _validate_schema(state, source=source)
+        validate_ledger_state(state, source=source)
         expected = {
             "accountant": self._accountant_name,
             "delta": self._delta,
@@ -681,86 +470,3 @@ class PrivacyLedger:
             (float(entry["noise_multiplier"]), float(entry["sample_rate"]), entry["steps"])
             for entry in state["history"]
         )
-
-
-def _validate_schema(state: Any, *, source: str) -> None:
-    """Raise LedgerError unless ``state`` has the layout of ledger schema version 1."""
-
-    def fail(problem: str) -> LedgerError:
-        return LedgerError(f"{source} is not a valid privacy ledger: {problem}")
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    if not isinstance(state, Mapping):
-        raise fail(f"expected a JSON object, got {type(state).__name__}")
-    if state.get("format") != LEDGER_FORMAT:
-        raise fail(f"format is {state.get('format')!r}, expected {LEDGER_FORMAT!r}")
-    if state.get("schema_version") != LEDGER_SCHEMA_VERSION:
-        raise fail(
-            f"schema_version is {state.get('schema_version')!r}; this version of sketchcomm "
-            f"reads version {LEDGER_SCHEMA_VERSION}"
-        )
-    required = (
-        "accountant",
-        "delta",
-        "budget",
-        "unit",
-        "secure_mode",
-        "dataset_size",
-        "steps",
-        "epsilon",
-        "history",
-        "created_at",
-        "updated_at",
-    )
-    missing = [key for key in required if key not in state]
-    if missing:
-        raise fail(f"missing field(s) {', '.join(missing)}")
-    if state["accountant"] not in ACCOUNTANTS:
-        raise fail(f"unknown accountant {state['accountant']!r}")
-    if not (number(state["delta"]) and 0.0 < state["delta"] < 1.0):
-        raise fail(f"delta must be a number in (0, 1), got {state['delta']!r}")
-    budget = state["budget"]
-    if budget is not None and not (number(budget) and 0.0 < budget < math.inf):
-        raise fail(f"budget must be null or a positive number, got {budget!r}")
-    if not isinstance(state["unit"], str) or not state["unit"].strip():
-        raise fail(f"unit must be a non-empty string, got {state['unit']!r}")
-    if not isinstance(state["secure_mode"], bool):
-        raise fail(f"secure_mode must be true or false, got {state['secure_mode']!r}")
-    size = state["dataset_size"]
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise fail(f"dataset_size must be null or a positive integer, got {size!r}")
-    if size is not None and state["delta"] >= 1.0 / size:
-        raise fail(f"delta {state['delta']!r} is not below 1/dataset_size for {size} units")
-    epsilon = state["epsilon"]
-    if not (number(epsilon) or epsilon == "inf"):
-        raise fail(f"epsilon must be a number or 'inf', got {epsilon!r}")
-    for key in ("created_at", "updated_at"):
-        if not isinstance(state[key], str):
-            raise fail(f"{key} must be a string, got {state[key]!r}")
-    history = state["history"]
-    if not isinstance(history, list):
-        raise fail("history must be a list")
-    total = 0
-    for index, entry in enumerate(history):
-        if not isinstance(entry, Mapping) or set(entry) != {
-            "noise_multiplier",
-            "sample_rate",
-            "steps",
-        }:
-            raise fail(
-                f"history[{index}] must hold exactly noise_multiplier, sample_rate and steps"
-            )
-        sigma, q, count = entry["noise_multiplier"], entry["sample_rate"], entry["steps"]
-        if not (number(sigma) and 0.0 <= sigma < math.inf):
-            raise fail(f"history[{index}].noise_multiplier must be >= 0, got {sigma!r}")
-        if not (number(q) and 0.0 < q <= 1.0):
-            raise fail(f"history[{index}].sample_rate must be in (0, 1], got {q!r}")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise fail(f"history[{index}].steps must be a positive integer, got {count!r}")
-        total += count
-    if state["accountant"] == "gdp" and len(history) > 1:
-        raise fail("a gdp ledger holds at most one history entry")
-    if state["steps"] != total:
-        raise fail(f"steps is {state['steps']!r} but the history holds {total} steps")

@@ -38,16 +38,25 @@ def bucket_clip_norm(clip_norm: float, bucket_elements: int, total_elements: int
 def clip_and_sum(tables: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
     """Clip each contribution's table to Frobenius norm ``max_norm`` and sum them.
 
+    A contribution whose table is not finite (NaN or Inf, e.g. one example's loss overflowed) is
+    left out of the sum, as if it had not been sampled: its weight is 0, so adding or removing any
+    one contribution still moves the sum by at most ``C_b``. A NaN kept in the sum would instead
+    turn the whole release into NaN exactly when that one contribution is present, which reveals
+    it whatever the noise.
+
     Args:
         tables: ``[n, r, c]`` tables, one per contribution (``n`` may be 0).
         max_norm: the threshold ``C_b``.
 
     Returns:
-        the ``[r, c]`` sum of ``t_i * min(1, C_b / ||t_i||)`` and the ``[n]`` norms before clipping.
+        the ``[r, c]`` sum of ``t_i * min(1, C_b / ||t_i||)`` over the finite ``t_i``, and the
+        ``[n]`` norms before clipping (not finite for the contributions left out).
     """
     norms = tables.flatten(1).norm(dim=1)
     factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    return torch.einsum("n,nrc->rc", factors, tables), norms
+    factors = torch.where(torch.isfinite(norms), factors, 0.0)
+    finite_tables = tables.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # 0 * NaN would be NaN
+    return torch.einsum("n,nrc->rc", factors, finite_tables), norms
 
 
 def private_generator(device: torch.device) -> torch.Generator:
