@@ -44,7 +44,10 @@ HookState = SketchState | powerSGD_hook.PowerSGDState | None
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--hook", choices=("allreduce", "fp16", "powersgd", "sketch"), default="sketch"
+        "--hook",
+        choices=("allreduce", "fp16", "powersgd", "sketch"),
+        default="sketch",
+        help="what DDP sends for each gradient bucket (default sketch)",
     )
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
@@ -61,7 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sketch = parser.add_argument_group("sketch hook")
     sketch.add_argument("--compression", type=float, default=20.0, help="bucket / table size")
     sketch.add_argument("--rows", type=int, help="hash rows (default: 3 for topk, 1 for dense)")
-    sketch.add_argument("--recovery", choices=("topk", "dense"), default="topk")
+    sketch.add_argument(
+        "--recovery",
+        choices=("topk", "dense"),
+        default="topk",
+        help="top-k heavy hitters (default) or the dense median estimate of every coordinate",
+    )
     sketch.add_argument(
         "--topk-fraction", type=float, default=0.01, help="coordinates kept per step (topk)"
     )

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import os
 import re
 import subprocess
@@ -65,25 +63,6 @@ def test_example_trains_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
 
     # The checkpoint holds everything the run depends on: resuming reproduces an uninterrupted run.
     assert final_lines(torchrun(*common, "--steps", "40")) == final_lines(second)
-
-
-def test_bench_kernels_quick_has_a_ratio_for_every_size_and_rows(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = tmp_path / "kernels.json"
-    assert main(["bench", "kernels", "--quick", "--devices", "cpu", "--json", str(path)]) == 0
-    report = json.loads(path.read_text())
-    sizes, rows = report["config"]["sizes"], report["config"]["rows"]
-    assert sizes == [100_000, 1_000_000] and rows == [1, 3, 5]
-    cases = report["cases"]
-    assert sorted((c["size"], c["rows"]) for c in cases) == list(itertools.product(sizes, rows))
-    for case in cases:
-        assert case["device"] == "cpu"
-        assert set(case["ratios"]) == {"sketch", "unsketch", "gather", "topk", "sketch+unsketch"}
-        assert all(math.isfinite(r) and r > 0 for r in case["ratios"].values())
-    table = capsys.readouterr().out
-    assert table.startswith("| device | d | rows | columns | copy |")
-    assert "| cpu | 1e6 | 5 | 9973 |" in table
 
 
 def test_bench_kernels_plot(tmp_path: Path) -> None:

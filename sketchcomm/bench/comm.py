@@ -244,14 +244,14 @@ def _options_given() -> list[str]:
 def _run_hooks(
     configs: Sequence[WorkerConfig], link: ShapedLink | None, rate: str, timeout: float
 ) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
     runs = []
-    for index, config in enumerate(configs):
+    for index, config in enumerate(tqdm(configs, desc=f"bench comm {rate}", unit="hook")):
         start = time.monotonic()
         ranks = run_ranks(config, link, MASTER_PORT + index, timeout)
         runs.append(summarise(config.hook, rate, ranks, link is not None))
-        print(
-            f"{rate} {config.hook}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True
-        )
+        tqdm.write(f"{rate} {config.hook}: {time.monotonic() - start:.0f} s", file=sys.stderr)
     return runs
 
 

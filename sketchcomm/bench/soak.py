@@ -183,7 +183,13 @@ def _rank_soak(rank: int, world: int, folder: str, config: SoakConfig, hook: str
         scale = 1.0 if hook == "private" else 1.0 / config.batch_size
         sampler = torch.Generator().manual_seed(derive_seed("soak batches", config.seed, rank))
         records, elapsed = [], 0.0
-        for step in range(1, config.steps + 1):
+        from tqdm import tqdm
+
+        steps = tqdm(
+            range(1, config.steps + 1), desc=f"soak {hook}", unit="step", disable=rank != 0,
+            mininterval=1.0,
+        )  # fmt: skip
+        for step in steps:
             start = time.perf_counter()
             index = shard[torch.rand(len(shard), generator=sampler) < q]
             optimizer.zero_grad(set_to_none=True)

@@ -235,7 +235,10 @@ def _rank_trials(config: AuditConfig, rank: int, world: int) -> dict[str, Any]:
     weight = model.module.weight
     scale = state.normalizer / config.max_grad_norm
     scores = np.empty(config.trials)
-    for trial, included in enumerate(schedule):
+    from tqdm import tqdm
+
+    trials = tqdm(schedule, desc="audit trials", unit="trial", disable=rank != 0, mininterval=1.0)
+    for trial, included in enumerate(trials):
         state.ledger = new_ledger()  # each trial is the one release of a fresh run
         model.zero_grad(set_to_none=True)
         inputs = with_canary if included and rank == 0 else background
