@@ -26,14 +26,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sketchcomm",
         description="Count Sketch DDP communication and differential privacy tools.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_subcommands(parser, COMMANDS, dest="command", metavar="COMMAND", module_attr="_module")
+    return parser
+
+
+def add_subcommands(
+    parser: argparse.ArgumentParser,
+    registry: dict[str, tuple[str, str]],
+    *,
+    dest: str,
+    metavar: str,
+    module_attr: str,
+) -> None:
+    """Declare one required sub-command per ``registry`` entry (name -> (module, help)).
+
+    Each module's ``configure(parser)`` declares its options; the parsed namespace holds the
+    chosen module under ``module_attr``, so that its ``run(args)`` can be called.
+    """
+    sub = parser.add_subparsers(dest=dest, metavar=metavar)
     sub.required = True
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text) in registry.items():
         module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=help_text, description=module.__doc__)
         module.configure(command)
-        command.set_defaults(_module=module)
-    return parser
+        command.set_defaults(**{module_attr: module})
 
 
 def main(argv: list[str] | None = None) -> int:

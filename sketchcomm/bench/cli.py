@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from sketchcomm.cli import add_subcommands
 
 # benchmark name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -19,13 +20,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare the benchmarks as sub-commands."""
-    benchmarks = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    benchmarks.required = True
-    for name, (module_name, help_text) in BENCHMARKS.items():
-        module = importlib.import_module(module_name)
-        command = benchmarks.add_parser(name, help=help_text, description=module.__doc__)
-        module.configure(command)
-        command.set_defaults(_benchmark=module)
+    add_subcommands(
+        parser, BENCHMARKS, dest="benchmark", metavar="BENCHMARK", module_attr="_benchmark"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

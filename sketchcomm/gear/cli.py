@@ -20,6 +20,8 @@ import platform
 import sys
 from pathlib import Path
 
+from sketchcomm.bench.arguments import non_negative_int, positive_int
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare the options of ``gear-eval``."""
@@ -49,32 +51,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--offset",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="tokens skipped at the start of the text (default: %(default)s)",
     )
     model.add_argument(
         "--prefill",
-        type=_positive_int,
+        type=positive_int,
         default=512,
         help="prompt tokens per segment, prefilled at once (default: %(default)s)",
     )
     model.add_argument(
         "--tokens",
-        type=_positive_int,
+        type=positive_int,
         default=512,
         help="decoding steps per segment; each scores one next token through the cache "
         "(default: %(default)s)",
     )
     model.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="segments decoded together, as one batch (default: %(default)s)",
     )
     model.add_argument(
         "--generate",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=32,
         help="greedy tokens generated from the first --prefill tokens of each segment to compare "
         "caches; 0 skips this (default: %(default)s)",
@@ -91,7 +93,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     gear.add_argument(
         "--rank",
-        type=_non_negative_int,
+        type=non_negative_int,
         nargs="+",
         default=[2],
         help="rank of the low-rank term fitted to the quantization residual of each block of "
@@ -107,20 +109,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     gear.add_argument(
         "--group-size",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         help="entries sharing a float16 scale and minimum (default: %(default)s)",
     )
     gear.add_argument(
         "--buffer-size",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         help="recent tokens kept in full precision; compressed in blocks of this many tokens "
         "(default: %(default)s)",
     )
     gear.add_argument(
         "--power-iters",
-        type=_positive_int,
+        type=positive_int,
         default=3,
         help="power-iteration loops (default: %(default)s)",
     )
@@ -159,24 +161,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     out.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="torch CPU threads (default: torch's choice)",
     )
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _ratio(text: str) -> float:

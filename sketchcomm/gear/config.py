@@ -18,6 +18,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from sketchcomm.validation import check_int
+
 QuantMode = Literal["channel", "token"]
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -73,7 +75,7 @@ class GEARConfig:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None/'none', got {bits!r}")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"enabled must be a bool, got {self.enabled!r}")
-        _check_int("group_size", self.group_size, minimum=4)
+        check_int("group_size", self.group_size, minimum=4)
         if self.group_size % 4:
             raise ValueError(f"group_size must be a multiple of 4, got {self.group_size}")
         for name in ("key_mode", "value_mode"):
@@ -84,10 +86,10 @@ class GEARConfig:
         ratio = self.outlier_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 0.5:
             raise ValueError(f"outlier_ratio must be a number in [0, 0.5), got {ratio!r}")
-        _check_int("rank", self.rank, minimum=0)
-        _check_int("power_iters", self.power_iters, minimum=1)
-        _check_int("buffer_size", self.buffer_size, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        check_int("rank", self.rank, minimum=0)
+        check_int("power_iters", self.power_iters, minimum=1)
+        check_int("buffer_size", self.buffer_size, minimum=1)
+        check_int("seed", self.seed, minimum=0)
         per_channel = "channel" in (self.key_mode, self.value_mode)
         if self.compresses and per_channel and self.buffer_size % self.group_size:
             raise ValueError(
@@ -121,8 +123,3 @@ class GEARConfig:
             f"{name} {self.bits}-bit g{self.group_size} r{self.rank} "
             f"s{100 * self.outlier_ratio:g}% nb{self.buffer_size}"
         )
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -246,8 +246,6 @@ def _per_example_tables(
                 "layers"
             )
         state._checked_sums.add(bucket.index())
-    if not len(samples):  # an empty Poisson batch: no contribution, the step is still taken
-        return torch.zeros((0, *bs.sketch.table_shape), device=bs.sketch.device)
     return bs.sketch.sketch_batch(samples)
 
 

@@ -54,9 +54,11 @@ def clip_and_sum(tables: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
     """
     norms = tables.flatten(1).norm(dim=1)
     factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    factors = torch.where(torch.isfinite(norms), factors, 0.0)
-    finite_tables = tables.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # 0 * NaN would be NaN
-    return torch.einsum("n,nrc->rc", factors, finite_tables), norms
+    finite = torch.isfinite(norms)
+    if not finite.all():  # rare: zero those contributions, and their cells (0 * NaN is NaN)
+        factors = torch.where(finite, factors, 0.0)
+        tables = tables.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.einsum("n,nrc->rc", factors, tables), norms
 
 
 def private_generator(device: torch.device) -> torch.Generator:
