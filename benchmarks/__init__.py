@@ -1,5 +1,6 @@
-"""Benchmarks of the sketchcomm kernels, run as ``sketchcomm bench <name>``.
+"""Benchmarks of sketchcomm against baselines measured in the same run (not part of the package).
 
-:mod:`sketchcomm.bench.kernels` times sketching, recovery and top-k selection against a plain copy
-of the same tensor.
+Run from the repository's root as ``python -m benchmarks BENCHMARK`` or ``sketchcomm bench
+BENCHMARK``; :data:`benchmarks.cli.BENCHMARKS` lists them. Their tests are in
+``benchmarks/tests``.
 """

@@ -1,10 +1,10 @@
 r"""``sketchcomm bench comm``: wall-clock time of DDP communication hooks on a shaped link.
 
 Two ranks (gloo, one CPU thread each) train the same seeded character-level Llama
-(:mod:`sketchcomm.text`) with one hook after another: allreduce, fp16, PowerSGD, the Count Sketch
+(:mod:`benchmarks.char_lm`) with one hook after another: allreduce, fp16, PowerSGD, the Count Sketch
 hook at several ratios, the private sketch hook and ``noop_hook`` (no communication: the compute
 floor). As root, each rank runs in its own network namespace, and the two are joined by a veth
-pair shaped by a token bucket filter to each ``--rates`` value (:mod:`sketchcomm.bench.netns`);
+pair shaped by a token bucket filter to each ``--rates`` value (:mod:`benchmarks.netns`);
 otherwise the ranks talk over the loopback interface, unshaped, and the bytes are the hook's own
 count.
 
@@ -41,11 +41,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sketchcomm.bench.arguments import bounded_float, non_negative_int, positive_int
-from sketchcomm.bench.comm_worker import HOOKS, WorkerConfig, check_hook
-from sketchcomm.bench.netns import DEFAULT_PREFIX, ShapedLink, check_rate, shaped_link
-from sketchcomm.bench.netns import unavailable_reason as netns_unavailable
+from benchmarks.arguments import bounded_float, non_negative_int, positive_int
+from benchmarks.comm_worker import HOOKS, WorkerConfig, check_hook
+from benchmarks.netns import DEFAULT_PREFIX, ShapedLink, check_rate, shaped_link
+from benchmarks.netns import unavailable_reason as netns_unavailable
 
+#: the repository's root, where ``python -m benchmarks.comm_worker`` finds the worker
+CHECKOUT = str(Path(__file__).resolve().parents[1])
 QUICK_HOOKS = ("allreduce", "sketch-20x", "private-sketch-20x", "noop")
 SMOOTHING = 5  # trailing window of the smoothed loss
 TARGET_FRACTION = 0.65  # the target is allreduce's smoothed loss at this fraction of the run
@@ -269,6 +271,7 @@ def run_ranks(
         master = link.ends[0].address if link else "127.0.0.1"
         port = port if link else _free_port()
         procs: list[subprocess.Popen] = []
+        pythonpath = os.pathsep.join(filter(None, [CHECKOUT, os.environ.get("PYTHONPATH")]))
         logs = [Path(tmp, f"rank{rank}.log") for rank in range(2)]
         try:
             for rank in range(2):
@@ -276,7 +279,7 @@ def run_ranks(
                 argv = [
                     sys.executable,
                     "-m",
-                    "sketchcomm.bench.comm_worker",
+                    "benchmarks.comm_worker",
                     "--config",
                     str(config_path),
                     "--out",
@@ -287,6 +290,7 @@ def run_ranks(
                 env = os.environ | {
                     "MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(rank),
                     "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": interface, "OMP_NUM_THREADS": "1",
+                    "PYTHONPATH": pythonpath,
                 }  # fmt: skip
                 with open(logs[rank], "w") as log:
                     procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log))
@@ -477,7 +481,7 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sketchcomm.bench.comm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.comm", description=__doc__)
     configure(parser)
     return run(parser.parse_args(argv))
 

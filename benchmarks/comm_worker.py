@@ -1,9 +1,9 @@
 """One rank of ``sketchcomm bench comm``: train the seeded character Llama with one DDP hook.
 
-Started by :mod:`sketchcomm.bench.comm` as ``python -m sketchcomm.bench.comm_worker --config
+Started by :mod:`benchmarks.comm` as ``python -m benchmarks.comm_worker --config
 CONFIG --out OUT [--interface IF]`` with ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK`` and
 ``WORLD_SIZE`` in the environment (gloo, one CPU thread). Every hook trains the same model
-(:func:`sketchcomm.text.make_lm`, seeded) on the same batches (``lm_batches`` seeded by the seed
+(:func:`benchmarks.char_lm.make_lm`, seeded) on the same batches (``lm_batches`` seeded by the seed
 and the rank) with SGD at the same learning rate; the momentum ``rho`` lives in the optimizer for
 the dense hooks and in sketch space for the sketch hooks (FetchSGD), where plain SGD applies the
 recovered update.
@@ -27,6 +27,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +38,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sketchcomm.text import BENCH_LM, TINY_LM, lm_batches, lm_loss, load_char_text, make_lm
+from benchmarks.char_lm import BENCH_LM, TINY_LM, lm_batches, lm_loss, load_char_text, make_lm
+from sketchcomm import hook_kinds
+from sketchcomm.hook_kinds import register_hook_kind
 
 __all__ = ["HOOKS", "WorkerConfig", "check_hook", "hook_bytes"]
 
@@ -83,49 +86,46 @@ def _is_sketch(hook: str) -> bool:
     return "sketch" in hook
 
 
+def _noop() -> tuple[None, Callable]:
+    from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks
+
+    return None, debugging_hooks.noop_hook
+
+
+register_hook_kind("noop", _noop, "sends nothing: the time of everything but communication")
+
+
+def kind_and_options(config: WorkerConfig, rank: int) -> tuple[str, dict[str, Any]]:
+    """The :mod:`sketchcomm.hook_kinds` kind that ``config.hook`` names, and its options:
+    ``powersgd-rR`` is PowerSGD of rank R, ``sketch-Cx`` the sketch at compression C and
+    ``private-sketch-Cx`` the private sketch (``unit="rank"``) at compression C."""
+    match = _PATTERN.match(check_hook(config.hook))
+    if match is None:
+        raise ValueError(f"unknown hook {config.hook!r}")
+    if match.group(2):
+        return "powersgd", {"rank": int(match.group(2)), "seed": config.seed}
+    if not match.group(4):
+        return config.hook, {}
+    sketch = {
+        "compression": float(match.group(4)), "momentum": config.momentum, "seed": config.seed,
+        "topk_fraction": config.topk_fraction,
+    }  # fmt: skip
+    if not match.group(3):
+        return "sketch", sketch
+    from sketchcomm.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger("rdp", config.delta, unit="rank", writer=rank == 0)
+    private = {
+        "ledger": ledger, "max_grad_norm": config.max_grad_norm, "unit": "rank",
+        "noise_multiplier": config.noise_multiplier,
+    }  # fmt: skip
+    return "private", {**private, **sketch}
+
+
 def attach_hook(ddp: DDP, config: WorkerConfig, rank: int) -> object | None:
     """Register ``config.hook`` on ``ddp``; returns its state (None for the stateless hooks)."""
-    from torch.distributed.algorithms.ddp_comm_hooks import (
-        debugging_hooks,
-        default_hooks,
-        powerSGD_hook,
-    )
-
-    from sketchcomm.hooks import SketchState
-    from sketchcomm.privacy import DPSketchState, PrivacyLedger
-
-    match = _PATTERN.match(check_hook(config.hook))
-    assert match is not None
-    if config.hook == "allreduce":
-        return None
-    if config.hook == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        return None
-    if config.hook == "noop":
-        ddp.register_comm_hook(None, debugging_hooks.noop_hook)
-        return None
-    if match.group(2):
-        state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=int(match.group(2)),
-            start_powerSGD_iter=2, min_compression_rate=2, random_seed=config.seed,
-        )  # fmt: skip
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        return state
-    compression = float(match.group(4))
-    if match.group(3):
-        ledger = PrivacyLedger("rdp", config.delta, unit="rank", writer=rank == 0)
-        state = DPSketchState(
-            ledger, config.max_grad_norm, unit="rank", noise_multiplier=config.noise_multiplier,
-            compression=compression, momentum=config.momentum, seed=config.seed,
-            topk_fraction=config.topk_fraction,
-        )  # fmt: skip
-    else:
-        state = SketchState(
-            compression=compression, momentum=config.momentum, seed=config.seed,
-            topk_fraction=config.topk_fraction,
-        )  # fmt: skip
-    state.register(ddp)
-    return state
+    kind, options = kind_and_options(config, rank)
+    return hook_kinds.attach_hook(ddp, kind, **options)
 
 
 def hook_bytes(hook: str, state: object | None, parameters: int, steps: int) -> int:

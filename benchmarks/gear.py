@@ -20,7 +20,7 @@ import platform
 import sys
 from pathlib import Path
 
-from sketchcomm.bench.arguments import non_negative_int, positive_int
+from benchmarks.arguments import non_negative_int, positive_int
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -184,7 +184,7 @@ def _per_bits(values: list, bits: list[int], name: str) -> list:
 
 def gear_configs(args: argparse.Namespace) -> list:
     """One validated ``GEARConfig`` per ``--bits`` value (raises ``ValueError`` when invalid)."""
-    from .config import GEARConfig
+    from sketchcomm.gear.config import GEARConfig
 
     ranks = _per_bits(args.rank, args.bits, "rank")
     ratios = _per_bits(args.outlier_ratio, args.bits, "outlier-ratio")
@@ -212,8 +212,8 @@ def build_candidates(args: argparse.Namespace, model) -> tuple[list, list[str]]:
     from transformers import QuantizedCache
     from transformers.utils import is_optimum_quanto_available
 
-    from .cache import GEARCache
-    from .evaluate import Candidate
+    from benchmarks.gear_evaluate import Candidate
+    from sketchcomm.gear.cache import GEARCache
 
     candidates, notes = [], []
     for config in gear_configs(args):
@@ -254,8 +254,8 @@ def run(args: argparse.Namespace) -> int:
     import transformers
     from transformers import DynamicCache
 
-    from .evaluate import Candidate, evaluate_caches, markdown_table
-    from .loading import default_text, load_model, text_segments
+    from benchmarks.gear_evaluate import Candidate, evaluate_caches, markdown_table
+    from sketchcomm.gear.loading import default_text, load_model, text_segments
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(table + "\n", encoding="utf-8")
     if args.plot is not None:
-        from .plots import plot_error_against_bits
+        from benchmarks.gear_plots import plot_error_against_bits
 
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_error_against_bits(results, args.plot)

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from .generation import agreement, greedy_tokens
-from .memory import cache_nbytes, float16_nbytes
+from sketchcomm.gear.generation import agreement, greedy_tokens
+from sketchcomm.gear.memory import cache_nbytes, float16_nbytes
 
 
 @dataclass

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .evaluate import CacheResult
+from benchmarks.gear_evaluate import CacheResult
 
 
 def plot_error_against_bits(results: Sequence[CacheResult], path: str | os.PathLike[str]) -> None:
     """Write a PNG with two panels against bits: the perplexity increase over the uncompressed
     cache (percent) and the KL divergence to its next-token distribution (nats).
 
-    ``results`` is what :func:`sketchcomm.gear.evaluate.evaluate_caches` returns: the first entry
+    ``results`` is what :func:`benchmarks.gear_evaluate.evaluate_caches` returns: the first entry
     is the uncompressed reference; every other entry with a ``bits`` or ``nbits`` setting is a
     point, grouped into one line per kind (GEAR, quantization only, quanto).
     """

@@ -12,10 +12,10 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from sketchcomm.bench.arguments import bounded_float, non_negative_int, positive_int, size
+from benchmarks.arguments import bounded_float, non_negative_int, positive_int, size
 
 if TYPE_CHECKING:
-    from sketchcomm.bench.kernels import Case
+    from benchmarks.kernels import Case
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the kernel benchmark, print the Markdown table, write the requested files."""
     import torch
 
-    from sketchcomm.bench.kernels import (
+    from benchmarks.kernels import (
         DEFAULT_SIZES,
         LARGE_SIZE,
         markdown_table,

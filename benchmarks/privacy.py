@@ -1,9 +1,9 @@
 r"""Privacy benchmark: test accuracy against epsilon, over real gloo ranks, on two tasks.
 
 Every method trains the task's model (``--task``: the digits MLP, or a next-character MLP on the
-standard library's pydoc text; :mod:`sketchcomm.bench.privacy_tasks`) with DDP on ``world``
+standard library's pydoc text; :mod:`benchmarks.privacy_tasks`) with DDP on ``world``
 processes joined by gloo, on batches drawn by Poisson sampling at rate ``q = batch_size / N``, for
-``steps`` SGD steps (:mod:`sketchcomm.bench.privacy_runner`). The private methods release, per
+``steps`` SGD steps (:mod:`benchmarks.privacy_runner`). The private methods release, per
 step, the Poisson subsampled Gaussian mechanism with clipping norm ``C`` and the *same* noise
 multiplier ``\sigma``, calibrated once per target epsilon with the chosen Opacus accountant for
 ``(q, steps, delta)``; each run's :class:`~sketchcomm.privacy.PrivacyLedger` enforces the target as
@@ -20,7 +20,7 @@ its budget and reports the epsilon spent. The unit of privacy is one training ex
 * ``opacus``: DP-SGD by Opacus (``GradSampleModule``, ``DPOptimizer``, the same accountant) in one
   process, with the same ``\sigma``, ``C``, ``q`` and steps: an independent reference.
 * ``sep-sketch``, ``sep-topk``, ``sep-randk``: noise in gradient space, then compression at the
-  private sketch's bytes per step (:mod:`sketchcomm.bench.baselines`). ``sep-topk`` gives every
+  private sketch's bytes per step (:mod:`benchmarks.baselines`). ``sep-topk`` gives every
   rank its ``1/W`` share of the noise, like the others; but each rank's message is seen by the
   other ranks, and towards them it is DP only with noise multiplier ``\sigma / \sqrt W``, which
   favours this baseline. ``sep-topk-local`` has every rank add the full ``N(0, \sigma^2 C^2)``,
@@ -32,9 +32,9 @@ error feedback. Momentum ``rho`` lives where each method needs it: in sketch spa
 ``sep-sketch``), in the local error feedback (``sep-topk``, ``sep-topk-local``), in the optimizer
 (the others). Sketching and compression add no privacy; every epsilon comes from the noise.
 
-Run it as ``python -m sketchcomm.bench.privacy`` (or mounted as a ``sketchcomm bench privacy``
+Run it as ``python -m benchmarks.privacy`` (or mounted as a ``sketchcomm bench privacy``
 command through :func:`configure` and :func:`run`); reports are written by
-:mod:`sketchcomm.bench.privacy_report`.
+:mod:`benchmarks.privacy_report`.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ from pathlib import Path
 
 import torch
 
-from sketchcomm.bench.privacy_config import METHODS, TASK_DEFAULTS, TUNED, BenchConfig
-from sketchcomm.bench.privacy_report import markdown_table, plot_accuracy, summarize
-from sketchcomm.bench.privacy_runner import run_privacy_bench, run_sweep
-from sketchcomm.bench.privacy_tasks import TASKS
+from benchmarks.privacy_config import METHODS, TASK_DEFAULTS, TUNED, BenchConfig
+from benchmarks.privacy_report import markdown_table, plot_accuracy, summarize
+from benchmarks.privacy_runner import run_privacy_bench, run_sweep
+from benchmarks.privacy_tasks import TASKS
 
 __all__ = [
     "METHODS",

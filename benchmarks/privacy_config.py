@@ -1,7 +1,7 @@
 """Settings of the privacy benchmark: its methods, each task's defaults and tuned optimizers.
 
-See :mod:`sketchcomm.bench.privacy` for what each method does and
-:mod:`sketchcomm.bench.privacy_tasks` for the tasks.
+See :mod:`benchmarks.privacy` for what each method does and
+:mod:`benchmarks.privacy_tasks` for the tasks.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sketchcomm.bench.privacy_tasks import TASKS
+from benchmarks.privacy_tasks import TASKS
 
 __all__ = ["METHODS", "TASK_DEFAULTS", "TUNED", "BenchConfig"]
 
@@ -27,7 +27,7 @@ METHODS: dict[str, str] = {
 
 #: Per task, the (learning rate, momentum) of each method: the best test accuracy at epsilon 4
 #: (mean over seeds 100 and 101 for digits, seed 100 for text; ties broken by the test loss) on an
-#: lr x momentum grid of :func:`~sketchcomm.bench.privacy_runner.run_sweep` (see
+#: lr x momentum grid of :func:`~benchmarks.privacy_runner.run_sweep` (see
 #: docs/privacy-benchmark.md); ``opacus`` takes ``dpsgd``'s.
 TUNED: dict[str, dict[str, tuple[float, float]]] = {
     "digits": {
@@ -64,7 +64,7 @@ class BenchConfig:
     """Training settings shared by every method.
 
     Attributes:
-        task: ``"digits"`` or ``"text"`` (:data:`~sketchcomm.bench.privacy_tasks.TASKS`).
+        task: ``"digits"`` or ``"text"`` (:data:`~benchmarks.privacy_tasks.TASKS`).
         steps: optimizer steps ``T``.
         batch_size: expected global batch ``q N``; the sample rate is ``q = batch_size / N``.
         lr: SGD learning rate of every method (the private updates are the clipped, noised sum

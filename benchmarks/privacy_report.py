@@ -7,8 +7,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from sketchcomm.bench.privacy_config import METHODS, BenchConfig
-from sketchcomm.bench.privacy_tasks import TASKS
+from benchmarks.privacy_config import METHODS, BenchConfig
+from benchmarks.privacy_tasks import TASKS
 
 __all__ = ["METRICS", "markdown_table", "plot_accuracy", "summarize"]
 

@@ -1,6 +1,6 @@
 r"""Runs of the privacy benchmark: every method trained on real gloo ranks, one row per run.
 
-Every distributed method trains the task's model (:mod:`sketchcomm.bench.privacy_tasks`) with DDP
+Every distributed method trains the task's model (:mod:`benchmarks.privacy_tasks`) with DDP
 on ``world`` processes joined by gloo, on batches drawn by Poisson sampling at rate
 ``q = batch_size / N`` (Opacus's ``DistributedUniformWithReplacementSampler``, an independent
 generator per rank so that every example is included independently), for ``steps`` SGD steps.
@@ -31,9 +31,9 @@ from opacus.utils.uniform_sampler import (
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sketchcomm.bench.baselines import SeparateNoiseState
-from sketchcomm.bench.privacy_config import METHODS, BenchConfig
-from sketchcomm.bench.privacy_tasks import TaskData, evaluate, load_task, make_model
+from benchmarks.baselines import SeparateNoiseState
+from benchmarks.privacy_config import METHODS, BenchConfig
+from benchmarks.privacy_tasks import TaskData, evaluate, load_task, make_model
 from sketchcomm.privacy import DPSketchState, PrivacyLedger, calibrate_noise_multiplier
 from sketchcomm.sketch import derive_seed
 

@@ -4,12 +4,12 @@ Per-example capture (:mod:`sketchcomm.privacy.capture`) supports ``nn.Linear`` l
 both models train nothing but ``nn.Linear`` layers.
 
 ``"digits"``
-    scikit-learn's handwritten digits (:func:`sketchcomm.training.load_digits`): ``N = 1,437``
+    scikit-learn's handwritten digits (:func:`sketchcomm.demo.digits.load_digits`): ``N = 1,437``
     standardised 8x8 images ``[N, 64]`` for training, 360 for testing, 10 classes; the MLP
-    ``64 -> hidden -> hidden -> 10`` of :func:`sketchcomm.training.make_mlp`.
+    ``64 -> hidden -> hidden -> 10`` of :func:`sketchcomm.demo.digits.make_mlp`.
 ``"text"``
     next-character prediction on the standard library's ``pydoc_data`` text
-    (:func:`sketchcomm.text.load_char_text`, 103 characters, first 90% for training). A training
+    (:func:`benchmarks.char_lm.load_char_text`, 103 characters, first 90% for training). A training
     example is one pair (the :data:`TEXT_CONTEXT` characters before position ``t``, the character
     at ``t``), ``x = ids[t - K : t]`` ``[K]`` int64 and ``y = ids[t]``, for :data:`TEXT_EXAMPLES`
     positions ``t`` of the training text drawn once without replacement with a fixed seed. The
@@ -31,8 +31,8 @@ from functools import cache
 import torch
 from torch import Tensor, nn
 
-from sketchcomm.text import load_char_text
-from sketchcomm.training import load_digits, make_mlp
+from benchmarks.char_lm import load_char_text
+from sketchcomm.demo.digits import load_digits, make_mlp
 
 __all__ = [
     "TASKS",

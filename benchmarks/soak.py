@@ -1,6 +1,6 @@
 r"""Soak benchmark: memory and step time of the hooks over thousands of steps on real gloo ranks.
 
-Each hook of :data:`HOOKS` trains the digits MLP (:func:`sketchcomm.training.make_mlp`) with DDP
+Each hook of :data:`HOOKS` trains the digits MLP (:func:`sketchcomm.demo.digits.make_mlp`) with DDP
 on ``world`` freshly spawned processes for ``steps`` SGD steps, on batches drawn by Poisson
 sampling (every training example of a rank's shard included independently with probability
 ``q = world * batch_size / N``). Every ``every`` steps each rank records:
@@ -43,11 +43,11 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sketchcomm.bench.arguments import positive_int
-from sketchcomm.hooks import SketchState
+from benchmarks.arguments import positive_int
+from sketchcomm.demo.digits import accuracy, load_digits, make_mlp
+from sketchcomm.hook_kinds import attach_hook
 from sketchcomm.privacy import DPSketchState, PrivacyLedger
 from sketchcomm.sketch import derive_seed
-from sketchcomm.training import accuracy, load_digits, make_mlp
 
 __all__ = [
     "HOOKS",
@@ -62,9 +62,10 @@ __all__ = [
     "summarize",
 ]
 
-HOOKS = ("allreduce", "sketch", "private")
-#: hook -> (learning rate, momentum of the sketch-space state)
+#: hook kind (:mod:`sketchcomm.hook_kinds`) -> (learning rate, momentum of the sketch-space state)
 _OPTIMIZER = {"allreduce": (0.1, 0.0), "sketch": (0.1, 0.5), "private": (1.0, 0.5)}
+#: the hook kinds the soak runs
+HOOKS = tuple(_OPTIMIZER)
 _MIN_COMPRESSION_SIZE = 1024
 _WARMUP_FRACTION = 0.1
 
@@ -146,23 +147,21 @@ def state_tensor_bytes(root: object) -> int:
 
 # ------------------------------------------------------------------------------ one rank
 def _hook_state(hook: str, model: DDP, config: SoakConfig, n: int, q: float) -> Any:
-    momentum = _OPTIMIZER[hook][1]
+    """Attach the :mod:`sketchcomm.hook_kinds` kind ``hook`` with the soak's settings."""
     sketch = {
-        "compression": config.compression, "topk_fraction": 0.1, "momentum": momentum,
+        "compression": config.compression, "topk_fraction": 0.1, "momentum": _OPTIMIZER[hook][1],
         "min_compression_size": _MIN_COMPRESSION_SIZE, "seed": config.seed,
     }  # fmt: skip
-    if hook == "allreduce":
-        return None
-    if hook == "sketch":
-        state: SketchState = SketchState(**sketch)
-    else:
-        ledger = PrivacyLedger("rdp", 1e-5, dataset_size=n)
-        state = DPSketchState(
-            ledger, max_grad_norm=1.0, unit="example", sample_rate=q, dataset_size=n,
-            noise_multiplier=1.0, **sketch,
-        )  # fmt: skip
-    state.register(model)
-    return state
+    options = {
+        "allreduce": {},
+        "sketch": sketch,
+        "private": {
+            "ledger": PrivacyLedger("rdp", 1e-5, dataset_size=n), "max_grad_norm": 1.0,
+            "unit": "example", "sample_rate": q, "dataset_size": n, "noise_multiplier": 1.0,
+            **sketch,
+        },
+    }[hook]  # fmt: skip
+    return attach_hook(model, hook, **options)
 
 
 def _rank_soak(rank: int, world: int, folder: str, config: SoakConfig, hook: str) -> None:

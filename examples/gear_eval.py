@@ -14,8 +14,9 @@ import time
 import torch
 from transformers import DynamicCache
 
-from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes, float16_nbytes, generation_eval
+from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes, generation_eval
 from sketchcomm.gear.loading import default_text, load_model
+from sketchcomm.gear.memory import float16_nbytes
 
 
 def main() -> None:

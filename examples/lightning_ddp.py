@@ -11,10 +11,11 @@ with GPUs, ``--accelerator gpu`` uses NCCL and one GPU per process.
 Why a callback and not ``DDPStrategy(ddp_comm_state=state, ddp_comm_hook=sketch_hook)``: Lightning
 (checked on 2.6.6) registers ``ddp_comm_hook`` only when the strategy's device is CUDA, and silently
 ignores it on the CPU; and it calls ``register_comm_hook`` directly, which leaves the state unbound
-to the parameters (see :meth:`sketchcomm.SketchState.register`). :class:`SketchHookCallback`
-registers the hook through ``state.register`` in ``on_fit_start``, which Lightning calls after the
-strategy has wrapped the model in ``DistributedDataParallel`` and before the first backward pass,
-on every device type. Pass the strategy no ``ddp_comm_hook`` as well: DDP accepts one hook.
+to the parameters (see :meth:`sketchcomm.SketchState.register`). :class:`HookCallback` registers
+the hook through :func:`sketchcomm.hook_kinds.attach_hook` in ``on_fit_start``, which Lightning
+calls after the strategy has wrapped the model in ``DistributedDataParallel`` and before the first
+backward pass, on every device type. Pass the strategy no ``ddp_comm_hook`` as well: DDP accepts
+one hook.
 
 At the end rank 0 prints the test accuracy and the bytes each rank sent in the last step, next to
 what a plain allreduce sends.
@@ -25,16 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from sketchcomm import SketchState
-from sketchcomm.training import accuracy, load_digits, make_mlp
+from sketchcomm.demo.digits import accuracy, load_digits, make_mlp
+from sketchcomm.hook_kinds import attach_hook, hook_kinds
 
 
 class DigitsClassifier(L.LightningModule):
@@ -57,29 +61,42 @@ class DigitsClassifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-class SketchHookCallback(L.Callback):
-    """Registers ``state`` (with :func:`sketchcomm.sketch_hook`) on the strategy's DDP model."""
+class HookCallback(L.Callback):
+    """Registers the hook kind ``kind`` (:mod:`sketchcomm.hook_kinds`) with ``options`` on the
+    strategy's DDP model; its state is ``self.state`` afterwards (None for allreduce)."""
 
-    def __init__(self, state: SketchState) -> None:
-        self.state = state
+    def __init__(self, kind: str, **options: Any) -> None:
+        self.kind, self.options, self.state = kind, options, None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ddp_model = trainer.strategy.model
         if not isinstance(ddp_model, DistributedDataParallel):
             raise TypeError(
-                "SketchHookCallback needs a DDP strategy (strategy=DDPStrategy(...)), got a "
+                "HookCallback needs a DDP strategy (strategy=DDPStrategy(...)), got a "
                 f"{type(ddp_model).__name__} model from {type(trainer.strategy).__name__}"
             )
-        self.state.register(ddp_model)
+        self.state = attach_hook(ddp_model, self.kind, **self.options)
+
+
+def bytes_per_step(kind: str, state: Any, allreduce_bytes: int) -> int:
+    """Bytes each process contributed to the collectives of the last step."""
+    if isinstance(state, SketchState):
+        return state.stats.step_bytes_sent
+    if isinstance(state, powerSGD_hook.PowerSGDState) and state.iter > state.start_powerSGD_iter:
+        # PowerSGD counts the fp32 elements it sends in every step after its first, plain ones.
+        compressed_steps = state.iter - state.start_powerSGD_iter
+        return state.total_numel_after_compression * 4 // compressed_steps
+    return allreduce_bytes // 2 if kind == "fp16" else allreduce_bytes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--hook",
-        choices=("allreduce", "sketch"),
+        # The private kind needs a ledger and per-example clipping: see examples/train_dp.py.
+        choices=[kind for kind in hook_kinds() if kind != "private"],
         default="sketch",
-        help="what DDP sends per gradient bucket: fp32 gradients or Count Sketch tables",
+        help="what DDP sends per gradient bucket (default: Count Sketch tables)",
     )
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
@@ -122,18 +139,20 @@ def main(argv: list[str] | None = None) -> None:
         shuffle=True,
         drop_last=True,
     )
-    state = None
-    callbacks = []
-    if args.hook == "sketch":
-        state = SketchState(compression=args.compression, momentum=args.momentum, seed=args.seed)
-        callbacks.append(SketchHookCallback(state))
+    options = {
+        "sketch": {"compression": args.compression, "momentum": args.momentum, "seed": args.seed},
+        "powersgd": {"seed": args.seed},
+    }
+    hook = HookCallback(args.hook, **options.get(args.hook, {}))
+    # PowerSGD issues collectives from future callbacks: on gloo it needs a single bucket.
+    single_bucket = args.hook == "powersgd" and args.accelerator == "cpu"
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
         num_nodes=int(os.environ.get("WORLD_SIZE", args.devices)) // args.devices,
-        strategy=DDPStrategy(),
+        strategy=DDPStrategy(bucket_cap_mb=1024) if single_bucket else DDPStrategy(),
         max_steps=args.steps,
-        callbacks=callbacks,
+        callbacks=[hook],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -146,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         device = module.device
         test_accuracy = accuracy(module.model, data.x_test.to(device), data.y_test.to(device))
         allreduce_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-        sent = state.stats.step_bytes_sent if state is not None else allreduce_bytes
+        sent = bytes_per_step(args.hook, hook.state, allreduce_bytes)
+        state = hook.state if isinstance(hook.state, SketchState) else None
         results = {
             "hook": args.hook,
             "steps": trainer.global_step,

@@ -32,11 +32,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sketchcomm import SketchState
-from sketchcomm.training import Digits, accuracy, load_digits, make_mlp, rank_batches
+from sketchcomm.demo.digits import Digits, accuracy, load_digits, make_mlp, rank_batches
+from sketchcomm.hook_kinds import attach_hook, build_hook, hook_kinds
 
 HookState = SketchState | powerSGD_hook.PowerSGDState | None
 
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--hook",
-        choices=("allreduce", "fp16", "powersgd", "sketch"),
+        # The private kind needs a ledger and per-example clipping: see examples/train_dp.py.
+        choices=[kind for kind in hook_kinds() if kind != "private"],
         default="sketch",
         help="what DDP sends for each gradient bucket (default sketch)",
     )
@@ -91,22 +93,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--lr must be positive")
     if args.hook == "sketch":
         try:
-            sketch_state(args)  # every option is checked here, before any process group starts
+            # Every option is checked here, before any process group starts.
+            build_hook(args.hook, **hook_options(args))
         except ValueError as error:
             parser.error(f"invalid sketch options: {error}")
     return args
 
 
-def sketch_state(args: argparse.Namespace) -> SketchState:
-    return SketchState(
-        compression=args.compression,
-        rows=args.rows,
-        recovery=args.recovery,
-        topk_fraction=args.topk_fraction,
-        second_round=args.second_round,
-        momentum=args.momentum,
-        seed=args.seed,
-    )
+def hook_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of the chosen kind of :mod:`sketchcomm.hook_kinds`."""
+    if args.hook == "sketch":
+        return {
+            "compression": args.compression,
+            "rows": args.rows,
+            "recovery": args.recovery,
+            "topk_fraction": args.topk_fraction,
+            "second_round": args.second_round,
+            "momentum": args.momentum,
+            "seed": args.seed,
+        }
+    if args.hook == "powersgd":
+        return {"rank": args.powersgd_rank, "seed": args.seed}
+    return {}
 
 
 def init_distributed() -> torch.device:
@@ -121,30 +129,6 @@ def init_distributed() -> torch.device:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return device
-
-
-def register_hook(model: DDP, args: argparse.Namespace) -> HookState:
-    """Register the chosen communication hook on ``model``; returns its state."""
-    if args.hook == "fp16":
-        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        return None
-    if args.hook == "powersgd":
-        state = powerSGD_hook.PowerSGDState(
-            process_group=None,
-            matrix_approximation_rank=args.powersgd_rank,
-            start_powerSGD_iter=2,
-            min_compression_rate=2,
-            random_seed=args.seed,
-        )
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        return state
-    if args.hook == "sketch":
-        state = sketch_state(args)
-        # Binds the hook's per-bucket state to the parameters, so that it survives DDP's bucket
-        # rebuild and a restart from a checkpoint.
-        state.register(model)
-        return state
-    return None
 
 
 def hook_state_dict(state: HookState) -> dict[str, Any] | None:
@@ -289,7 +273,9 @@ def train(args: argparse.Namespace, device: torch.device) -> None:
     model = DDP(
         make_mlp(args.hidden, args.seed).to(device), bucket_cap_mb=1024 if single_bucket else None
     )
-    state = register_hook(model, args)
+    # A SketchState binds its per-bucket state to the parameters, so that it survives DDP's
+    # bucket rebuild and a restart from a checkpoint.
+    state = attach_hook(model, args.hook, **hook_options(args))
     # Plain SGD: the sketch hook keeps its momentum in sketch space (--momentum).
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     batches = rank_batches(len(x_train), args.batch_size, rank, world, args.seed)

@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc_per_node=2 examples/train_dp.py --target-epsilon 4 --steps 150
 
-Every option is listed by ``--help``. The loop itself lives in :mod:`sketchcomm.private_training`
-so that ``sketchcomm demo`` runs exactly the same job; read it there to adapt it to your model.
+Every option is listed by ``--help``. The loop itself lives in
+:mod:`sketchcomm.demo.private_training` so that ``sketchcomm demo`` runs exactly the same job;
+read it there to adapt it to your model.
 The three lines that make a DDP model private and sketched are::
 
     ledger = PrivacyLedger(accountant="rdp", delta=1e-5, budget=4.0, path="run/ledger.json",
@@ -15,7 +16,7 @@ The three lines that make a DDP model private and sketched are::
 
 import sys
 
-from sketchcomm.private_training import main
+from sketchcomm.demo.private_training import main
 
 if __name__ == "__main__":
     sys.exit(main())

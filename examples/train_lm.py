@@ -4,7 +4,7 @@ Two CPU processes (gloo):
 
     torchrun --standalone --nproc_per_node=2 examples/train_lm.py --hook sketch --compression 20
 
-The model is a seeded ``LlamaForCausalLM`` (``sketchcomm.text.BENCH_LM``, about 13M parameters;
+The model is a seeded ``LlamaForCausalLM`` (``benchmarks.char_lm.BENCH_LM``, about 13M parameters;
 ``--tiny`` for a 0.1M-parameter one) trained on the characters of the standard library's
 ``pydoc_data`` topics. ``--hook`` picks what DDP sends for each gradient bucket (``allreduce``,
 ``fp16``, ``powersgd`` or ``sketch``), as in ``examples/train_ddp.py``.
@@ -23,13 +23,20 @@ import argparse
 import copy
 import gc
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sketchcomm.gear import GEARConfig, generation_eval
-from sketchcomm.text import (
+from sketchcomm.hook_kinds import attach_hook, hook_kinds
+
+# The character-level text and Llama are the benchmarks' fixture (benchmarks/char_lm.py, not part
+# of the package): this example runs from a checkout of the repository.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.char_lm import (
     BENCH_LM,
     TINY_LM,
     CharText,
@@ -38,14 +45,13 @@ from sketchcomm.text import (
     load_char_text,
     make_lm,
 )
-from sketchcomm.training import register_hook
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--hook",
-        choices=("allreduce", "fp16", "powersgd", "sketch"),
+        choices=[kind for kind in hook_kinds() if kind != "private"],
         default="sketch",
         help="what DDP sends for each bucket (default sketch)",
     )
@@ -126,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
         # PowerSGD issues collectives from future callbacks: on gloo it needs a single bucket.
         bucket_cap_mb=1024 if args.hook == "powersgd" else 25,
     )
-    sketch_options = {"compression": args.compression, "seed": args.seed}
-    register_hook(model, args.hook, **(sketch_options if args.hook == "sketch" else {}))
+    options = {
+        "sketch": {"compression": args.compression, "seed": args.seed},
+        "powersgd": {"seed": args.seed},
+    }
+    attach_hook(model, args.hook, **options.get(args.hook, {}))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     batches = lm_batches(text.train, args.batch_size, args.seq_len, seed=args.seed, rank=rank)
     for step in range(1, args.steps + 1):

@@ -13,11 +13,10 @@ import sys
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("sketchcomm.demo", "short private sketched DDP training on real data, with a report"),
+    "demo": ("sketchcomm.demo.cli", "short private sketched DDP training on digits, with a report"),
     "privacy": ("sketchcomm.privacy.cli", "epsilon of a plan, noise for a target, ledger files"),
     "audit": ("sketchcomm.privacy.audit_cli", "empirical lower bound on epsilon against the claim"),
-    "bench": ("sketchcomm.bench.cli", "benchmarks against baselines measured in the same run"),
-    "gear-eval": ("sketchcomm.gear.cli", "GEAR KV-cache compression against its baselines"),
+    "bench": ("sketchcomm.bench_cli", "benchmarks of a source checkout (its benchmarks/ folder)"),
 }
 
 
@@ -26,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sketchcomm",
         description="Count Sketch DDP communication and differential privacy tools.",
     )
-    add_subcommands(parser, COMMANDS, dest="command", metavar="COMMAND", module_attr="_module")
+    add_subcommands(
+        parser, COMMANDS, dest="command", metavar="COMMAND", module_attr="command_module"
+    )
     return parser
 
 
@@ -41,7 +42,8 @@ def add_subcommands(
     """Declare one required sub-command per ``registry`` entry (name -> (module, help)).
 
     Each module's ``configure(parser)`` declares its options; the parsed namespace holds the
-    chosen module under ``module_attr``, so that its ``run(args)`` can be called.
+    chosen module under ``module_attr``, so that its ``run(args)`` can be called (pop it from the
+    namespace first, so that the namespace holds only options).
     """
     sub = parser.add_subparsers(dest=dest, metavar=metavar)
     sub.required = True
@@ -53,8 +55,10 @@ def add_subcommands(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen command; its exit status."""
     args = build_parser().parse_args(argv)
-    return int(args._module.run(args) or 0)
+    command = vars(args).pop("command_module")
+    return int(command.run(args) or 0)
 
 
 if __name__ == "__main__":

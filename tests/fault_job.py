@@ -1,6 +1,6 @@
 """The private training job with one injected fault, for tests/test_faults.py (run under torchrun).
 
-Runs :func:`sketchcomm.private_training.main` unchanged, observing it from outside:
+Runs :func:`sketchcomm.demo.private_training.main` unchanged, observing it from outside:
 
 * every rank appends the index of each step it completed (after the optimizer applied the step's
   released sum) to ``FAULT_DIR/completed-rank<r>.log`` as ``<step> <restart count>``;
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import sketchcomm.demo.private_training as job
 import sketchcomm.privacy.hook as private_hook
-import sketchcomm.private_training as job
 
 FAULT_DIR = Path(os.environ["FAULT_DIR"])
 RESTART = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

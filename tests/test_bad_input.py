@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sketchcomm import SketchState
+from sketchcomm.demo.private_training import resume_step
 from sketchcomm.privacy import (
     DPSketchState,
     LedgerError,
@@ -33,7 +34,6 @@ from sketchcomm.privacy import (
     dp_sketch_hook,
 )
 from sketchcomm.privacy.capture import PerExampleGradients
-from sketchcomm.private_training import resume_step
 from sketchcomm.sketch import CountSketch
 
 DIM = 50  # elements of the Target model's single parameter

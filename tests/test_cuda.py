@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sketchcomm import CountSketch, SketchState, sketch_hook
+from sketchcomm.demo.digits import load_digits, make_mlp
 from sketchcomm.privacy import DPSketchState, PrivacyLedger
-from sketchcomm.training import load_digits, make_mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -191,8 +191,9 @@ def test_sketch_kernels_on_cuda_match_the_cpu(rows: int) -> None:
 # ---------------------------------------------------------------------------- GEAR
 def test_gear_cache_on_cuda_follows_the_uncompressed_cache() -> None:
     transformers = pytest.importorskip("transformers")
-    from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes, float16_nbytes
+    from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes
     from sketchcomm.gear.generation import greedy_tokens
+    from sketchcomm.gear.memory import float16_nbytes
 
     config = transformers.LlamaConfig(
         vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

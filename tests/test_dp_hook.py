@@ -12,8 +12,8 @@ from distributed import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sketchcomm.demo.digits import load_digits, make_mlp
 from sketchcomm.privacy import DPSketchState, PrivacyBudgetExceeded, PrivacyLedger
-from sketchcomm.training import load_digits, make_mlp
 
 
 class Target(nn.Module):

@@ -1,12 +1,12 @@
 """Fault injection into the private training job under torchrun: ranks killed with SIGKILL in the
 middle of training, restarted by torchrun or by hand.
 
-Each run is ``tests/fault_job.py`` (the job of :mod:`sketchcomm.private_training`, observed from
-outside): every rank logs each step it completed to a file of its own, an independent count of
+Each run is ``tests/fault_job.py`` (the job of :mod:`sketchcomm.demo.private_training`, observed
+from outside): every rank logs each step it completed to a file of its own, an independent count of
 the noisy sums that were released and applied. The checks, after the job finished:
 
 * the job resumed from its last checkpoint, not from scratch, and continued the Poisson schedule
-  at the ledger's step count (:func:`sketchcomm.private_training.resume_step`);
+  at the ledger's step count (:func:`sketchcomm.demo.private_training.resume_step`);
 * no step of the schedule was completed twice, and every step the ledger holds was released,
   except a step the writer recorded and was killed before releasing (counted, never released:
   the ledger over-reports by that step and never under-reports);
@@ -25,8 +25,8 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from sketchcomm.demo.digits import load_digits
 from sketchcomm.privacy import PrivacyLedger
-from sketchcomm.training import load_digits
 
 STEPS = 12
 CHECKPOINT_EVERY = 4

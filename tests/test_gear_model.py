@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes, float16_nbytes
+from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes
 from sketchcomm.gear.generation import greedy_tokens
 from sketchcomm.gear.loading import default_text, load_model, smollm2_folder, text_segments
+from sketchcomm.gear.memory import float16_nbytes
 
 pytestmark = [
     pytest.mark.slow,

@@ -8,13 +8,14 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
+from digits_training import train_digits
 from distributed import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sketchcomm.demo.digits import load_digits, make_mlp, rank_batches
 from sketchcomm.hooks import SketchState, sketch_hook
 from sketchcomm.sketch import CountSketch
-from sketchcomm.training import load_digits, make_mlp, rank_batches, train_digits
 
 
 def _rank_vector(rank: int, dim: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from sketchcomm.privacy import PrivacyLedger
 def _torchrun(run_dir: Path, steps: int) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "sketchcomm.private_training", f"--run-dir={run_dir}", f"--steps={steps}",
+        "-m", "sketchcomm.demo.private_training", f"--run-dir={run_dir}", f"--steps={steps}",
         "--target-epsilon=8", "--checkpoint-every=5", "--no-progress", "--hidden=128",
     ]  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from sketchcomm.bench import comm
-from sketchcomm.bench.comm_worker import check_hook
-from sketchcomm.bench.netns import ShapedLink, check_rate, remove_leftovers, unavailable_reason
+from benchmarks import comm
+from benchmarks.char_lm import TINY_LM, load_char_text, make_lm
+from benchmarks.comm_worker import check_hook
+from benchmarks.netns import ShapedLink, check_rate, remove_leftovers, unavailable_reason
 from sketchcomm.hooks import SketchState
-from sketchcomm.text import TINY_LM, load_char_text, make_lm
 
 NAMESPACES = unavailable_reason() is None
 needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason=f"{unavailable_reason()}")
@@ -83,7 +83,7 @@ def test_quick_run_bytes_losses_and_cleanup(tmp_path: Path, capsys: pytest.Captu
 def test_sigterm_removes_the_namespaces(tmp_path: Path) -> None:
     prefix = "skcs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sketchcomm.bench.comm", "--quick", "--hooks", "allreduce",
+        [sys.executable, "-m", "benchmarks.comm", "--quick", "--hooks", "allreduce",
          "--netns-prefix", prefix],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -10,9 +10,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from benchmarks import gear as gear_cli
+from benchmarks.gear_evaluate import Candidate, evaluate_caches, markdown_table
 from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes, generation_eval
-from sketchcomm.gear import cli as gear_cli
-from sketchcomm.gear.evaluate import Candidate, evaluate_caches, markdown_table
 from sketchcomm.gear.generation import agreement, greedy_tokens, left_pad
 
 WORDS = [f"w{i}" for i in range(60)]

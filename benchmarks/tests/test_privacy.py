@@ -15,11 +15,12 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sketchcomm.bench.baselines import SeparateNoiseState, random_coordinates
-from sketchcomm.bench.privacy import METHODS, configure, run
-from sketchcomm.bench.privacy_config import BenchConfig
-from sketchcomm.bench.privacy_report import markdown_table
-from sketchcomm.bench.privacy_tasks import (
+from benchmarks.baselines import SeparateNoiseState, random_coordinates
+from benchmarks.char_lm import load_char_text
+from benchmarks.privacy import METHODS, configure, run
+from benchmarks.privacy_config import BenchConfig
+from benchmarks.privacy_report import markdown_table
+from benchmarks.privacy_tasks import (
     TEXT_CONTEXT,
     TEXT_EXAMPLES,
     OneHot,
@@ -27,10 +28,9 @@ from sketchcomm.bench.privacy_tasks import (
     make_model,
     next_char_pairs,
 )
+from sketchcomm.demo.digits import load_digits, make_mlp
 from sketchcomm.privacy import PrivacyLedger
 from sketchcomm.privacy.capture import PerExampleGradients
-from sketchcomm.text import load_char_text
-from sketchcomm.training import load_digits, make_mlp
 
 CLIP, PER_RANK, Q, N = 0.5, 8, 16 / 1437, 1437
 

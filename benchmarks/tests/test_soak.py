@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from sketchcomm.bench.soak import SoakConfig, rss_bytes, state_tensor_bytes
+from benchmarks.soak import SoakConfig, rss_bytes, state_tensor_bytes
 from sketchcomm.cli import main
 
 

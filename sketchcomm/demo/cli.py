@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={args.nproc}", "-m", "sketchcomm.private_training",
+        f"--nproc-per-node={args.nproc}", "-m", "sketchcomm.demo.private_training",
         f"--target-epsilon={args.target_epsilon}", f"--steps={args.steps}",
         f"--compression={args.compression}", f"--run-dir={run_dir}",
     ]  # fmt: skip

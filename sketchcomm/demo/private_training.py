@@ -3,7 +3,7 @@
 
 Run it under torchrun::
 
-    torchrun --standalone --nproc_per_node=2 -m sketchcomm.private_training --target-epsilon 4
+    torchrun --standalone --nproc_per_node=2 -m sketchcomm.demo.private_training --target-epsilon 4
 
 Each rank draws its batches by Poisson sampling (:func:`poisson_batches`), the per-example
 gradients are clipped and noised in sketch space by :func:`~sketchcomm.privacy.dp_sketch_hook`,
@@ -26,10 +26,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sketchcomm.demo.digits import accuracy, load_digits, make_mlp
 from sketchcomm.privacy import DPSketchState, PrivacyBudgetExceeded, PrivacyLedger
 from sketchcomm.report import PrivacyReporter, format_privacy_report
 from sketchcomm.sketch import derive_seed
-from sketchcomm.training import accuracy, load_digits, make_mlp
 
 
 def build_parser() -> argparse.ArgumentParser:

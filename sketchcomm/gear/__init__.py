@@ -7,13 +7,18 @@ KIVI, Liu et al., 2024, arXiv:2402.02750), a low-rank ``L`` of the quantization 
 by power iteration, and the outliers ``S`` kept exactly.
 
 * :class:`GEARConfig` — the settings; :func:`compress` / :class:`CompressedTensor` — one tensor.
-* :class:`GEARCache` — a transformers ``Cache`` for ``generate`` and decoding loops.
+* :class:`GEARCache` — a transformers ``Cache`` for ``generate`` and decoding loops;
+  :func:`cache_nbytes` — the bytes a cache holds.
 * :func:`generation_eval` — a quick greedy-generation check, e.g. during training.
-* :mod:`sketchcomm.gear.evaluate` and the ``gear-eval`` command — perplexity, KL, agreement,
-  bytes and speed against ``DynamicCache``, quantization only and transformers' quanto cache.
 
-The names below are imported lazily, on first access, so that importing
-:mod:`sketchcomm.gear.cli` (for the command's ``--help``) does not import torch or transformers.
+Internals stay importable from their modules (``sketchcomm.gear.quantization``, ``.lowrank``,
+``.memory``, ``.generation``, ``.cache``, ``.loading``). The evaluation against
+``DynamicCache``, quantization only and transformers' quanto cache (perplexity, KL, agreement,
+bytes and speed) is a benchmark of the repository: ``sketchcomm bench gear``
+(``benchmarks/gear.py``).
+
+The names below are imported lazily, on first access, so that ``import sketchcomm.gear`` does
+not import transformers.
 """
 
 from __future__ import annotations
@@ -25,17 +30,10 @@ from .config import GEARConfig
 
 _LAZY = {
     "GEARCache": "cache",
-    "GEARLayer": "cache",
     "CompressedTensor": "compression",
     "compress": "compression",
-    "GenerationReport": "generation",
     "generation_eval": "generation",
     "cache_nbytes": "memory",
-    "float16_nbytes": "memory",
-    "GroupQuantized": "quantization",
-    "pack_codes": "quantization",
-    "quantize": "quantization",
-    "unpack_codes": "quantization",
 }
 
 __all__ = ["GEARConfig", *sorted(_LAZY)]

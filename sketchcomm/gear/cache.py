@@ -186,6 +186,16 @@ class GEARCache(Cache):
         config: the model's config (optional). With it every layer is created up front and
             models with sliding-window or linear-attention layers are rejected when compressing;
             without it layers are created on first use.
+
+    >>> import torch
+    >>> from sketchcomm.gear import GEARCache, GEARConfig
+    >>> cache = GEARCache(GEARConfig(bits=4, group_size=16, buffer_size=16))
+    >>> keys = values = torch.randn(1, 2, 40, 16)  # [batch, kv heads, tokens, head dim]
+    >>> k, v = cache.update(keys, values, layer_idx=0)
+    >>> k.shape, cache.get_seq_length()
+    (torch.Size([1, 2, 40, 16]), 40)
+    >>> cache.nbytes < 2 * keys.numel() * 2  # fewer bytes than float16 keys and values
+    True
     """
 
     def __init__(

@@ -48,6 +48,15 @@ class CompressedTensor:
         n: tokens per matrix.
         d: channels per matrix.
         dtype: dtype of the original tensor (and of the outlier values).
+
+    >>> import torch
+    >>> from sketchcomm.gear import GEARConfig, compress
+    >>> x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(0))
+    >>> packed = compress(x, GEARConfig(bits=4, rank=2, group_size=16, buffer_size=16))
+    >>> packed.shape, packed.nbytes < x.numel() * 2  # fewer bytes than float16
+    (torch.Size([2, 32, 16]), True)
+    >>> bool((packed.decompress() - x).norm() < 0.1 * x.norm())
+    True
     """
 
     quantized: GroupQuantized

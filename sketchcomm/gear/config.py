@@ -50,6 +50,13 @@ class GEARConfig:
             streaming strategy of GEAR). With ``key_mode="channel"`` it must be a multiple of
             ``group_size``.
         seed: seed of the random start of the power iteration (compression is deterministic).
+
+    >>> from sketchcomm.gear import GEARConfig
+    >>> config = GEARConfig(bits=2, rank=4, group_size=32, buffer_size=32)
+    >>> config.describe()
+    'GEAR 2-bit g32 r4 s2% nb32'
+    >>> config.quantization_only().describe()  # the same quantization, no low rank, no outliers
+    'quant-only 2-bit g32 r0 s0% nb32'
     """
 
     bits: int | None = 4
