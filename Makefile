@@ -20,9 +20,9 @@ demo: venv
 	$(BIN)/sketchcomm demo
 
 test: venv
-	$(BIN)/ruff check sketchcomm tests examples
+	$(BIN)/ruff check sketchcomm tests examples benchmarks
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15 tests benchmarks/tests
 
 # The documentation site (mkdocs.yml) into site/; fails on any warning.
 docs: venv
@@ -30,4 +30,4 @@ docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: venv
-	$(BIN)/ruff check sketchcomm tests examples
+	$(BIN)/ruff check sketchcomm tests examples benchmarks

@@ -119,6 +119,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--world", type=int, default=digits.world, help="ranks (default 2)")
     parser.add_argument(
+        "--sampling-seed", type=int, default=None,
+        help="seed the Poisson sampling, for a reproducible run that is NOT private (marked so in "
+        "the JSON and the tables); by default every sampler is seeded from the operating system",
+    )  # fmt: skip
+    parser.add_argument(
         "--quick", action="store_true",
         help=f"a smoke run in under two minutes: epsilon {QUICK_EPSILON:g}, one seed, "
         f"{QUICK_STEPS} steps",
@@ -179,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             for r in rows
             if r["epsilon_target"] is not None and r["label"] in ("", "base")
         },
+        "private": config.private, "sampling": config.sampling(),
         "machine": _machine(), "seconds": time.perf_counter() - start, "rows": rows,
         "summary": summary,
     }  # fmt: skip

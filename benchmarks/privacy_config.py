@@ -79,6 +79,11 @@ class BenchConfig:
         delta: the ``delta`` of every epsilon; below ``1 / N``.
         accountant: Opacus accountant for calibration and ledgers: ``"rdp"``, ``"prv"``, ``"gdp"``.
         world: number of ranks (gloo processes).
+        sampling_seed: seed of the Poisson sampling, for reproducible runs only. ``None`` (the
+            default) draws every sampler's seed from the operating system's randomness, as the
+            demo does: the amplification by subsampling behind every epsilon assumes that no one
+            can tell which examples a step used. With a seed the run is **not private**, and its
+            JSON and tables say so (:attr:`private`).
     """
 
     task: str = "digits"
@@ -93,6 +98,7 @@ class BenchConfig:
     delta: float = 1e-5
     accountant: str = "rdp"
     world: int = 2
+    sampling_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -110,6 +116,21 @@ class BenchConfig:
             raise ValueError(f"unknown settings {unknown}; choose from {sorted(names)}")
         given = {name: value for name, value in overrides.items() if value is not None}
         return cls(**{**TASK_DEFAULTS[task], **given, "task": task})
+
+    @property
+    def private(self) -> bool:
+        """Whether the stated epsilons can hold: the Poisson sampling is secret (not seeded)."""
+        return self.sampling_seed is None
+
+    def sampling(self) -> str:
+        """One sentence on how the batches are drawn, naming a run that is not private."""
+        if self.private:
+            return "Poisson sampling seeded from the operating system's randomness"
+        return (
+            f"NOT PRIVATE: Poisson sampling seeded by --sampling-seed {self.sampling_seed}, so "
+            "the batches are reproducible and the amplification by subsampling behind the "
+            "epsilons does not hold"
+        )
 
     def optimizer(self, method: str) -> tuple[float, float]:
         """``(learning rate, momentum)`` of ``method``."""

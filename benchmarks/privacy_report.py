@@ -91,6 +91,8 @@ def markdown_table(
             f"adjacency, Poisson sampling, {config.accountant} accountant; largest ε spent per "
             "target: " + ", ".join(spent) + "."
         )
+    if not config.private:
+        lines.append(f"**{config.sampling()}.**")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -37,7 +38,16 @@ from benchmarks.privacy_tasks import TaskData, evaluate, load_task, make_model
 from sketchcomm.privacy import DPSketchState, PrivacyLedger, calibrate_noise_multiplier
 from sketchcomm.sketch import derive_seed
 
-__all__ = ["GRID", "SWEEP", "describe_row", "noise_multiplier", "run_privacy_bench", "run_sweep"]
+__all__ = [
+    "GRID",
+    "SWEEP",
+    "describe_row",
+    "noise_multiplier",
+    "poisson_batches",
+    "run_privacy_bench",
+    "run_sweep",
+    "sampler_seed",
+]
 
 # method -> (compressor, per-message noise)
 _COMPRESSORS = {
@@ -62,10 +72,21 @@ class _Job:
 
 
 # ------------------------------------------------------------------------------ one rank
-def _poisson_batches(n: int, q: float, steps: int, seed: int) -> list[torch.Tensor]:
-    """This rank's index batches: Opacus's distributed Poisson sampler over a shard of the data,
-    with a generator of its own (independent inclusion of every example across ranks)."""
-    generator = torch.Generator().manual_seed(derive_seed("poisson", seed, dist.get_rank()))
+def sampler_seed(config: BenchConfig, *parts: object) -> int:
+    """The seed of one Poisson sampler: from the operating system's randomness, or, when
+    ``config.sampling_seed`` is set (a run that is not private), derived from it and ``parts``."""
+    if config.sampling_seed is None:
+        return secrets.randbits(63)
+    return derive_seed("poisson", config.sampling_seed, *parts)
+
+
+def poisson_batches(config: BenchConfig, seed: int, n: int, q: float) -> list[torch.Tensor]:
+    """This rank's ``config.steps`` index batches of a run with ``seed``: Opacus's distributed
+    Poisson sampler at rate ``q`` over a shard of the ``n`` examples (the shard a public function
+    of ``seed``), with a generator of its own (independent inclusion of every example across
+    ranks; its seed from :func:`sampler_seed`)."""
+    steps = config.steps
+    generator = torch.Generator().manual_seed(sampler_seed(config, seed, dist.get_rank()))
     sampler = DistributedUniformWithReplacementSampler(
         total_size=n, sample_rate=q, shuffle_seed=seed, steps=steps, generator=generator
     )
@@ -120,7 +141,7 @@ def _train_rank(job: _Job, data: TaskData) -> dict[str, Any]:
     scale = 1.0 if state is not None else world / (q * n)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     start = time.perf_counter()
-    for index in _poisson_batches(n, q, cfg.steps, job.seed):
+    for index in poisson_batches(cfg, job.seed, n, q):
         optimizer.zero_grad(set_to_none=True)
         (loss_fn(ddp_model(data.x_train[index]), data.y_train[index]) * scale).backward()
         optimizer.step()
@@ -200,7 +221,7 @@ def _opacus_row(job: _Job, data: TaskData) -> dict[str, Any]:
     )  # fmt: skip
     accountant = create_accountant(mechanism=cfg.accountant)
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
-    generator = torch.Generator().manual_seed(derive_seed("poisson", job.seed, "opacus"))
+    generator = torch.Generator().manual_seed(sampler_seed(cfg, job.seed, "opacus"))
     sampler = UniformWithReplacementSampler(
         num_samples=n, sample_rate=q, generator=generator, steps=cfg.steps
     )

@@ -1,4 +1,4 @@
-"""The DDP example under a real ``torchrun`` (two gloo processes), and ``sketchcomm bench``."""
+"""The DDP example under a real ``torchrun`` (two gloo processes)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from sketchcomm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "train_ddp.py"
@@ -63,32 +61,3 @@ def test_example_trains_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
 
     # The checkpoint holds everything the run depends on: resuming reproduces an uninterrupted run.
     assert final_lines(torchrun(*common, "--steps", "40")) == final_lines(second)
-
-
-def test_bench_kernels_plot(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    path = tmp_path / "kernels.png"
-    argv = ["bench", "kernels", "--quick", "--devices", "cpu", "--sizes", "1e5", "--rows", "1"]
-    assert main([*argv, "--plot", str(path)]) == 0
-    assert path.read_bytes().startswith(b"\x89PNG")
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--sizes", "1000"], "fewer than sqrt(1000)"),
-        (["--sizes", "1e5", "--json", "/nonexistent/dir/k.json"], "directory does not exist"),
-    ],
-)
-def test_bench_kernels_rejects_bad_settings_before_measuring(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["bench", "kernels", "--devices", "cpu", *argv]) == 2
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv", [["--sizes", "1.5"], ["--rows", "0"], ["--compression", "1"]])
-def test_bench_kernels_rejects_bad_numbers(argv: list[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "kernels", *argv])
-    assert exit_info.value.code == 2

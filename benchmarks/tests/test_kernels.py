@@ -1,0 +1,38 @@
+"""``sketchcomm bench kernels``: the quick run writes its plot; bad settings are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sketchcomm.cli import main
+
+
+def test_bench_kernels_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "kernels.png"
+    argv = ["bench", "kernels", "--quick", "--devices", "cpu", "--sizes", "1e5", "--rows", "1"]
+    assert main([*argv, "--plot", str(path)]) == 0
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sizes", "1000"], "fewer than sqrt(1000)"),
+        (["--sizes", "1e5", "--json", "/nonexistent/dir/k.json"], "directory does not exist"),
+    ],
+)
+def test_bench_kernels_rejects_bad_settings_before_measuring(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "kernels", "--devices", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--sizes", "1.5"], ["--rows", "0"], ["--compression", "1"]])
+def test_bench_kernels_rejects_bad_numbers(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "kernels", *argv])
+    assert exit_info.value.code == 2
