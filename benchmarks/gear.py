@@ -24,7 +24,7 @@ from benchmarks.arguments import non_negative_int, positive_int
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Declare the options of ``gear-eval``."""
+    """Declare the options of the ``gear`` benchmark."""
     model = parser.add_argument_group("model and text")
     model.add_argument(
         "--model",

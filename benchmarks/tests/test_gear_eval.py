@@ -1,4 +1,4 @@
-"""Evaluation loop, generation_eval and the gear-eval command, on a tiny random Llama."""
+"""Evaluation loop, generation_eval and the gear benchmark command, on a tiny random Llama."""
 
 from __future__ import annotations
 
