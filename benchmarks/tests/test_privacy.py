@@ -19,7 +19,7 @@ from benchmarks.baselines import SeparateNoiseState, random_coordinates
 from benchmarks.char_lm import load_char_text
 from benchmarks.privacy import METHODS, configure, run
 from benchmarks.privacy_config import BenchConfig
-from benchmarks.privacy_report import markdown_table
+from benchmarks.privacy_report import markdown_table, summarize
 from benchmarks.privacy_runner import poisson_batches, sampler_seed
 from benchmarks.privacy_tasks import (
     TEXT_CONTEXT,
@@ -300,37 +300,39 @@ def test_quick_text_benchmark(tmp_path) -> None:
     assert markdown.count("| sketch | ") == 2
 
 
-def _batches_twice(rank: int, world: int, config: BenchConfig) -> bool:
-    """Whether two samplers of the same run and rank draw the same batches."""
-    first, second = (poisson_batches(config, 0, N, 64 / N) for _ in range(2))
-    return all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+def _batches_twice(rank: int, world: int) -> list[bool]:
+    """Per configuration (secret, seeded): whether two samplers of the same run and rank draw
+    the same batches."""
+    same = []
+    for config in (BenchConfig(steps=4), BenchConfig(steps=4, sampling_seed=7)):
+        first, second = (poisson_batches(config, 0, N, 64 / N) for _ in range(2))
+        same.append(all(torch.equal(a, b) for a, b in zip(first, second, strict=True)))
+    return same
 
 
 def test_poisson_sampling_is_secret_unless_seeded() -> None:
     """By default every sampler is seeded from the operating system, so two samplers of the
     same run draw different batches; ``sampling_seed`` makes them reproducible (and the run
     not private)."""
-    assert run_ranks(_batches_twice, 2, BenchConfig(steps=4)) == [False, False]
-    assert run_ranks(_batches_twice, 2, BenchConfig(steps=4, sampling_seed=7)) == [True, True]
+    assert run_ranks(_batches_twice, 2) == [[False, True], [False, True]]
     seeded = BenchConfig(sampling_seed=7)
     assert sampler_seed(seeded, 0, 1) == sampler_seed(seeded, 0, 1) != sampler_seed(seeded, 0, 0)
     assert BenchConfig().private and not seeded.private
+    row = {"label": "", "method": "sketch", "epsilon_target": 4.0, "epsilon": 3.9,
+           "bytes_per_step": 8, "test_accuracy": 0.5, "test_loss": 1.0}  # fmt: skip
+    summary = summarize([row])
+    assert "NOT PRIVATE" not in markdown_table(summary, BenchConfig())
+    assert markdown_table(summary, seeded).endswith(f"**{seeded.sampling()}.**")
 
 
 @pytest.mark.slow
 def test_a_seeded_run_is_marked_not_private(tmp_path, capsys) -> None:
     parser = argparse.ArgumentParser()
     configure(parser)
-    argv = ["--quiet", "--methods", "nonprivate", "sketch", "--epsilons", "4", "--seeds", "1",
-            "--steps", "3", "--hidden", "16", "--json", str(tmp_path / "bench.json")]  # fmt: skip
-    assert run(parser.parse_args([*argv, "--sampling-seed", "7"])) == 0
+    argv = ["--quiet", "--methods", "sketch", "--epsilons", "4", "--seeds", "1", "--steps", "3",
+            "--hidden", "16", "--json", str(tmp_path / "bench.json"), "--sampling-seed", "7"]
+    assert run(parser.parse_args(argv)) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["private"] is False and report["config"]["sampling_seed"] == 7
     assert report["sampling"].startswith("NOT PRIVATE: Poisson sampling seeded by --sampling-seed")
     assert "**NOT PRIVATE: Poisson sampling seeded" in capsys.readouterr().out
-
-    assert run(parser.parse_args(argv)) == 0
-    report = json.loads((tmp_path / "bench.json").read_text())
-    assert report["private"] is True and report["config"]["sampling_seed"] is None
-    assert "operating system" in report["sampling"]
-    assert "NOT PRIVATE" not in capsys.readouterr().out
