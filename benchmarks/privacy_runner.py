@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,10 @@ from opacus.utils.uniform_sampler import (
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from benchmarks.baselines import SeparateNoiseState
+from benchmarks.baselines import COMPRESSORS, SeparateNoiseState
 from benchmarks.privacy_config import METHODS, BenchConfig
 from benchmarks.privacy_tasks import TaskData, evaluate, load_task, make_model
+from sketchcomm.hook_kinds import HookFactory, attach_hook, register_hook_kind
 from sketchcomm.privacy import DPSketchState, PrivacyLedger, calibrate_noise_multiplier
 from sketchcomm.sketch import derive_seed
 
@@ -56,6 +57,24 @@ _COMPRESSORS = {
     "sep-randk": ("randk", False),
     "sep-topk-local": ("topk", True),
 }
+
+
+def _separate_noise(compressor: str, per_message: bool) -> HookFactory:
+    def build(**options: Any) -> tuple[SeparateNoiseState, Callable]:
+        state = SeparateNoiseState(compressor=compressor, per_message_noise=per_message, **options)
+        return state, COMPRESSORS[compressor]
+
+    return build
+
+
+def _register_baselines() -> None:
+    """The separate-noise baselines as hook kinds (:mod:`sketchcomm.hook_kinds`) named after
+    their methods, built with the options of :class:`SeparateNoiseState`."""
+    for method, (compressor, per_message) in _COMPRESSORS.items():
+        register_hook_kind(method, _separate_noise(compressor, per_message), METHODS[method])
+
+
+_register_baselines()
 _HOOK_MOMENTUM = ("sketch", "sep-sketch", "sep-topk", "sep-topk-local")
 # Buckets of the small MLPs are compressed too; the table still needs c >= sqrt(d).
 _MIN_COMPRESSION_SIZE = 1024
@@ -111,19 +130,10 @@ def _hook_state(job: _Job, ddp_model: DDP, n: int, q: float) -> DPSketchState | 
         "min_compression_size": _MIN_COMPRESSION_SIZE,
         "momentum": momentum if job.method in _HOOK_MOMENTUM else 0.0,
     }  # fmt: skip
-    if job.method == "sketch":
-        state: DPSketchState = DPSketchState(ledger, cfg.max_grad_norm, **common)
-    elif job.method == "dpsgd":
-        state = DPSketchState(
-            ledger, cfg.max_grad_norm, **{**common, "min_compression_size": 1 << 62}
-        )
-    else:
-        compressor, per_message = _COMPRESSORS[job.method]
-        state = SeparateNoiseState(
-            ledger, cfg.max_grad_norm, compressor, per_message_noise=per_message, **common
-        )
-    state.register(ddp_model)
-    return state
+    if job.method == "dpsgd":
+        common["min_compression_size"] = 1 << 62
+    kind = "private" if job.method in ("sketch", "dpsgd") else job.method
+    return attach_hook(ddp_model, kind, ledger=ledger, max_grad_norm=cfg.max_grad_norm, **common)
 
 
 def _train_rank(job: _Job, data: TaskData) -> dict[str, Any]:
