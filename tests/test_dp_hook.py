@@ -39,7 +39,7 @@ def noise_worker(rank: int, world: int, noise: str) -> dict:
     dim, sigma, clip = 20_000, 1.5, 2.0
     model = DDP(Target(dim))
     state = DPSketchState(
-        _ledger(unit="rank"), max_grad_norm=clip, unit="rank", noise_multiplier=sigma, noise=noise,
+        _ledger(unit="rank"), max_grad_norm=clip, unit="rank", noise_multiplier=sigma, noise_placement=noise,
         min_compression_size=10**9,
     )  # fmt: skip
     state.register(model)
@@ -49,7 +49,7 @@ def noise_worker(rank: int, world: int, noise: str) -> dict:
         model(torch.zeros(1, dim)).backward()
         draws.append(model.module.layer.weight.grad.flatten() * state.normalizer)
     shares = [torch.zeros(1) for _ in range(world)]
-    dist.all_gather(shares, torch.randn(1, generator=state._generator))
+    dist.all_gather(shares, torch.randn(1, generator=state.generator))
     return {
         "std": torch.cat(draws).std().item(),
         "expected": sigma * clip,
@@ -243,7 +243,8 @@ def test_unsupported_layer_is_refused_when_registered() -> None:
         ({"max_grad_norm": 0.0}, "max_grad_norm"),
         ({"unit": "user"}, "unit"),
         ({"unit": "rank", "dataset_size": None}, "ledger accounts for unit='example'"),
-        ({"noise": "each"}, "noise"),
+        ({"noise_placement": "each"}, "noise_placement"),
+        ({"noise": "single"}, "noise_placement"),
         ({"sample_rate": None}, "sample_rate"),
         ({"sample_rate": 1.5}, "sample_rate"),
         ({"dataset_size": 10**6}, "delta"),

@@ -301,6 +301,6 @@ def test_invalid_configuration_names_the_parameter(kwargs: dict, name: str) -> N
 def test_state_pickles_without_process_group() -> None:
     state = SketchState(compression=10)
     clone = copy.deepcopy(state)
-    assert clone.config() == state.config()
+    assert clone.config == state.config
     with pytest.raises(ValueError, match="compression"):
         SketchState(compression=12).load_state_dict(state.state_dict())
