@@ -26,7 +26,13 @@ class BucketLayout:
     """``key`` identifies the bucket's parameters (independently of their order); ``order`` lists
     the indices into ``bucket.parameters()`` in canonical order; ``slices`` are the
     ``(offset, length)`` of each parameter in the bucket buffer, in canonical order, or None when
-    the buffer already is in canonical order."""
+    the buffer already is in canonical order.
+
+    >>> layout = BucketLayout(("params", (1, 0)), 5, (1, 0), ((3, 2), (0, 3)))
+    >>> flat = torch.arange(5.0)  # parameter 0 holds [0, 1, 2], parameter 1 holds [3, 4]
+    >>> layout.to_canonical(flat).tolist(), layout.from_canonical(layout.to_canonical(flat)).tolist()
+    ([3.0, 4.0, 0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0, 4.0])
+    """
 
     key: tuple
     numel: int

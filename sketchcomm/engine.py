@@ -36,120 +36,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sketchcomm.buckets import BucketLayout, BucketState
+from sketchcomm.failure import RemoteHookError, StepGuard, error_code, error_name
 from sketchcomm.sketch import CountSketch
 from sketchcomm.stats import SketchStats
 
 __all__ = ["BucketContext", "HookState", "RemoteHookError", "resolve_group"]
 
-#: Error types a flag can name; any other is reported as ``Exception``.
-FLAGGED_ERRORS = (
-    "PrivacyBudgetExceeded",
-    "LedgerError",
-    "ValueError",
-    "RuntimeError",
-    "TypeError",
-    "FloatingPointError",
-    "KeyError",
-    "IndexError",
-    "MemoryError",
-    "RemoteHookError",
-)
-
-
-class RemoteHookError(RuntimeError):
-    """Raised on every rank whose hook ran fine when another rank's hook raised in the same step:
-    the message names that rank and its error type; that rank's own error gives the cause."""
-
 
 def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     """``group``, or the default (world) group when None."""
     return group if group is not None else dist.group.WORLD
-
-
-def _error_code(error: BaseException) -> int:
-    name = type(error).__name__
-    return FLAGGED_ERRORS.index(name) + 1 if name in FLAGGED_ERRORS else len(FLAGGED_ERRORS) + 1
-
-
-def _error_name(code: int) -> str:
-    return FLAGGED_ERRORS[code - 1] if code <= len(FLAGGED_ERRORS) else "Exception"
-
-
-class StepGuard:
-    """The buckets of one backward pass: who failed, and every bucket's outcome, handed to DDP
-    together once every bucket of the step has been exchanged (so that a failed step can clear
-    its gradients before DDP copies anything into them)."""
-
-    def __init__(self, state: HookState) -> None:
-        self.state = state
-        self.local_error: Exception | None = None
-        self.remote: tuple[int, str] | None = None
-        self.expected: int | None = None
-        self.arrived = 0
-        self.discarded = False
-        self.outcomes: list[tuple[torch.futures.Future, list]] = []
-        self.buffers: list[Tensor] = []
-        self.parameters: list[Tensor] = []
-
-    @property
-    def failed(self) -> bool:
-        return self.local_error is not None or self.remote is not None
-
-    def expect(self, buckets: int) -> None:
-        """The step has ``buckets`` buckets (known at its last bucket)."""
-        with self.state.lock:
-            self.expected = buckets
-            self._release_if_complete()
-
-    def arrive(self, gate: torch.futures.Future, outcome: list) -> None:
-        """A bucket's exchange has arrived and ``outcome[0]`` holds its result, error or None."""
-        with self.state.lock:
-            self.arrived += 1
-            self.outcomes.append((gate, outcome))
-            self._release_if_complete()
-
-    def _release_if_complete(self) -> None:
-        if self.expected is None or self.arrived < self.expected:
-            return
-        if self.failed:
-            self._discard()
-        for gate, outcome in self.outcomes:
-            if self.failed:
-                outcome[0] = self.error()
-            gate.set_result(torch.empty(0))
-        self.outcomes.clear()
-        self.buffers.clear()
-        self.parameters.clear()
-
-    def discard(self) -> None:
-        """Clear the step's raw gradients now (a failing rank, before it raises)."""
-        with self.state.lock:
-            self._discard()
-
-    def _discard(self) -> None:
-        if self.discarded:
-            return
-        self.discarded = True
-        with torch.no_grad():
-            for _, outcome in self.outcomes:
-                if isinstance(outcome[0], Tensor):
-                    outcome[0].zero_()
-            for buffer in self.buffers:
-                buffer.zero_()
-        for parameter in self.parameters:
-            parameter.grad = None
-        self.state.discard_step()
-
-    def error(self) -> Exception:
-        """The error every bucket of a failed step raises on this rank."""
-        if self.local_error is not None:
-            return self.local_error
-        rank, name = self.remote if self.remote is not None else (-1, "Exception")
-        return RemoteHookError(
-            f"rank {rank} raised {name} in the communication hook; that rank's own error gives "
-            "the cause. The step was abandoned on every rank: nothing was applied and its "
-            "gradients were cleared"
-        )
 
 
 class HookState:
@@ -178,7 +74,7 @@ class HookState:
         self.buckets: dict[int, BucketState] = {}
         self.positions: dict[int, int] | None = None
         self.lock = threading.Lock()
-        self.step = StepGuard(self)
+        self.step = StepGuard(self.lock, self.discard_step)
 
     # ------------------------------------------------------------------ what subclasses define
     def new_bucket_state(self, key: tuple, numel: int, device: torch.device | None) -> BucketState:
@@ -216,7 +112,7 @@ class HookState:
         """Start the protocol for ``bucket``: resolve the group, read the layout and (with
         ``with_state``) find or make the bucket's state, checked across ranks when new."""
         if bucket.index() == 0:  # DDP launches buckets in index order: a new step
-            self.step = StepGuard(self)
+            self.step = StepGuard(self.lock, self.discard_step)
         group = resolve_group(self.process_group)
         layout = BucketLayout.of(bucket, self.positions)
         bucket_state = self._bucket_state(bucket, layout, group) if with_state else None
@@ -340,7 +236,7 @@ class BucketContext:
     def _pack(self, message: Tensor) -> Tensor:
         flags = torch.zeros(self.world, dtype=message.dtype, device=message.device)
         if self.step.local_error is not None:
-            flags[self.rank] = _error_code(self.step.local_error)
+            flags[self.rank] = error_code(self.step.local_error)
         return torch.cat((message.reshape(-1), flags))
 
     def _failed(self, flags: Tensor) -> bool:
@@ -349,7 +245,7 @@ class BucketContext:
             return False
         if self.step.remote is None:
             rank = int(torch.nonzero(flags)[0, 0])
-            self.step.remote = (rank, _error_name(int(flags[rank].round())))
+            self.step.remote = (rank, error_name(int(flags[rank].round())))
         return True
 
     def _checked(self, payload: Tensor, decode: Callable[[Tensor], Tensor]) -> Tensor:

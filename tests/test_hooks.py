@@ -90,9 +90,14 @@ def sparse_worker(rank: int, world: int, second_round: bool) -> float:
     dim, nonzeros = 60_000, 5
     model = DDP(SparseTarget(dim))
     state = SketchState(
-        compression=6, rows=5, recovery="topk", topk_fraction=world * nonzeros / dim,
-        second_round=second_round, error_feedback="none", start_iter=0,
-    )  # fmt: skip
+        compression=6,
+        rows=5,
+        recovery="topk",
+        topk_fraction=world * nonzeros / dim,
+        second_round=second_round,
+        error_feedback="none",
+        start_iter=0,
+    )
     model.register_comm_hook(state, sketch_hook)
     target = _sparse_target(rank, dim, nonzeros)
     model(target).backward()
@@ -191,8 +196,9 @@ def dtype_worker(rank: int, world: int, dtype_name: str) -> float:
     dtype = getattr(torch, dtype_name)
     dim = 30_000
     model = DDP(SparseTarget(dim).to(dtype))
-    state = SketchState(rows=1, columns=30_011, recovery="dense", error_feedback="none",
-                        start_iter=0)  # fmt: skip
+    state = SketchState(
+        rows=1, columns=30_011, recovery="dense", error_feedback="none", start_iter=0
+    )
     model.register_comm_hook(state, sketch_hook)
     target = _rank_vector(rank, dim).to(dtype)
     model(target).backward()

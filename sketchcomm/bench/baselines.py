@@ -72,7 +72,11 @@ __all__ = [
 @dataclass
 class LocalFeedback:
     """A rank's own top-k state for one bucket (canonical order): error ``e`` and momentum ``u``
-    of its noised gradients."""
+    of its noised gradients.
+
+    >>> LocalFeedback(torch.zeros(3), None).error.tolist()
+    [0.0, 0.0, 0.0]
+    """
 
     error: Tensor
     momentum: Tensor | None
