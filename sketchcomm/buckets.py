@@ -30,7 +30,8 @@ class BucketLayout:
 
     >>> layout = BucketLayout(("params", (1, 0)), 5, (1, 0), ((3, 2), (0, 3)))
     >>> flat = torch.arange(5.0)  # parameter 0 holds [0, 1, 2], parameter 1 holds [3, 4]
-    >>> layout.to_canonical(flat).tolist(), layout.from_canonical(layout.to_canonical(flat)).tolist()
+    >>> canonical = layout.to_canonical(flat)
+    >>> canonical.tolist(), layout.from_canonical(canonical).tolist()
     ([3.0, 4.0, 0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0, 4.0])
     """
 
