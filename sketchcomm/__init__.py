@@ -7,8 +7,8 @@ ledger on Opacus accountants; :mod:`sketchcomm.engine` is the toolkit every hook
 >>> import torch
 >>> from sketchcomm import CountSketch
 >>> sketch = CountSketch(dim=6, rows=1, columns=7)
->>> sketch.estimate(sketch.sketch(torch.arange(6.0))).tolist()  # a table as wide as the vector
-[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+>>> sketch.estimate(sketch.sketch(torch.arange(1.0, 7.0))).tolist()  # exact: c >= d
+[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 """
 
 from sketchcomm.config import SketchConfig
