@@ -28,6 +28,7 @@ gradients are discarded on every rank (``p.grad = None``, bucket buffers and res
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -41,6 +42,8 @@ from sketchcomm.sketch import CountSketch
 from sketchcomm.stats import SketchStats
 
 __all__ = ["BucketContext", "HookState", "RemoteHookError", "resolve_group"]
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -133,6 +136,10 @@ class HookState:
         if state is not None:
             # DDP rebuilt its buckets with other members, or a checkpoint came from another layout.
             self.stats.state_resets += 1
+            if self.iter > 1:  # DDP's own rebuild after iteration 0 is expected
+                logger.warning(
+                    "bucket %d changed layout at iteration %d: state reset", index, self.iter
+                )
         state = self.new_bucket_state(layout.key, layout.numel, device)
         self._check_agreement(index, state, group)
         self.buckets[index] = state
