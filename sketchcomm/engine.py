@@ -317,8 +317,9 @@ class BucketContext:
         gate: torch.futures.Future = torch.futures.Future()
         result: list = [None]
 
-        def arrived(_: torch.futures.Future) -> None:
+        def arrived(exchanged: torch.futures.Future) -> None:
             try:
+                exchanged.value()  # raises if the collective failed (e.g. a rank died)
                 result[0] = outcome()
             except Exception as error:
                 result[0] = error
