@@ -14,7 +14,7 @@ import sketchcomm
 def _module_names() -> list[str]:
     prefix = sketchcomm.__name__ + "."
     found = pkgutil.walk_packages(sketchcomm.__path__, prefix)
-    return [sketchcomm.__name__] + sorted(info.name for info in found)
+    return [sketchcomm.__name__, *sorted(info.name for info in found)]
 
 
 @pytest.mark.parametrize("name", _module_names())
