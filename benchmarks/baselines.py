@@ -19,7 +19,7 @@ compressor then sends, at the byte budget of the private sketch's ``r x c`` fp32
 ``"sketch"``
     ``S(\tilde g_w)``, the Count Sketch of the noised gradient (the same ``r x c`` table); the
     summed table is recovered with FetchSGD top-k and sketch-space momentum and error
-    (:func:`~sketchcomm.hooks.decode_table`). The summed table is ``S(\sum_w \tilde g_w)``, so the
+    (:func:`~sketchcomm.recovery.decode`). The summed table is ``S(\sum_w \tilde g_w)``, so the
     release is post-processing of the DP-SGD sum. Each cell now holds about ``d_b / c`` noise
     coordinates, where the private sketch adds one noise draw per cell.
 ``"topk"``
@@ -51,11 +51,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sketchcomm.buckets import BucketLayout
-from sketchcomm.hooks import BucketState, _completed, decode_table
+from sketchcomm.buckets import BucketState
+from sketchcomm.engine import BucketContext
 from sketchcomm.privacy.hook import DPSketchState
 from sketchcomm.privacy.ledger import PrivacyLedger
-from sketchcomm.privacy.mechanism import add_noise, bucket_clip_norm, clip_and_sum
+from sketchcomm.privacy.mechanism import clip_and_sum
+from sketchcomm.recovery import decode_or_exact
 from sketchcomm.sketch import derive_seed
 
 __all__ = [
@@ -71,7 +72,11 @@ __all__ = [
 @dataclass
 class LocalFeedback:
     """A rank's own top-k state for one bucket (canonical order): error ``e`` and momentum ``u``
-    of its noised gradients."""
+    of its noised gradients.
+
+    >>> LocalFeedback(torch.zeros(3), None).error.tolist()
+    [0.0, 0.0, 0.0]
+    """
 
     error: Tensor
     momentum: Tensor | None
@@ -93,6 +98,12 @@ class SeparateNoiseState(DPSketchState):
             ``"sketch"`` recovery, ``momentum`` for the local top-k feedback). ``unit`` must be
             ``"example"``. ``momentum`` must be 0 for ``"randk"``: its estimate is unbiased, so
             momentum belongs in the optimizer.
+
+    >>> from sketchcomm.privacy import PrivacyLedger
+    >>> state = SeparateNoiseState(PrivacyLedger("rdp", 1e-5), 1.0, "randk", sample_rate=0.01,
+    ...                            dataset_size=1000, noise_multiplier=1.0)
+    >>> state.compressor, state.noise_std(rank=0, world=4)
+    ('randk', 0.5)
     """
 
     def __init__(
@@ -109,7 +120,7 @@ class SeparateNoiseState(DPSketchState):
             raise ValueError("the separate-noise baselines clip per example: unit='example' only")
         if compressor == "randk" and options.get("momentum", 0.0):
             raise ValueError("momentum must be 0 for 'randk' (use the optimizer's momentum)")
-        if options.get("noise", "distributed") != "distributed":
+        if options.get("noise_placement", "distributed") != "distributed":
             raise ValueError("the separate-noise baselines split the noise over the ranks")
         if not isinstance(per_message_noise, bool):
             raise ValueError(f"per_message_noise must be a bool, got {per_message_noise!r}")
@@ -117,8 +128,6 @@ class SeparateNoiseState(DPSketchState):
         self.compressor = compressor
         self.per_message_noise = per_message_noise
         self.local: dict[tuple, LocalFeedback] = {}
-
-    _CONFIG_KEYS = (*DPSketchState._CONFIG_KEYS, "compressor", "per_message_noise")
 
     def register(self, ddp_model: nn.Module, hook: Any = None) -> None:
         """Bind the parameters, install per-example capture and register the compressor's hook."""
@@ -130,15 +139,22 @@ class SeparateNoiseState(DPSketchState):
             return self.noise_multiplier * self.max_grad_norm
         return super().noise_std(rank, world)
 
-    def message_elements(self, bs: BucketState) -> int:
+    def message_elements(self, bucket_state: BucketState) -> int:
         """The 4-byte words of the private sketch's table for this bucket: the byte budget."""
-        return bs.sketch.rows * bs.sketch.columns
+        return bucket_state.sketch.rows * bucket_state.sketch.columns
 
-    def _agreement_fields(self, index: int, state: BucketState) -> dict[str, float]:
+    def agreement_fields(self, bucket: BucketState) -> dict[str, float]:
         return {
-            **super()._agreement_fields(index, state),
+            **super().agreement_fields(bucket),
             "compressor": float(tuple(COMPRESSORS).index(self.compressor)),
             "per_message_noise": float(self.per_message_noise),
+        }
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {
+            **super().checkpoint_config(),
+            "compressor": self.compressor,
+            "per_message_noise": self.per_message_noise,
         }
 
     def feedback(self, key: tuple, numel: int, device: torch.device) -> LocalFeedback:
@@ -146,7 +162,7 @@ class SeparateNoiseState(DPSketchState):
         local = self.local.get(key)
         if local is None:
             zeros = torch.zeros(numel, dtype=torch.float32, device=device)
-            local = LocalFeedback(zeros, zeros.clone() if self.momentum else None)
+            local = LocalFeedback(zeros, zeros.clone() if self.config.momentum else None)
             self.local[key] = local
         return local
 
@@ -170,48 +186,29 @@ def random_coordinates(seed: int, key: tuple, step: int, dim: int, k: int) -> Te
     return torch.randperm(dim, generator=generator)[:k]
 
 
-@dataclass
-class _Bucket:
-    """What every separate-noise hook computes first for a bucket."""
-
-    group: dist.ProcessGroup
-    world: int
-    noise_std: float
-    layout: BucketLayout
-    bs: BucketState
-    clipped: Tensor  # the sum of this rank's clipped per-example gradients, canonical order
-
-
-def _open(state: SeparateNoiseState, bucket: dist.GradBucket) -> _Bucket:
-    """Record the step in the ledger at its first bucket (DDP launches buckets in index order),
-    then clip this rank's per-example gradients of the bucket to ``C_b`` and sum them."""
-    if state._positions is None or state._capture is None:
+def _noised_hook(
+    state: SeparateNoiseState,
+    bucket: dist.GradBucket,
+    numel: Callable[[BucketContext], int],
+    compress: Callable[[BucketContext, Tensor, float], Tensor],
+) -> tuple[BucketContext, Tensor]:
+    """Open the bucket and build this rank's message: record the step in the ledger at its first
+    bucket (DDP launches buckets in index order), clip this rank's per-example gradients of the
+    bucket to ``C_b``, sum them, and ``compress(context, clipped, noise_std)`` the sum."""
+    if state.positions is None:
         raise RuntimeError("register the state with state.register(ddp_model), not directly")
-    group = state.process_group if state.process_group is not None else dist.group.WORLD
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if bucket.index() == 0:
-        state._open_step(bucket.buffer().device)
-    layout = BucketLayout.of(bucket, state._positions)
-    bs = state._bucket_state(bucket, layout, group)
-    params = bucket.parameters()
-    samples = torch.cat([state._capture.pop(params[i]).float() for i in layout.order], dim=1)
-    clip = bucket_clip_norm(state.max_grad_norm, layout.numel, state._total_elements)
-    clipped, _ = clip_and_sum(samples[:, None, :], clip)
-    return _Bucket(group, world, state.noise_std(rank, world), layout, bs, clipped[0])
+    context = state.open(bucket)
 
+    def make() -> Tensor:
+        if bucket.index() == 0:
+            state.open_step(context.buffer.device)
+        clip = state.bucket_clip_norm(context.layout.numel)
+        clipped, _ = clip_and_sum(state.per_example(context)[:, None, :], clip)
+        return compress(context, clipped[0], state.noise_std(context.rank, context.world))
 
-def _close(state: SeparateNoiseState, bucket: dist.GradBucket, sent_bytes: int) -> None:
-    """Count the bytes this rank sent for the bucket and end the step after the last bucket."""
-    buffer = bucket.buffer()
-    full_bytes = buffer.numel() * buffer.element_size()
-    state.stats.record(sent_bytes // 4, sent_bytes, buffer.numel(), full_bytes)
-    state.stats.compressed_buckets += 1
-    if bucket.is_last():
-        state.end_iteration()
-
-
-def _noised(state: SeparateNoiseState, values: Tensor, std: float) -> Tensor:
-    return add_noise(values, std, state._generator, state.secure_mode)
+    message = context.build((numel(context),), make)
+    context.record(message.numel(), message.numel() * 4)
+    return context, message
 
 
 def noised_sketch_hook(
@@ -220,20 +217,24 @@ def noised_sketch_hook(
     r"""Noise in gradient space, then the Count Sketch: allreduce ``S(\tilde g_w)`` and recover
     ``\sum_w \tilde g_w`` with the private sketch's decoder (FetchSGD top-k with sketch-space
     momentum and error; exact for a one-row table), divided by ``q N``."""
-    b = _open(state, bucket)
-    table = b.bs.sketch.sketch(_noised(state, b.clipped, b.noise_std))
-    buffer, normalizer, layout, bs = bucket.buffer(), state.normalizer, b.layout, b.bs
-    _close(state, bucket, table.numel() * 4)
 
-    def decode(f: torch.futures.Future) -> Tensor:
-        summed = f.value()[0]
-        update = (
-            bs.sketch.estimate(summed) if bs.sketch.is_exact else decode_table(state, bs, summed)
-        )
-        return layout.from_canonical(update.div_(normalizer).to(buffer.dtype))
+    def compress(context: BucketContext, clipped: Tensor, std: float) -> Tensor:
+        return context.sketch.sketch(state.add_noise(clipped, std)).flatten()
 
-    fut = dist.all_reduce(table, group=b.group, async_op=True).get_future()
-    return fut.then(decode)
+    context, message = _noised_hook(
+        state, bucket, lambda c: c.sketch.rows * c.sketch.columns, compress
+    )
+    decoding, bucket_state, normalizer = (
+        state.config.decoding,
+        context.bucket_state,
+        state.normalizer,
+    )
+    shape = context.sketch.table_shape
+    return context.allreduce(
+        message,
+        lambda summed: decode_or_exact(decoding, bucket_state, summed.view(shape)).div_(normalizer),
+        check_finite=False,
+    )
 
 
 def noised_topk_hook(
@@ -242,29 +243,36 @@ def noised_topk_hook(
     r"""Noise in gradient space, then local top-k with momentum and error feedback: every rank
     sends its ``k = \lfloor r c / 2 \rfloor`` largest coordinates of ``e_w`` (values and int32
     indices in one fp32 message), the messages are allgathered and summed, divided by ``q N``."""
-    b = _open(state, bucket)
-    numel = b.layout.numel
-    k = min(numel, max(1, state.message_elements(b.bs) // 2))
-    local = state.feedback(b.layout.key, numel, b.clipped.device)
-    noised = _noised(state, b.clipped, b.noise_std)
-    if local.momentum is not None:
-        local.momentum.mul_(state.momentum).add_(noised)
-        local.error.add_(local.momentum)
-    else:
-        local.error.add_(noised)
-    indices = local.error.abs().topk(k, sorted=False).indices
-    message = torch.cat((local.error[indices], indices.to(torch.int32).view(torch.float32)))
-    local.error[indices] = 0.0
-    if local.momentum is not None:
-        local.momentum[indices] = 0.0
-    buffer = bucket.buffer()
-    _close(state, bucket, message.numel() * 4)
-    gathered = [torch.empty_like(message) for _ in range(b.world)]
-    dist.all_gather(gathered, message, group=b.group)
-    update = torch.zeros(numel, dtype=torch.float32, device=buffer.device)
-    for received in gathered:
-        update.index_add_(0, received[k:].view(torch.int32).long(), received[:k])
-    return _completed(b.layout.from_canonical(update.div_(state.normalizer).to(buffer.dtype)))
+
+    def kept(context: BucketContext) -> int:
+        return min(context.layout.numel, max(1, state.message_elements(context.bucket_state) // 2))
+
+    def compress(context: BucketContext, clipped: Tensor, std: float) -> Tensor:
+        k = kept(context)
+        local = state.feedback(context.layout.key, context.layout.numel, clipped.device)
+        noised = state.add_noise(clipped, std)
+        if local.momentum is not None:
+            local.momentum.mul_(state.config.momentum).add_(noised)
+            local.error.add_(local.momentum)
+        else:
+            local.error.add_(noised)
+        indices = local.error.abs().topk(k, sorted=False).indices
+        message = torch.cat((local.error[indices], indices.to(torch.int32).view(torch.float32)))
+        local.error[indices] = 0.0
+        if local.momentum is not None:
+            local.momentum[indices] = 0.0
+        return message
+
+    context, message = _noised_hook(state, bucket, lambda c: 2 * kept(c), compress)
+    k, numel, normalizer = kept(context), context.layout.numel, state.normalizer
+
+    def decode(messages: list[Tensor]) -> Tensor:
+        update = torch.zeros(numel, dtype=torch.float32, device=context.buffer.device)
+        for received in messages:
+            update.index_add_(0, received[k:].view(torch.int32).long(), received[:k])
+        return update.div_(normalizer)
+
+    return context.allgather(message, decode)
 
 
 def noised_randk_hook(
@@ -272,21 +280,35 @@ def noised_randk_hook(
 ) -> torch.futures.Future[Tensor]:
     r"""Noise in gradient space at ``k = r c`` shared random coordinates: allreduce the noised
     values and return ``(d_b / k) \sum_w \tilde g_w`` there (zero elsewhere), divided by ``q N``."""
-    b = _open(state, bucket)
-    numel = b.layout.numel
-    k = min(numel, state.message_elements(b.bs))
-    coordinates = random_coordinates(state.seed, b.layout.key, state.iter, numel, k)
-    values = _noised(state, b.clipped[coordinates.to(b.clipped.device)], b.noise_std)
-    buffer, scale, layout = bucket.buffer(), numel / (k * state.normalizer), b.layout
-    _close(state, bucket, values.numel() * 4)
 
-    def decode(f: torch.futures.Future) -> Tensor:
-        update = torch.zeros(numel, dtype=torch.float32, device=buffer.device)
-        update[coordinates.to(buffer.device)] = f.value()[0] * scale
-        return layout.from_canonical(update.to(buffer.dtype))
+    def kept(context: BucketContext) -> int:
+        return min(context.layout.numel, state.message_elements(context.bucket_state))
 
-    fut = dist.all_reduce(values, group=b.group, async_op=True).get_future()
-    return fut.then(decode)
+    drawn: dict[str, Tensor] = {}
+
+    def coordinates(context: BucketContext) -> Tensor:
+        if "chosen" not in drawn:  # the same draw on every rank, failed or not
+            layout = context.layout
+            drawn["chosen"] = random_coordinates(
+                state.config.seed, layout.key, iteration, layout.numel, kept(context)
+            )
+        return drawn["chosen"]
+
+    def compress(context: BucketContext, clipped: Tensor, std: float) -> Tensor:
+        return state.add_noise(clipped[coordinates(context).to(clipped.device)], std)
+
+    iteration = state.iter
+    context, message = _noised_hook(state, bucket, kept, compress)
+    numel, device = context.layout.numel, context.buffer.device
+    chosen = coordinates(context)
+    scale = numel / (kept(context) * state.normalizer)
+
+    def decode(summed: Tensor) -> Tensor:
+        update = torch.zeros(numel, dtype=torch.float32, device=device)
+        update[chosen.to(device)] = summed * scale
+        return update
+
+    return context.allreduce(message, decode, check_finite=False)
 
 
 #: The hook of each compressor.

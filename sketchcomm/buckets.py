@@ -18,13 +18,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sketchcomm.sketch import CountSketch
+
 
 @dataclass(frozen=True)
 class BucketLayout:
     """``key`` identifies the bucket's parameters (independently of their order); ``order`` lists
     the indices into ``bucket.parameters()`` in canonical order; ``slices`` are the
     ``(offset, length)`` of each parameter in the bucket buffer, in canonical order, or None when
-    the buffer already is in canonical order."""
+    the buffer already is in canonical order.
+
+    >>> layout = BucketLayout(("params", (1, 0)), 5, (1, 0), ((3, 2), (0, 3)))
+    >>> flat = torch.arange(5.0)  # parameter 0 holds [0, 1, 2], parameter 1 holds [3, 4]
+    >>> canonical = layout.to_canonical(flat)
+    >>> canonical.tolist(), layout.from_canonical(canonical).tolist()
+    ([3.0, 4.0, 0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0, 4.0])
+    """
 
     key: tuple
     numel: int
@@ -72,3 +81,37 @@ class BucketLayout:
             out[o : o + n] = flat[start : start + n]
             start += n
         return out
+
+
+@dataclass
+class BucketState:
+    """What a hook keeps for one gradient bucket between steps.
+
+    ``layout`` is the :attr:`BucketLayout.key` of the parameters it was made for, ``sketch`` the
+    bucket's Count Sketch, ``topk`` the coordinates kept by top-k recovery, ``candidates`` the
+    coordinates whose exact values a second round sends. ``residual`` (``[d]``, local error
+    feedback), ``error_table`` and ``momentum_table`` (``[r, c]``, sketch-space error feedback)
+    are None until first used.
+
+    >>> from sketchcomm.sketch import CountSketch
+    >>> state = BucketState(("shapes",), CountSketch(100, 1, 11), topk=5, candidates=10)
+    >>> state.sketch.table_shape, state.error_table is None
+    ((1, 11), True)
+    """
+
+    layout: tuple
+    sketch: CountSketch
+    topk: int
+    candidates: int
+    residual: Tensor | None = None
+    error_table: Tensor | None = None
+    momentum_table: Tensor | None = None
+
+    def to(self, device: torch.device) -> None:
+        """Move the hash parameters and error-feedback tensors to ``device`` in place."""
+        old = self.sketch
+        self.sketch = CountSketch(old.dim, old.rows, old.columns, old.seed, device)
+        for name in ("residual", "error_table", "momentum_table"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))

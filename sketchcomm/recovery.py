@@ -1,69 +1,84 @@
 """From a summed Count Sketch table to a gradient: top-k or dense recovery, and FetchSGD's
-momentum and error accumulation in sketch space (Rothchild et al., ICML 2020)."""
+momentum and error accumulation in sketch space (Rothchild et al., ICML 2020).
+
+Decoding needs three settings only, held in a :class:`DecodeConfig`; the per-bucket tensors live
+in a :class:`~sketchcomm.buckets.BucketState`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from sketchcomm.sketch import CountSketch
+from sketchcomm.buckets import BucketState
 
-if TYPE_CHECKING:
-    from sketchcomm.hooks import SketchState
-
-
-@dataclass
-class BucketState:
-    """What the hook keeps for one gradient bucket, keyed by ``bucket.index()``; ``layout`` is the
-    :attr:`BucketLayout.key` of the parameters it was made for."""
-
-    layout: tuple
-    sketch: CountSketch
-    k: int
-    m: int
-    residual: Tensor | None = None
-    error_table: Tensor | None = None
-    momentum_table: Tensor | None = None
+__all__ = ["DecodeConfig", "decode", "decode_or_exact"]
 
 
-def recover(state: SketchState, bs: BucketState, table: Tensor) -> tuple[Tensor, Tensor | None]:
-    """From a summed (and for ``"sketch"`` error feedback, accumulated) table to the estimated
-    *sum* of the ranks' vectors: dense ``[d]`` fp32, and the selected indices for top-k."""
-    if state.recovery == "dense":
-        return bs.sketch.estimate(table), None
-    indices, values = bs.sketch.heavy_hitters(table, bs.k)
-    dense = torch.zeros(bs.sketch.dim, dtype=torch.float32, device=table.device)
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How a summed table becomes the estimated sum of the ranks' vectors.
+
+    ``recovery`` is ``"topk"`` (the ``topk`` largest estimates, zero elsewhere) or ``"dense"``
+    (the median estimate of every coordinate); ``error_feedback="sketch"`` accumulates momentum
+    ``momentum`` and error on the summed table first (FetchSGD).
+
+    >>> from sketchcomm.sketch import CountSketch
+    >>> sketch = CountSketch(4, 1, 5)
+    >>> bucket = BucketState(("shapes",), sketch, topk=1, candidates=1)
+    >>> table = sketch.sketch(torch.tensor([0.0, 3.0, 0.0, 1.0]))
+    >>> decode(DecodeConfig("topk", "none", 0.0), bucket, table).tolist()
+    [0.0, 3.0, 0.0, 0.0]
+    """
+
+    recovery: str
+    error_feedback: str
+    momentum: float
+
+
+def _recover(config: DecodeConfig, bucket: BucketState, table: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense ``[d]`` fp32 estimate of the sum, and the selected indices (all for dense)."""
+    sketch = bucket.sketch
+    if config.recovery == "dense":
+        return sketch.estimate(table), torch.arange(0)
+    indices, values = sketch.heavy_hitters(table, bucket.topk)
+    dense = torch.zeros(sketch.dim, dtype=torch.float32, device=table.device)
     dense[indices] = values
     return dense, indices
 
 
-def sketch_space_step(state: SketchState, bs: BucketState, summed: Tensor) -> Tensor:
+def _sketch_space_step(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:
     """FetchSGD: accumulate momentum and error on the aggregated table, extract the top-k, then
     zero the cells of both tables that the extracted coordinates hash to."""
-    if bs.error_table is None:
-        bs.error_table = torch.zeros_like(summed)
-        bs.momentum_table = torch.zeros_like(summed) if state.momentum else None
-    if bs.momentum_table is not None:
-        bs.momentum_table.mul_(state.momentum).add_(summed)
-        bs.error_table.add_(bs.momentum_table)
+    if bucket.error_table is None:
+        bucket.error_table = torch.zeros_like(summed)
+        bucket.momentum_table = torch.zeros_like(summed) if config.momentum else None
+    if bucket.momentum_table is not None:
+        bucket.momentum_table.mul_(config.momentum).add_(summed)
+        bucket.error_table.add_(bucket.momentum_table)
     else:
-        bs.error_table.add_(summed)
-    update, indices = recover(state, bs, bs.error_table)
-    assert indices is not None
-    cells, _ = bs.sketch.buckets_and_signs(indices)
-    bs.error_table.scatter_(1, cells, 0.0)
-    if bs.momentum_table is not None:
-        bs.momentum_table.scatter_(1, cells, 0.0)
+        bucket.error_table.add_(summed)
+    update, indices = _recover(config, bucket, bucket.error_table)
+    cells, _ = bucket.sketch.buckets_and_signs(indices)
+    bucket.error_table.scatter_(1, cells, 0.0)
+    if bucket.momentum_table is not None:
+        bucket.momentum_table.scatter_(1, cells, 0.0)
     return update
 
 
-def decode_table(state: SketchState, bs: BucketState, summed: Tensor) -> Tensor:
-    """The estimated sum ``[d]`` (fp32, canonical order) from a summed table, updating the
-    sketch-space error and momentum when ``error_feedback="sketch"``."""
-    if state.error_feedback == "sketch":
-        return sketch_space_step(state, bs, summed)
-    update, _ = recover(state, bs, summed)
-    return update
+def decode(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:
+    """The estimated sum ``[d]`` (fp32, canonical order) from a summed ``[r, c]`` table, updating
+    the bucket's sketch-space error and momentum when ``error_feedback="sketch"``."""
+    if config.error_feedback == "sketch":
+        return _sketch_space_step(config, bucket, summed)
+    return _recover(config, bucket, summed)[0]
+
+
+def decode_or_exact(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:
+    """:func:`decode`, or the table itself read back when it holds the vector without collisions
+    (a one-row table at least as wide as the bucket, :attr:`CountSketch.is_exact`)."""
+    if bucket.sketch.is_exact:
+        return bucket.sketch.estimate(summed)
+    return decode(config, bucket, summed)

@@ -51,80 +51,31 @@ devices, so tables agree bit for bit too.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from sketchcomm.sketch_numpy import median_rows_into, sliding_windows, top_magnitudes
+from sketchcomm.hashing import derive_seed, prime_at_most
+from sketchcomm.sketch_numpy import (
+    CPU_BLOCK,
+    cpu_blocks,
+    cpu_scratch,
+    estimates_at_least,
+    median_over_rows,
+    median_rows_into,
+    sliding_windows,
+    top_magnitudes,
+)
 
 __all__ = ["CPU_BLOCK", "CountSketch", "derive_seed", "prime_at_most"]
-
-# Elements of one chunk whose median is computed per numpy call on the CPU: the row windows and
-# scratch of a block (``(r + 3) * 4 * CPU_BLOCK`` bytes) stay in the L2 cache.
-CPU_BLOCK = 1 << 15
 # Strided sample of estimates from which heavy-hitter selection on the CPU sets its threshold.
 _THRESHOLD_SAMPLE = 1 << 16
 # Fewest whole chunks per block for which :meth:`CountSketch.sketch` gathers them: a gathered group
 # costs about three passes over it against one for slicing, and saves two numpy calls per chunk
 # and row. Estimation gathers from two chunks per block on (it saves a whole median per chunk).
 _MIN_SKETCH_GROUP = 8
-# Largest signed, doubled table (``16 r c`` bytes) that estimation builds: below glibc's largest
-# mmap threshold (32 MiB), so its memory is reused from call to call instead of faulted in anew.
-_MAX_DOUBLED_TABLE_BYTES = 16 << 20
-
-
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    return all(n % f for f in range(3, math.isqrt(n) + 1, 2))
-
-
-def prime_at_most(n: int) -> int:
-    """The largest prime ``<= n`` (``n >= 2``); primes are dense, so this stays close to ``n``."""
-    if n < 2:
-        raise ValueError(f"n must be at least 2, got {n}")
-    while not _is_prime(n):
-        n -= 1
-    return n
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed that is a stable function of ``parts`` (same on every process)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _median3(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
-
-
-def _median_over_rows(rows: list[Tensor]) -> Tensor:
-    """Elementwise median of ``r`` equally shaped tensors (the mean of the middle two if ``r`` is
-    even), with ``min``/``max`` networks for the common small ``r``."""
-    r = len(rows)
-    if r == 1:
-        return rows[0]
-    if r == 2:
-        return (rows[0] + rows[1]) * 0.5
-    if r == 3:
-        return _median3(*rows)
-    if r == 5:
-        a, b, c, d, e = rows
-        low = torch.maximum(torch.minimum(a, b), torch.minimum(c, d))
-        high = torch.minimum(torch.maximum(a, b), torch.maximum(c, d))
-        return _median3(e, low, high)
-    stacked = torch.stack(rows)
-    if r % 2:
-        return stacked.median(dim=0).values
-    middle = stacked.sort(dim=0).values[r // 2 - 1 : r // 2 + 1]
-    return middle.mean(dim=0)
 
 
 class CountSketch:
@@ -140,6 +91,13 @@ class CountSketch:
 
     The hash parameters take ``O(r * d / c)`` memory. Tables are always fp32; fp16 and bf16
     inputs are accumulated in fp32.
+
+    >>> sketch = CountSketch(dim=1000, rows=3, columns=101, seed=0)
+    >>> x = torch.zeros(1000)
+    >>> x[7] = 5.0
+    >>> table = sketch.sketch(x)
+    >>> table.shape, sketch.heavy_hitters(table, k=1)
+    (torch.Size([3, 101]), (tensor([7]), tensor([5.])))
     """
 
     def __init__(
@@ -178,18 +136,18 @@ class CountSketch:
         # offsets[j, k]: where chunk k starts in row j.
         chunk_ids = torch.arange(self.chunks)
         offsets = (shifts[:, None] + slopes[:, None] * chunk_ids[None, :]) % columns
-        self._offsets_list: list[list[int]] = offsets.tolist()
-        self._signs_list: list[list[int]] = signs.tolist()
+        self.offsets_list: list[list[int]] = offsets.tolist()
+        self.signs_list: list[list[int]] = signs.tolist()
         self.offsets = offsets.to(self.device)
         self.signs = signs.to(device=self.device, dtype=torch.float32)
         # Window starts into the signed, doubled table [S_j, S_j, -S_j, -S_j] of length 4c.
         gather_starts = offsets + (signs < 0).long() * 2 * columns
-        self._gather_starts = gather_starts.to(self.device)
-        self._gather_starts_numpy = gather_starts.numpy()
+        self.gather_starts = gather_starts.to(self.device)
+        self.gather_starts_cpu = gather_starts.numpy()
         # Where, in a chunk repeated twice, row j's rotation of chunk k starts.
-        self._rotation_starts = ((columns - offsets) % columns).numpy()
-        self._chunk_signs = signs.numpy().astype(np.float32)
-        self._fingerprint = derive_seed(dim, rows, columns, self._offsets_list, self._signs_list)
+        self.rotation_starts = ((columns - offsets) % columns).numpy()
+        self.chunk_signs = signs.numpy().astype(np.float32)
+        self._fingerprint = derive_seed(dim, rows, columns, self.offsets_list, self.signs_list)
 
     # ------------------------------------------------------------------ hashes
     @property
@@ -275,8 +233,8 @@ class CountSketch:
             chunk = xn[:, k * c : (k + 1) * c]
             length = chunk.shape[1]
             for j in range(self.rows):
-                row, offset = tn[:, j], self._offsets_list[j][k]
-                op = add if self._signs_list[j][k] > 0 else sub
+                row, offset = tn[:, j], self.offsets_list[j][k]
+                op = add if self.signs_list[j][k] > 0 else sub
                 head = min(length, c - offset)
                 target = row[:, offset : offset + head]
                 op(target, chunk[:, :head], out=target)
@@ -302,19 +260,12 @@ class CountSketch:
             windows = sliding_windows(doubled, c)
             base = np.arange(count) * (2 * c)
             for j in range(self.rows):
-                starts = base + self._rotation_starts[j, first : first + count]
+                starts = base + self.rotation_starts[j, first : first + count]
                 rotated = windows[:, starts]
-                rotated *= self._chunk_signs[j, first : first + count, None]
+                rotated *= self.chunk_signs[j, first : first + count, None]
                 rotated[:, 0] += tables[:, j]
                 np.add.reduce(rotated, axis=1, out=tables[:, j])
         return whole
-
-    def sketch_sparse(self, indices: Tensor, values: Tensor, out: Tensor | None = None) -> Tensor:
-        """Sketch the vector that is ``values`` at ``indices`` and zero elsewhere (``O(r k)``)."""
-        table = self.zeros() if out is None else out
-        buckets, signs = self.buckets_and_signs(indices)
-        table.scatter_add_(1, buckets, signs * values.to(self.device, torch.float32)[None, :])
-        return table
 
     # ------------------------------------------------------------------ recovery
     def row_estimates(self, table: Tensor) -> list[Tensor]:
@@ -324,7 +275,7 @@ class CountSketch:
         for j in range(self.rows):
             row = table[j]
             signed = torch.cat((row, row, -row, -row))
-            windows = signed.unfold(0, c, 1).index_select(0, self._gather_starts[j])
+            windows = signed.unfold(0, c, 1).index_select(0, self.gather_starts[j])
             estimates.append(windows.view(-1)[: self.dim])
         return estimates
 
@@ -334,70 +285,6 @@ class CountSketch:
                 f"{name} must be a {self.table_shape} fp32 table, got {tuple(table.shape)} "
                 f"{table.dtype}"
             )
-
-    def _cpu_blocks(self, table: Tensor) -> Iterator[tuple[int, list[np.ndarray]]]:
-        """Consecutive blocks of coordinates of a CPU table: ``(start, windows)`` where
-        ``windows[j]`` holds row ``j``'s estimates ``s_j(i) S[j, h_j(i)]`` of the coordinates
-        ``i = start, start + 1, ...``, at most ``len(self._cpu_scratch()[0])`` of them.
-
-        Up to :data:`_MAX_DOUBLED_TABLE_BYTES`, the windows are views of the signed, doubled
-        table ``[S_j, S_j, -S_j, -S_j]``: a block lies in one chunk, or with ``c <= CPU_BLOCK / 2``
-        holds ``CPU_BLOCK // c`` whole chunks whose windows are gathered (so that the number of
-        numpy calls does not grow with the number of chunks). A larger doubled table would cost
-        a fresh allocation per call, so instead blocks also end where a row's window wraps
-        around, and the windows are views of ``S_j`` or of ``-S_j`` (``r c`` elements copied).
-        """
-        c = self.columns
-        if self.rows * 4 * c * 4 > _MAX_DOUBLED_TABLE_BYTES:
-            yield from self._cpu_blocks_split(table.contiguous().numpy())
-            return
-        signed = np.empty((self.rows, 4 * c), dtype=np.float32)
-        signed[:, :c] = table.numpy()
-        signed[:, c : 2 * c] = signed[:, :c]
-        np.negative(signed[:, :c], out=signed[:, 2 * c : 3 * c])
-        signed[:, 3 * c :] = signed[:, 2 * c : 3 * c]
-        group = CPU_BLOCK // c
-        whole_chunks_gathered = self.dim // c if group >= 2 else 0
-        if whole_chunks_gathered:
-            windows = [sliding_windows(row, c) for row in signed]
-            for first in range(0, whole_chunks_gathered, group):
-                last = min(first + group, whole_chunks_gathered)
-                starts = self._gather_starts_numpy[:, first:last]
-                yield first * c, [w[g].reshape(-1) for w, g in zip(windows, starts, strict=True)]
-        for k in range(whole_chunks_gathered, self.chunks):
-            starts = self._gather_starts_numpy[:, k].tolist()
-            length = min(c, self.dim - k * c)
-            for begin in range(0, length, CPU_BLOCK):
-                end = min(length, begin + CPU_BLOCK)
-                yield k * c + begin, [signed[j, g + begin : g + end] for j, g in enumerate(starts)]
-
-    def _cpu_blocks_split(self, positive: np.ndarray) -> Iterator[tuple[int, list[np.ndarray]]]:
-        """:meth:`_cpu_blocks` from ``S`` (``positive``) and ``-S`` alone, with blocks cut where
-        a row's window wraps around."""
-        c = self.columns
-        negative = np.negative(positive)
-        for k in range(self.chunks):
-            length = min(c, self.dim - k * c)
-            offsets = [self._offsets_list[j][k] for j in range(self.rows)]
-            sources = [
-                positive[j] if self._signs_list[j][k] > 0 else negative[j] for j in range(self.rows)
-            ]
-            wraps = {c - offset for offset in offsets if 0 < c - offset < length}
-            cuts = sorted(wraps.union(range(0, length, CPU_BLOCK), (length,)))
-            for begin, end in itertools.pairwise(cuts):
-                yield (
-                    k * c + begin,
-                    [
-                        source[(offset + begin) % c : (offset + begin) % c + end - begin]
-                        for source, offset in zip(sources, offsets, strict=True)
-                    ],
-                )
-
-    def _cpu_scratch(self) -> np.ndarray:
-        """``[max(3, r), block]`` fp32 scratch for the median of one of :meth:`_cpu_blocks`."""
-        c = self.columns
-        block = CPU_BLOCK if c >= CPU_BLOCK else c * max(1, CPU_BLOCK // c)
-        return np.empty((max(3, self.rows), block), dtype=np.float32)
 
     def estimate(self, table: Tensor, out: Tensor | None = None) -> Tensor:
         """Median-over-rows estimate of every coordinate, shape ``[dim]`` fp32.
@@ -420,11 +307,11 @@ class CountSketch:
                 f"{tuple(out.shape)} {out.dtype} on {out.device}"
             )
         if table.device.type != "cpu":
-            estimate = _median_over_rows(self.row_estimates(table))
+            estimate = median_over_rows(self.row_estimates(table))
             return estimate if out is None else out.copy_(estimate)
         result = torch.empty(self.dim, dtype=torch.float32) if out is None else out
-        target, scratch = result.numpy(), self._cpu_scratch()
-        for start, windows in self._cpu_blocks(table):
+        target, scratch = result.numpy(), cpu_scratch(self)
+        for start, windows in cpu_blocks(self, table):
             median_rows_into(windows, target[start : start + len(windows[0])], scratch)
         return result
 
@@ -432,7 +319,7 @@ class CountSketch:
         """Median-over-rows estimate of the coordinates ``indices`` only, shape ``[k]``."""
         buckets, signs = self.buckets_and_signs(indices)
         per_row = table.gather(1, buckets) * signs
-        return _median_over_rows(list(per_row.unbind(0)))
+        return median_over_rows(list(per_row.unbind(0)))
 
     def heavy_hitters(self, table: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The ``k`` coordinates with the largest estimated magnitude: ``(indices, estimates)``.
@@ -451,7 +338,7 @@ class CountSketch:
         if table.device.type == "cpu" and bool(torch.isfinite(table).all()):
             threshold = self._selection_threshold(table, k)
             if threshold is not None:
-                indices, values = self._estimates_at_least(table, threshold)
+                indices, values = estimates_at_least(self, table, threshold)
                 if len(indices) >= k:
                     keep = top_magnitudes(values, k)
                     return torch.from_numpy(indices[keep]), torch.from_numpy(values[keep])
@@ -476,32 +363,3 @@ class CountSketch:
             return None
         position = len(magnitudes) - rank
         return float(np.partition(magnitudes, position)[position])
-
-    def _estimates_at_least(self, table: Tensor, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """All coordinates whose ``|estimate| >= threshold`` and their estimates, in one blocked
-        pass over a CPU table (no ``[dim]`` vector is made)."""
-        scratch = self._cpu_scratch()
-        estimate = np.empty(scratch.shape[1], dtype=np.float32)
-        magnitude = np.empty_like(estimate)
-        mask = np.empty(scratch.shape[1], dtype=bool)
-        found_indices, found_values = [], []
-        for start, windows in self._cpu_blocks(table):
-            n = len(windows[0])
-            median_rows_into(windows, estimate[:n], scratch)
-            np.abs(estimate[:n], out=magnitude[:n])
-            np.greater_equal(magnitude[:n], threshold, out=mask[:n])
-            hits = np.flatnonzero(mask[:n])
-            if len(hits):
-                found_indices.append(hits + start)
-                found_values.append(estimate[hits])
-        if not found_indices:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-        return np.concatenate(found_indices), np.concatenate(found_values)
-
-    def l2_estimate(self, table: Tensor) -> Tensor:
-        """Estimate of ``||x||_2``: the median over rows of each row's norm.
-
-        Each row's squared norm is an unbiased estimate of ``||x||^2`` because colliding
-        coordinates have independent signs.
-        """
-        return table.norm(dim=1).median()

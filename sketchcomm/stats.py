@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
 
 @dataclass
 class SketchStats:
-    """Communication figures, per optimizer step and in total (elements and bytes per rank)."""
+    """Communication figures, per optimizer step and in total (elements and bytes per rank).
+
+    >>> import torch
+    >>> stats = SketchStats()
+    >>> stats.record_bucket(50, 200, torch.zeros(1000), compressed=True)
+    >>> stats.end_iteration()
+    >>> stats.step_bytes_sent, stats.compression_ratio
+    (200, 20.0)
+    """
 
     iterations: int = 0
     compressed_buckets: int = 0
@@ -28,6 +38,18 @@ class SketchStats:
         self._pending[2] += full_elements
         self._pending[3] += full_bytes
 
+    def record_bucket(
+        self, sent_elements: int, sent_bytes: int, buffer: Tensor, compressed: bool
+    ) -> None:
+        """Count one bucket: what was sent for it against its uncompressed ``buffer``."""
+        self.record(
+            sent_elements, sent_bytes, buffer.numel(), buffer.numel() * buffer.element_size()
+        )
+        if compressed:
+            self.compressed_buckets += 1
+        else:
+            self.bypassed_buckets += 1
+
     def end_iteration(self) -> None:
         (
             self.step_elements_sent,
@@ -44,6 +66,10 @@ class SketchStats:
     def compression_ratio(self) -> float:
         """Uncompressed over sent bytes of the last step (1.0 before any step)."""
         return self.step_bytes_uncompressed / self.step_bytes_sent if self.step_bytes_sent else 1.0
+
+    def as_record(self) -> dict[str, int]:
+        """The counters as a plain dict (what a checkpoint stores)."""
+        return {n: getattr(self, n) for n in self.__dataclass_fields__ if not n.startswith("_")}
 
     def as_dict(self) -> dict[str, float]:
         names = [n for n in self.__dataclass_fields__ if not n.startswith("_")]

@@ -281,9 +281,9 @@ def check_columns_above_bucket() -> None:
 def check_rows_above_bucket() -> None:
     """More rows than the bucket can fill at this compression: the bucket is sent uncompressed."""
     state = SketchState(rows=64, min_compression_size=1)
-    assert state.table_shape(1000) is None
-    assert DPSketchState(_ledger(unit="rank"), 1.0, unit="rank", noise_multiplier=1.0,
-                         rows=64).table_shape(1000) == (1, 1000)  # fmt: skip
+    assert state.config.table_shape_for(1000) is None
+    private = DPSketchState(_ledger(unit="rank"), 1.0, unit="rank", noise_multiplier=1.0, rows=64)
+    assert private.config.table_shape_for(1000) == (1, 1000)
 
 
 def _error(error: type[Exception], pattern: str, action: Callable[[], Any]) -> Callable[[], None]:

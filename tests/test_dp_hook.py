@@ -39,9 +39,13 @@ def noise_worker(rank: int, world: int, noise: str) -> dict:
     dim, sigma, clip = 20_000, 1.5, 2.0
     model = DDP(Target(dim))
     state = DPSketchState(
-        _ledger(unit="rank"), max_grad_norm=clip, unit="rank", noise_multiplier=sigma, noise=noise,
+        _ledger(unit="rank"),
+        max_grad_norm=clip,
+        unit="rank",
+        noise_multiplier=sigma,
+        noise_placement=noise,
         min_compression_size=10**9,
-    )  # fmt: skip
+    )
     state.register(model)
     draws = []
     for _ in range(3):
@@ -49,7 +53,7 @@ def noise_worker(rank: int, world: int, noise: str) -> dict:
         model(torch.zeros(1, dim)).backward()
         draws.append(model.module.layer.weight.grad.flatten() * state.normalizer)
     shares = [torch.zeros(1) for _ in range(world)]
-    dist.all_gather(shares, torch.randn(1, generator=state._generator))
+    dist.all_gather(shares, torch.randn(1, generator=state.generator))
     return {
         "std": torch.cat(draws).std().item(),
         "expected": sigma * clip,
@@ -64,10 +68,17 @@ def example_worker(rank: int, world: int, sigma: float) -> dict:
     x, y = data.x_train[rank * 8 : (rank + 1) * 8], data.y_train[rank * 8 : (rank + 1) * 8]
     model = DDP(make_mlp(hidden=32, seed=3))
     state = DPSketchState(
-        _ledger(), max_grad_norm=0.5, unit="example", sample_rate=16 / 1437, dataset_size=1437,
-        noise_multiplier=sigma, compression=5, recovery="dense", rows=3,
+        _ledger(),
+        max_grad_norm=0.5,
+        unit="example",
+        sample_rate=16 / 1437,
+        dataset_size=1437,
+        noise_multiplier=sigma,
+        compression=5,
+        recovery="dense",
+        rows=3,
         min_compression_size=1000,
-    )  # fmt: skip
+    )
     state.register(model)
     nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
     # canonical order: parameters by descending position in the model
@@ -105,9 +116,14 @@ def buckets_worker(rank: int, world: int) -> dict:
     data = load_digits()
     model = DDP(make_mlp(hidden=256), bucket_cap_mb=0.05)
     state = DPSketchState(
-        _ledger(), max_grad_norm=1.0, unit="example", sample_rate=0.02, dataset_size=1437,
-        noise_multiplier=1.0, compression=10,
-    )  # fmt: skip
+        _ledger(),
+        max_grad_norm=1.0,
+        unit="example",
+        sample_rate=0.02,
+        dataset_size=1437,
+        noise_multiplier=1.0,
+        compression=10,
+    )
     state.register(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(4):
@@ -125,9 +141,14 @@ def budget_worker(rank: int, world: int, path: str) -> dict:
     model = DDP(make_mlp(hidden=32))
     ledger = _ledger(budget=1.0, path=path if rank == 0 else None)
     state = DPSketchState(
-        ledger, max_grad_norm=1.0, unit="example", sample_rate=0.05, dataset_size=1437,
-        noise_multiplier=1.5, min_compression_size=10**9,
-    )  # fmt: skip
+        ledger,
+        max_grad_norm=1.0,
+        unit="example",
+        sample_rate=0.05,
+        dataset_size=1437,
+        noise_multiplier=1.5,
+        min_compression_size=10**9,
+    )
     state.register(model)
     released = 0
     for step in range(50):
@@ -142,8 +163,13 @@ def budget_worker(rank: int, world: int, path: str) -> dict:
             unchanged = all(
                 torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)
             )
-            return {"released": released, "steps": ledger.steps, "epsilon": ledger.epsilon,
-                    "refused": str(error), "unchanged": unchanged}  # fmt: skip
+            return {
+                "released": released,
+                "steps": ledger.steps,
+                "epsilon": ledger.epsilon,
+                "refused": str(error),
+                "unchanged": unchanged,
+            }
         with torch.no_grad():
             for p in model.parameters():
                 p -= 0.1 * p.grad
@@ -157,9 +183,14 @@ def accumulation_worker(rank: int, world: int) -> dict:
     data = load_digits()
     model = DDP(make_mlp(hidden=32))
     state = DPSketchState(
-        _ledger(), max_grad_norm=1.0, unit="example", sample_rate=0.01, dataset_size=1437,
-        noise_multiplier=1.0, min_compression_size=10**9,
-    )  # fmt: skip
+        _ledger(),
+        max_grad_norm=1.0,
+        unit="example",
+        sample_rate=0.01,
+        dataset_size=1437,
+        noise_multiplier=1.0,
+        min_compression_size=10**9,
+    )
     state.register(model)
     loss = nn.CrossEntropyLoss(reduction="sum")
     with model.no_sync():
@@ -230,9 +261,13 @@ def test_accumulated_gradients_are_a_clear_error() -> None:
 def test_unsupported_layer_is_refused_when_registered() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LayerNorm(72), nn.Linear(72, 2))
     state = DPSketchState(
-        _ledger(), max_grad_norm=1.0, unit="example", sample_rate=0.01, dataset_size=1000,
+        _ledger(),
+        max_grad_norm=1.0,
+        unit="example",
+        sample_rate=0.01,
+        dataset_size=1000,
         noise_multiplier=1.0,
-    )  # fmt: skip
+    )
     with pytest.raises(ValueError, match="Conv2d, LayerNorm"):
         state.register(model)
 
@@ -243,7 +278,8 @@ def test_unsupported_layer_is_refused_when_registered() -> None:
         ({"max_grad_norm": 0.0}, "max_grad_norm"),
         ({"unit": "user"}, "unit"),
         ({"unit": "rank", "dataset_size": None}, "ledger accounts for unit='example'"),
-        ({"noise": "each"}, "noise"),
+        ({"noise_placement": "each"}, "noise_placement"),
+        ({"noise": "single"}, "noise_placement"),
         ({"sample_rate": None}, "sample_rate"),
         ({"sample_rate": 1.5}, "sample_rate"),
         ({"dataset_size": 10**6}, "delta"),
@@ -259,18 +295,27 @@ def test_unsupported_layer_is_refused_when_registered() -> None:
 )
 def test_invalid_private_configuration(kwargs: dict, message: str) -> None:
     arguments = {
-        "max_grad_norm": 1.0, "unit": "example", "sample_rate": 0.01, "dataset_size": 1000,
-        "noise_multiplier": 1.0, **kwargs,
-    }  # fmt: skip
+        "max_grad_norm": 1.0,
+        "unit": "example",
+        "sample_rate": 0.01,
+        "dataset_size": 1000,
+        "noise_multiplier": 1.0,
+        **kwargs,
+    }
     with pytest.raises(ValueError, match=message):
         DPSketchState(_ledger(), **arguments)
 
 
 def test_calibrated_noise_reaches_the_target() -> None:
     state = DPSketchState(
-        _ledger(), max_grad_norm=1.0, unit="example", sample_rate=0.01, dataset_size=10_000,
-        target_epsilon=4.0, steps=500,
-    )  # fmt: skip
+        _ledger(),
+        max_grad_norm=1.0,
+        unit="example",
+        sample_rate=0.01,
+        dataset_size=10_000,
+        target_epsilon=4.0,
+        steps=500,
+    )
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()

@@ -91,9 +91,14 @@ def sparse_worker(rank: int, world: int, second_round: bool) -> float:
     dim, nonzeros = 60_000, 5
     model = DDP(SparseTarget(dim))
     state = SketchState(
-        compression=6, rows=5, recovery="topk", topk_fraction=world * nonzeros / dim,
-        second_round=second_round, error_feedback="none", start_iter=0,
-    )  # fmt: skip
+        compression=6,
+        rows=5,
+        recovery="topk",
+        topk_fraction=world * nonzeros / dim,
+        second_round=second_round,
+        error_feedback="none",
+        start_iter=0,
+    )
     model.register_comm_hook(state, sketch_hook)
     target = _sparse_target(rank, dim, nonzeros)
     model(target).backward()
@@ -192,8 +197,9 @@ def dtype_worker(rank: int, world: int, dtype_name: str) -> float:
     dtype = getattr(torch, dtype_name)
     dim = 30_000
     model = DDP(SparseTarget(dim).to(dtype))
-    state = SketchState(rows=1, columns=30_011, recovery="dense", error_feedback="none",
-                        start_iter=0)  # fmt: skip
+    state = SketchState(
+        rows=1, columns=30_011, recovery="dense", error_feedback="none", start_iter=0
+    )
     model.register_comm_hook(state, sketch_hook)
     target = _rank_vector(rank, dim).to(dtype)
     model(target).backward()
@@ -302,6 +308,6 @@ def test_invalid_configuration_names_the_parameter(kwargs: dict, name: str) -> N
 def test_state_pickles_without_process_group() -> None:
     state = SketchState(compression=10)
     clone = copy.deepcopy(state)
-    assert clone.config() == state.config()
+    assert clone.config == state.config
     with pytest.raises(ValueError, match="compression"):
         SketchState(compression=12).load_state_dict(state.state_dict())

@@ -64,7 +64,7 @@ def test_quick_run_bytes_losses_and_cleanup(tmp_path: Path, capsys: pytest.Captu
     # allreduce; the 20x table of the model's single bucket (it is below DDP's 1 MB first bucket).
     parameters = sum(p.numel() for p in make_lm(load_char_text().vocab_size, TINY_LM).parameters())
     assert runs["allreduce"]["hook_bytes_per_step"] == 4 * parameters
-    rows, columns = SketchState(compression=20).table_shape(parameters)
+    rows, columns = SketchState(compression=20).config.table_shape_for(parameters)
     assert runs["sketch-20x"]["hook_bytes_per_step"] == 4 * rows * columns
     assert runs["private-sketch-20x"]["hook_bytes_per_step"] == 4 * rows * columns
     assert runs["sketch-20x"]["hook_bytes_per_step"] < runs["allreduce"]["hook_bytes_per_step"] / 15

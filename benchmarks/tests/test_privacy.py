@@ -62,7 +62,7 @@ def baseline_worker(rank: int, world: int) -> dict:
         loss.backward()
         bs = state.buckets[0]
         results[(compressor, sigma, per_message)] = {
-            "update": _canonical_grad(model.module), "key": bs.layout, "k": bs.k,
+            "update": _canonical_grad(model.module), "key": bs.layout, "k": bs.topk,
             "sketch": bs.sketch, "normalizer": state.normalizer, "steps": state.ledger.steps,
             "bytes": state.stats.step_bytes_sent, "buckets": len(state.buckets),
         }  # fmt: skip

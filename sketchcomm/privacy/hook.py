@@ -22,26 +22,28 @@ Two units of privacy:
     The released sum is divided by ``q W``. Threat model: the adversary sees the aggregate (the
     summed tables and the models), not individual ranks' messages, as under secure aggregation.
 
-Noise (``noise``): ``"distributed"`` has every rank add ``N(0, sigma^2 C^2 / W)`` per cell from a
-private generator seeded by the operating system, so the sum carries ``N(0, sigma^2 C^2)`` once;
-``"single"`` has rank 0 add all of it. The ledger (:class:`~sketchcomm.privacy.PrivacyLedger`)
-records each step exactly once, at the step's first bucket (DDP launches bucket 0 first) and
-before that bucket's table leaves the process, so a backward pass that fails half-way still counts
-as a step (over-reporting, never under-reporting); a step that would exceed the budget raises
-:class:`~sketchcomm.privacy.PrivacyBudgetExceeded` on every rank before anything is released.
+Noise placement (``noise_placement``): ``"distributed"`` has every rank add ``N(0, sigma^2 C^2 /
+W)`` per cell from a private generator seeded by the operating system, so the sum carries ``N(0,
+sigma^2 C^2)`` once; ``"single"`` has rank 0 add all of it. The ledger
+(:class:`~sketchcomm.privacy.PrivacyLedger`) records each step exactly once, at the step's first
+bucket (DDP launches bucket 0 first) and before that bucket's table leaves the process, so a
+backward pass that fails half-way still counts as a step (over-reporting, never under-reporting); a
+step that would exceed the budget raises :class:`~sketchcomm.privacy.PrivacyBudgetExceeded` on every
+rank before anything is released.
 """
 
 # No "from __future__ import annotations": DDP checks the hook's ``bucket`` annotation at runtime.
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sketchcomm.buckets import BucketLayout
-from sketchcomm.hooks import SketchState, _nan_result
+from sketchcomm.engine import BucketContext, resolve_group
+from sketchcomm.hooks import SketchState
 from sketchcomm.privacy.calibration import calibrate_noise_multiplier, describe_plan
 from sketchcomm.privacy.capture import PerExampleGradients
 from sketchcomm.privacy.ledger import PrivacyLedger
@@ -52,12 +54,61 @@ from sketchcomm.privacy.mechanism import (
     clip_and_sum,
     private_generator,
 )
-from sketchcomm.recovery import BucketState, decode_table
+from sketchcomm.recovery import decode_or_exact
 from sketchcomm.validation import check_choice, check_float
 
-__all__ = ["DPSketchState", "dp_sketch_hook"]
+__all__ = ["DPSketchState", "PrivacyConfig", "dp_sketch_hook"]
 
 UNITS = ("example", "rank")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The mechanism of :func:`dp_sketch_hook`, validated and frozen (see :class:`DPSketchState`
+    for what each field means; ``noise_multiplier`` is already calibrated).
+
+    >>> PrivacyConfig(max_grad_norm=1.0, unit="rank", sample_rate=1.0, dataset_size=None,
+    ...               noise_multiplier=0.8).noise_placement
+    'distributed'
+    """
+
+    max_grad_norm: float
+    unit: str
+    sample_rate: float
+    dataset_size: int | None
+    noise_multiplier: float
+    noise_placement: str = "distributed"
+    secure_mode: bool = False
+
+    def __post_init__(self) -> None:
+        check_float("max_grad_norm", self.max_grad_norm, 0.0, math.inf, open_low=True)
+        check_choice("unit", self.unit, UNITS)
+        check_choice("noise_placement", self.noise_placement, NOISE_PLACEMENTS)
+        if self.unit == "example":
+            if self.dataset_size is None:
+                raise ValueError("unit='example' needs sample_rate and dataset_size")
+            if not isinstance(self.dataset_size, int) or self.dataset_size < 1:
+                raise ValueError(
+                    f"dataset_size must be a positive integer, got {self.dataset_size!r}"
+                )
+        elif self.dataset_size is not None:
+            raise ValueError("dataset_size is for unit='example' only")
+        check_float("sample_rate", self.sample_rate, 0.0, 1.0, open_low=True)
+        check_float("noise_multiplier", self.noise_multiplier, 0.0, math.inf, open_low=False)
+        if not isinstance(self.secure_mode, bool):
+            raise ValueError(f"secure_mode must be a bool, got {self.secure_mode!r}")
+        for name in ("max_grad_norm", "sample_rate", "noise_multiplier"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def agreement_fields(self) -> dict[str, float]:
+        """The mechanism as numbers, for the cross-rank agreement check."""
+        return {
+            "max_grad_norm": self.max_grad_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "unit": float(UNITS.index(self.unit)),
+            "noise_placement": float(NOISE_PLACEMENTS.index(self.noise_placement)),
+        }
 
 
 class DPSketchState(SketchState):
@@ -74,7 +125,7 @@ class DPSketchState(SketchState):
             ``q N``.
         noise_multiplier: ``sigma``; or leave it out and give ``target_epsilon`` with ``steps`` or
             ``epochs`` to calibrate it with the ledger's accountant and delta.
-        noise: ``"distributed"`` or ``"single"``.
+        noise_placement: ``"distributed"`` or ``"single"``.
         secure_mode: draw noise with Opacus's floating-point-attack-resistant sampler from a
             generator reseeded from the operating system every step.
         **sketch_options: the sketch options of :class:`~sketchcomm.SketchState` (``compression``,
@@ -85,7 +136,23 @@ class DPSketchState(SketchState):
             below ``min_compression_size`` are privatised uncompressed (an exact one-row table).
 
     Call :meth:`register` with the DDP model: it binds the parameters, installs per-example
-    gradient capture for ``unit="example"`` and registers :func:`dp_sketch_hook`.
+    gradient capture for ``unit="example"`` and registers :func:`dp_sketch_hook`. The hook asks
+    the state for every bucket's clipping norm (:meth:`bucket_clip_norm`) and noise share
+    (:meth:`noise_std`).
+
+    >>> import os, tempfile, torch.distributed as dist
+    >>> from sketchcomm.privacy import PrivacyLedger
+    >>> folder = tempfile.mkdtemp()
+    >>> store = dist.FileStore(os.path.join(folder, "store"), 1)
+    >>> dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    >>> ledger = PrivacyLedger("rdp", 1e-5, unit="rank", path=os.path.join(folder, "ledger.json"))
+    >>> model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 2))
+    >>> state = DPSketchState(ledger, max_grad_norm=1.0, unit="rank", noise_multiplier=1.0)
+    >>> state.register(model)
+    >>> model(torch.randn(4, 8)).sum().backward()
+    >>> ledger.steps, state.bucket_clip_norm(18), state.noise_std(rank=0, world=1)
+    (1, 1.0, 1.0)
+    >>> dist.destroy_process_group()
     """
 
     def __init__(
@@ -99,154 +166,187 @@ class DPSketchState(SketchState):
         target_epsilon: float | None = None,
         steps: int | None = None,
         epochs: float | None = None,
-        noise: str = "distributed",
+        noise_placement: str = "distributed",
         secure_mode: bool = False,
         **sketch_options: Any,
     ) -> None:
-        for forbidden in ("second_round", "start_iter", "nonfinite"):
+        if "noise" in sketch_options:
+            raise ValueError("noise= is now noise_placement= ('distributed' or 'single')")
+        for forbidden in ("second_round", "start_iter", "nonfinite", "exact_small_buckets"):
             if forbidden in sketch_options:
                 raise ValueError(f"{forbidden} cannot be set on a private state")
         if sketch_options.get("error_feedback") == "local":
             raise ValueError("error_feedback='local' keeps a rank's unnoised residual: not private")
-        super().__init__(start_iter=0, **sketch_options)
+        super().__init__(start_iter=0, exact_small_buckets=True, **sketch_options)
         if not isinstance(ledger, PrivacyLedger):
             raise ValueError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}")
-        check_float("max_grad_norm", max_grad_norm, 0.0, math.inf, open_low=True)
         check_choice("unit", unit, UNITS)
         if ledger.unit != unit:
             raise ValueError(f"the ledger accounts for unit={ledger.unit!r}, this state {unit!r}")
-        check_choice("noise", noise, NOISE_PLACEMENTS)
-        if unit == "example":
-            if sample_rate is None or dataset_size is None:
-                raise ValueError("unit='example' needs sample_rate and dataset_size")
-            if not isinstance(dataset_size, int) or dataset_size < 1:
-                raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
-            if ledger.delta >= 1.0 / dataset_size:
-                raise ValueError(
-                    f"delta ({ledger.delta:g}) must be below 1/dataset_size ({1 / dataset_size:g})"
-                )
-        elif dataset_size is not None:
-            raise ValueError("dataset_size is for unit='example' only")
+        if unit == "example" and (sample_rate is None or dataset_size is None):
+            raise ValueError("unit='example' needs sample_rate and dataset_size")
+        positive_size = isinstance(dataset_size, int) and dataset_size >= 1
+        if unit == "example" and positive_size and ledger.delta >= 1.0 / dataset_size:
+            raise ValueError(
+                f"delta ({ledger.delta:g}) must be below 1/dataset_size ({1 / dataset_size:g})"
+            )
         sample_rate = 1.0 if sample_rate is None else sample_rate
-        check_float("sample_rate", sample_rate, 0.0, 1.0, open_low=True)
         if noise_multiplier is None:
             if target_epsilon is None:
                 raise ValueError("give noise_multiplier, or target_epsilon with steps or epochs")
+            check_float("sample_rate", sample_rate, 0.0, 1.0, open_low=True)
             noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon, ledger.delta, sample_rate, steps=steps, epochs=epochs,
+                target_epsilon,
+                ledger.delta,
+                sample_rate,
+                steps=steps,
+                epochs=epochs,
                 accountant=ledger.accountant,
-            )  # fmt: skip
+            )
         elif target_epsilon is not None:
             raise ValueError("give either noise_multiplier or target_epsilon, not both")
-        check_float("noise_multiplier", noise_multiplier, 0.0, math.inf, open_low=False)
-        if not isinstance(secure_mode, bool):
-            raise ValueError(f"secure_mode must be a bool, got {secure_mode!r}")
-
+        self.privacy = PrivacyConfig(
+            max_grad_norm,
+            unit,
+            sample_rate,
+            dataset_size,
+            noise_multiplier,
+            noise_placement,
+            secure_mode,
+        )
         self.ledger = ledger
-        self.max_grad_norm = float(max_grad_norm)
-        self.unit = unit
-        self.sample_rate = float(sample_rate)
-        self.dataset_size = dataset_size
-        self.noise_multiplier = float(noise_multiplier)
-        self.noise = noise
-        self.secure_mode = secure_mode
-        self._capture: PerExampleGradients | None = None
-        self._total_elements = 0
-        self._generator: torch.Generator | None = None
-        self._checked_sums: set[int] = set()
+        self._init_runtime()
 
-    _CONFIG_KEYS = (
-        *SketchState._CONFIG_KEYS,
-        "max_grad_norm", "unit", "sample_rate", "dataset_size", "noise_multiplier", "noise",
-        "secure_mode",
-    )  # fmt: skip
+    def _init_runtime(self) -> None:
+        self.capture: PerExampleGradients | None = None
+        self.total_elements = 0
+        self.generator: torch.Generator | None = None
+        self.checked_sums: set[int] = set()
+
+    @property
+    def max_grad_norm(self) -> float:
+        return self.privacy.max_grad_norm
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.privacy.noise_multiplier
+
+    @property
+    def unit(self) -> str:
+        return self.privacy.unit
+
+    @property
+    def sample_rate(self) -> float:
+        return self.privacy.sample_rate
 
     def describe(self, steps: int) -> str:
         """The privacy plan for ``steps`` steps, to print before training."""
+        p = self.privacy
         return describe_plan(
-            self.noise_multiplier, self.sample_rate, steps, self.ledger.delta,
-            self.ledger.accountant, unit=self.unit, budget=self.ledger.budget,
-            dataset_size=self.dataset_size, secure_mode=self.secure_mode,
-        )  # fmt: skip
+            p.noise_multiplier,
+            p.sample_rate,
+            steps,
+            self.ledger.delta,
+            self.ledger.accountant,
+            unit=p.unit,
+            budget=self.ledger.budget,
+            dataset_size=p.dataset_size,
+            secure_mode=p.secure_mode,
+        )
 
     @property
     def normalizer(self) -> float:
         """The expected number of contributions per step: ``q N`` or ``q W``."""
-        if self.unit == "example":
-            return self.sample_rate * self.dataset_size
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        return self.sample_rate * dist.get_world_size(group)
+        if self.privacy.unit == "example":
+            return self.privacy.sample_rate * self.privacy.dataset_size
+        return self.privacy.sample_rate * dist.get_world_size(resolve_group(self.process_group))
 
     def register(self, ddp_model: nn.Module, hook: Any = None) -> None:
         module = getattr(ddp_model, "module", ddp_model)
-        self._total_elements = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        if self.unit == "example":
-            if self._capture is not None:
-                self._capture.remove()
-            self._capture = PerExampleGradients(module)
+        self.total_elements = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        if self.privacy.unit == "example":
+            if self.capture is not None:
+                self.capture.remove()
+            self.capture = PerExampleGradients(module)
         super().register(ddp_model, dp_sketch_hook if hook is None else hook)
 
-    def table_shape(self, numel: int) -> tuple[int, int]:
-        # Every bucket is privatised: those not worth compressing get an exact one-row table.
-        shape = super().table_shape(numel)
-        return (1, numel) if shape is None else shape
+    def agreement_fields(self, bucket: Any) -> dict[str, float]:
+        return {**super().agreement_fields(bucket), **self.privacy.agreement_fields()}
 
-    def _agreement_fields(self, index: int, state: BucketState) -> dict[str, float]:
-        return {
-            **super()._agreement_fields(index, state),
-            "max_grad_norm": self.max_grad_norm,
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "unit": float(UNITS.index(self.unit)),
-            "noise": float(NOISE_PLACEMENTS.index(self.noise)),
-        }
-
-    def _open_step(self, device: torch.device) -> None:
+    def open_step(self, device: torch.device) -> None:
         """Record the step in the ledger (persisted before it returns), before any release."""
-        self.ledger.record_step(self.noise_multiplier, self.sample_rate)
-        if self._generator is None or self.secure_mode or self._generator.device != device:
-            self._generator = private_generator(device)
+        self.ledger.record_step(self.privacy.noise_multiplier, self.privacy.sample_rate)
+        if self.generator is None or self.privacy.secure_mode or self.generator.device != device:
+            self.generator = private_generator(device)
+
+    def bucket_clip_norm(self, numel: int) -> float:
+        """The clipping norm ``C_b = C sqrt(d_b / D)`` of a bucket of ``numel`` elements."""
+        return bucket_clip_norm(self.privacy.max_grad_norm, numel, self.total_elements)
 
     def noise_std(self, rank: int, world: int) -> float:
         """This rank's share of the noise: ``sigma C / sqrt(W)``, or all of it on rank 0."""
-        total = self.noise_multiplier * self.max_grad_norm
-        if self.noise == "distributed":
+        total = self.privacy.noise_multiplier * self.privacy.max_grad_norm
+        if self.privacy.noise_placement == "distributed":
             return total / math.sqrt(world)
         return total if rank == 0 else 0.0
 
+    def add_noise(self, values: Tensor, std: float) -> Tensor:
+        """Add ``N(0, std^2)`` to ``values`` in place from this rank's private generator."""
+        return add_noise(values, std, self.generator, self.privacy.secure_mode)
+
+    def per_example(self, context: BucketContext) -> Tensor:
+        """``[B, d]`` per-example gradients of the bucket (canonical order), checked once against
+        the bucket's gradient."""
+        if self.capture is None:
+            raise RuntimeError("register the state with state.register(ddp_model), not directly")
+        params = context.bucket.parameters()
+        samples = torch.cat([self.capture.pop(params[i]).float() for i in context.layout.order], 1)
+        index = context.bucket.index()
+        if index not in self.checked_sums:
+            expected = context.canonical().float()
+            error = (samples.sum(0) - expected).abs().max().item() if len(samples) else 0.0
+            scale = expected.abs().max().item() + 1e-12
+            if error > 1e-3 * scale + 1e-6:
+                raise ValueError(
+                    f"per-example gradients of bucket {index} do not add up to its gradient "
+                    f"(max difference {error:.3g}): zero the gradients before each backward, run "
+                    "one forward per backward (no accumulation under no_sync), and train only "
+                    "supported layers"
+                )
+            self.checked_sums.add(index)
+        return samples
+
+    def discard_step(self) -> None:
+        if self.capture is not None:
+            self.capture.clear()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {**super().checkpoint_config(), **asdict(self.privacy)}
+
+    def migrate_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        saved = dict(saved)
+        if "noise" in saved:  # checkpoints before the rename of noise to noise_placement
+            saved.setdefault("noise_placement", saved.pop("noise"))
+        saved.setdefault("exact_small_buckets", True)
+        return super().migrate_config(saved)
+
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        for name in ("ledger", "_capture", "_generator"):
-            state.pop(name, None)
-        return state
+        return {**super().__getstate__(), "privacy": self.privacy}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        self.privacy = state["privacy"]
         self.ledger = None
-        self._capture = None
-        self._generator = None
+        self._init_runtime()
+        super().__setstate__(state)
 
 
-def _per_example_tables(
-    state: DPSketchState, bucket: dist.GradBucket, layout: BucketLayout, bs: BucketState
-) -> Tensor:
-    """``[B, r, c]`` tables of this rank's examples, checked once against the bucket's gradient."""
-    assert state._capture is not None
-    params = bucket.parameters()
-    samples = torch.cat([state._capture.pop(params[i]).float() for i in layout.order], dim=1)
-    if bucket.index() not in state._checked_sums:
-        expected = layout.to_canonical(bucket.buffer()).float()
-        error = (samples.sum(0) - expected).abs().max().item() if len(samples) else 0.0
-        scale = expected.abs().max().item() + 1e-12
-        if error > 1e-3 * scale + 1e-6:
-            raise ValueError(
-                f"per-example gradients of bucket {bucket.index()} do not add up to its gradient "
-                f"(max difference {error:.3g}): zero the gradients before each backward, run one "
-                "forward per backward (no accumulation under no_sync), and train only supported "
-                "layers"
-            )
-        state._checked_sums.add(bucket.index())
-    return bs.sketch.sketch_batch(samples)
+def private_tables(state: DPSketchState, context: BucketContext) -> Tensor:
+    """``[n, r, c]`` tables of this rank's contributions to the bucket: its examples, or itself."""
+    sketch = context.sketch
+    if state.privacy.unit == "example":
+        return sketch.sketch_batch(state.per_example(context))
+    return sketch.sketch(context.canonical())[None]
 
 
 def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -257,39 +357,28 @@ def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futur
     adds its share of ``N(0, sigma^2 C^2)`` per cell, and allreduces. The summed noisy table is
     decoded (top-k with sketch-space error feedback, or dense) and divided by the expected number
     of contributions. Returns a future of one tensor shaped and typed like ``bucket.buffer()``.
+    If the step is refused (budget) or fails on any rank, every rank raises, and the step's raw
+    gradients are cleared first (``p.grad = None``, see :mod:`sketchcomm.engine`).
     """
-    if state._positions is None:
+    if state.positions is None:
         raise RuntimeError("register the state with state.register(ddp_model), not directly")
-    group = state.process_group if state.process_group is not None else dist.group.WORLD
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    buffer = bucket.buffer()
-    if bucket.index() == 0:  # DDP launches buckets in index order: this starts a step
-        state._open_step(buffer.device)
-    layout = BucketLayout.of(bucket, state._positions)
-    bs = state._bucket_state(bucket, layout, group)
-    clip = bucket_clip_norm(state.max_grad_norm, layout.numel, state._total_elements)
-    if state.unit == "example":
-        tables = _per_example_tables(state, bucket, layout, bs)
-    else:
-        tables = bs.sketch.sketch(layout.to_canonical(buffer))[None]
-    table, _ = clip_and_sum(tables, clip)
-    add_noise(table, state.noise_std(rank, world), state._generator, state.secure_mode)
+    context = state.open(bucket)
+    sketch = context.sketch
 
-    full_bytes = buffer.numel() * buffer.element_size()
-    state.stats.record(table.numel(), table.numel() * 4, buffer.numel(), full_bytes)
-    state.stats.compressed_buckets += 1
-    index, normalizer = bucket.index(), state.normalizer
-    if bucket.is_last():
-        state.end_iteration()
+    def make_table() -> Tensor:
+        if bucket.index() == 0:  # DDP launches buckets in index order: this starts a step
+            state.open_step(context.buffer.device)
+        clip = state.bucket_clip_norm(context.layout.numel)
+        table, _ = clip_and_sum(private_tables(state, context), clip)
+        return state.add_noise(table, state.noise_std(context.rank, context.world))
 
-    def decode(f: torch.futures.Future) -> Tensor:
-        summed = f.value()[0]
-        if not torch.isfinite(summed).all():
-            return _nan_result(state, index, buffer)
-        update = (
-            bs.sketch.estimate(summed) if bs.sketch.is_exact else decode_table(state, bs, summed)
-        )
-        return layout.from_canonical(update.div_(normalizer).to(buffer.dtype))
-
-    fut = dist.all_reduce(table, group=group, async_op=True).get_future()
-    return fut.then(decode)
+    table = context.build(sketch.table_shape, make_table)
+    context.record(table.numel(), table.numel() * 4)
+    decoding, bucket_state, normalizer = (
+        state.config.decoding,
+        context.bucket_state,
+        state.normalizer,
+    )
+    return context.allreduce(
+        table, lambda summed: decode_or_exact(decoding, bucket_state, summed).div_(normalizer)
+    )

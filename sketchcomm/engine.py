@@ -1,0 +1,352 @@
+r"""A toolkit for DDP communication hooks that send something other than the gradient bucket.
+
+Every hook in this package runs the same protocol for each bucket:
+
+    layout -> bucket state -> message -> exchange -> failure and finite checks -> decode -> stats
+
+:class:`HookState` holds what the protocol keeps between buckets (process group, the parameters
+it is bound to, per-bucket state, statistics); :meth:`HookState.open` starts a bucket and returns
+a :class:`BucketContext`, whose methods are the remaining steps. A hook is then a few lines: what
+makes the message and how the exchanged message is decoded (see :func:`sketchcomm.sketch_hook`,
+:func:`sketchcomm.privacy.dp_sketch_hook` and the benchmark baselines)::
+
+    def my_hook(state, bucket):
+        context = state.open(bucket)
+        message = context.build(numel, lambda: make_message(context))
+        return context.allreduce(message, lambda summed: decode(context, summed))
+
+Failure path. A hook that raises on one rank only (bad input, a refused privacy budget, a bug)
+would leave the other ranks waiting in a collective until the process group's timeout. Instead,
+:meth:`BucketContext.build` catches the error: the rank sends an all-zero message (nothing of its
+data) for this bucket and every later bucket of the step, and every message carries one flag per
+rank (the code of the error's type, 0 when fine). Every rank sees the flags: a failing rank
+raises its own error from the step's last bucket, the others raise :class:`RemoteHookError`
+naming the failing rank and its error type. Before the error reaches the caller, the step's raw
+gradients are discarded on every rank (``p.grad = None``, bucket buffers and results zeroed,
+:meth:`HookState.discard_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from sketchcomm.buckets import BucketLayout, BucketState
+from sketchcomm.failure import RemoteHookError, StepGuard, error_code, error_name
+from sketchcomm.sketch import CountSketch
+from sketchcomm.stats import SketchStats
+
+__all__ = ["BucketContext", "HookState", "RemoteHookError", "resolve_group"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """``group``, or the default (world) group when None."""
+    return group if group is not None else dist.group.WORLD
+
+
+class HookState:
+    """What a bucket hook keeps between buckets and steps.
+
+    Subclasses say how a bucket's state is made (:meth:`new_bucket_state`) and which numbers every
+    rank must agree on (:meth:`agreement_fields`). ``nonfinite`` is ``"propagate"`` (a bucket whose
+    exchanged message is not finite becomes NaN) or ``"raise"``.
+
+    >>> state = HookState()
+    >>> state.iter, state.stats.iterations, state.buckets
+    (0, 0, {})
+    """
+
+    nonfinite = "propagate"
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise ValueError(
+                f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                f"{process_group!r}"
+            )
+        self.process_group = process_group
+        self.iter = 0
+        self.stats = SketchStats()
+        self.buckets: dict[int, BucketState] = {}
+        self.positions: dict[int, int] | None = None
+        self.lock = threading.Lock()
+        self.step = StepGuard(self.lock, self.discard_step)
+
+    # ------------------------------------------------------------------ what subclasses define
+    def new_bucket_state(self, key: tuple, numel: int, device: torch.device | None) -> BucketState:
+        """A fresh :class:`BucketState` for a bucket of ``numel`` elements with layout ``key``."""
+        raise NotImplementedError(f"{type(self).__name__} makes no bucket state")
+
+    def agreement_fields(self, bucket: BucketState) -> dict[str, float]:
+        """Numbers that must be equal on every rank for this bucket."""
+        return {
+            "bucket elements": bucket.sketch.dim,
+            "columns": bucket.sketch.columns,
+            "hash functions": float(bucket.sketch.fingerprint % (1 << 52)),
+        }
+
+    def discard_step(self) -> None:
+        """Drop whatever raw per-step data the state holds (called on a failed step)."""
+
+    def end_iteration(self) -> None:
+        """Called after the last bucket of every step."""
+        self.stats.end_iteration()
+        self.iter += 1
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, module: nn.Module) -> None:
+        """Key bucket state by ``module``'s parameters (see :mod:`sketchcomm.buckets`)."""
+        self.positions = {id(p): i for i, p in enumerate(module.parameters())}
+
+    def register(self, ddp_model: nn.Module, hook: Callable) -> None:
+        """Bind this state to ``ddp_model``'s parameters and register ``hook`` on it."""
+        self.bind(getattr(ddp_model, "module", ddp_model))
+        ddp_model.register_comm_hook(self, hook)
+
+    # ------------------------------------------------------------------ the protocol
+    def open(self, bucket: dist.GradBucket, *, with_state: bool = True) -> BucketContext:
+        """Start the protocol for ``bucket``: resolve the group, read the layout and (with
+        ``with_state``) find or make the bucket's state, checked across ranks when new."""
+        if bucket.index() == 0:  # DDP launches buckets in index order: a new step
+            self.step = StepGuard(self.lock, self.discard_step)
+        group = resolve_group(self.process_group)
+        layout = BucketLayout.of(bucket, self.positions)
+        bucket_state = self._bucket_state(bucket, layout, group) if with_state else None
+        self.step.buffers.append(bucket.buffer())
+        self.step.parameters.extend(bucket.parameters())
+        return BucketContext(self, bucket, group, layout, bucket_state)
+
+    def _bucket_state(
+        self, bucket: dist.GradBucket, layout: BucketLayout, group: dist.ProcessGroup
+    ) -> BucketState:
+        device = bucket.buffer().device
+        index = bucket.index()
+        state = self.buckets.get(index)
+        if state is not None and state.layout == layout.key:
+            if state.sketch.device != device:
+                state.to(device)
+            return state
+        if state is not None:
+            # DDP rebuilt its buckets with other members, or a checkpoint came from another layout.
+            self.stats.state_resets += 1
+            if self.iter > 1:  # DDP's own rebuild after iteration 0 is expected
+                logger.warning(
+                    "bucket %d changed layout at iteration %d: state reset", index, self.iter
+                )
+        state = self.new_bucket_state(layout.key, layout.numel, device)
+        self._check_agreement(index, state, group)
+        self.buckets[index] = state
+        return state
+
+    def _check_agreement(self, index: int, state: BucketState, group: dist.ProcessGroup) -> None:
+        """One MAX allreduce of a small fingerprint: every rank learns the min and max of each
+        field, so every rank raises the same error when they disagree (no rank is left hanging)."""
+        fields = self.agreement_fields(state)
+        local = torch.tensor(list(fields.values()), dtype=torch.float64)
+        both = torch.cat((local, -local)).to(state.sketch.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        high, low = both[: len(fields)].cpu(), -both[len(fields) :].cpu()
+        differing = [
+            f"{name} ranges from {lo:g} to {hi:g}"
+            for name, lo, hi in zip(fields, low.tolist(), high.tolist(), strict=True)
+            if lo != hi
+        ]
+        if differing:
+            raise ValueError(
+                f"sketch configuration differs across ranks for bucket {index}: "
+                + "; ".join(differing)
+                + ". Every rank must build its state with the same arguments and seed."
+            )
+
+
+class BucketContext:
+    """One bucket going through the protocol of a :class:`HookState`, made by
+    :meth:`HookState.open`: the ``bucket`` and its ``buffer``, ``layout`` and ``bucket_state``
+    (None when opened without), the process ``group`` with this ``rank`` and ``world`` size.
+
+    >>> from sketchcomm.sketch import CountSketch
+    >>> BucketContext.sketch.__doc__
+    "The bucket's Count Sketch."
+    """
+
+    def __init__(
+        self,
+        state: HookState,
+        bucket: dist.GradBucket,
+        group: dist.ProcessGroup,
+        layout: BucketLayout,
+        bucket_state: BucketState | None,
+    ) -> None:
+        self.state, self.bucket, self.group, self.layout = state, bucket, group, layout
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.bucket_state = bucket_state
+        self.buffer = bucket.buffer()
+        self.iteration = state.iter
+        self.step = state.step
+
+    @property
+    def sketch(self) -> CountSketch:
+        """The bucket's Count Sketch."""
+        if self.bucket_state is None:
+            raise RuntimeError("the bucket was opened without state")
+        return self.bucket_state.sketch
+
+    def canonical(self) -> Tensor:
+        """The bucket buffer ``[d]`` in canonical order (see :class:`BucketLayout`)."""
+        return self.layout.to_canonical(self.buffer)
+
+    def build(
+        self,
+        shape: tuple[int, ...],
+        make: Callable[[], Tensor],
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """``make()``, the message of ``shape`` and ``dtype``, unless this rank's hook already
+        failed in this step or ``make`` raises: then all zeros, and the failure is sent with the
+        exchange (see the module docstring)."""
+        if self.step.local_error is None:
+            try:
+                message = make()
+                if tuple(message.shape) != tuple(shape) or message.dtype != dtype:
+                    raise RuntimeError(
+                        f"the hook made a {tuple(message.shape)} {message.dtype} message where "
+                        f"{tuple(shape)} {dtype} was expected"
+                    )
+                return message
+            except Exception as error:  # every rank must learn of it: see the module docstring
+                self.step.local_error = error
+        return torch.zeros(shape, dtype=dtype, device=self.buffer.device)
+
+    def record(self, sent_elements: int, sent_bytes: int, *, compressed: bool = True) -> None:
+        """Count what this rank sends for the bucket in :class:`SketchStats`."""
+        self.state.stats.record_bucket(sent_elements, sent_bytes, self.buffer, compressed)
+
+    def nonfinite_result(self) -> Tensor:
+        """The result of a bucket whose exchanged message is not finite: NaN (so that AMP's
+        ``GradScaler`` skips the step), or ``FloatingPointError`` with ``nonfinite="raise"``."""
+        with self.state.lock:
+            self.state.stats.nonfinite_buckets += 1
+        if self.state.nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite gradient in bucket {self.bucket.index()} at iteration "
+                f"{self.iteration} (NaN or Inf on at least one rank)"
+            )
+        return torch.full((self.layout.numel,), float("nan"), device=self.buffer.device)
+
+    def _pack(self, message: Tensor) -> Tensor:
+        flags = torch.zeros(self.world, dtype=message.dtype, device=message.device)
+        if self.step.local_error is not None:
+            flags[self.rank] = error_code(self.step.local_error)
+        return torch.cat((message.reshape(-1), flags))
+
+    def _failed(self, flags: Tensor) -> bool:
+        """True (and the first failing rank noted) when any rank flagged a failure."""
+        if not bool((flags != 0).any()):
+            return False
+        if self.step.remote is None:
+            rank = int(torch.nonzero(flags)[0, 0])
+            self.step.remote = (rank, error_name(int(flags[rank].round())))
+        return True
+
+    def _checked(self, payload: Tensor, decode: Callable[[Tensor], Tensor]) -> Tensor:
+        if not bool(torch.isfinite(payload).all()):
+            return self.nonfinite_result()
+        return decode(payload)
+
+    def allreduce_now(self, message: Tensor) -> Tensor | None:
+        """Allreduce ``message`` (a first round) and wait: the sum shaped like ``message``, or
+        None when some rank failed (then end the bucket with :meth:`without_exchange`)."""
+        packed = self._pack(message)
+        dist.all_reduce(packed, group=self.group)
+        if self._failed(packed[-self.world :]):
+            packed.zero_()  # nothing is kept from a step that failed somewhere
+            return None
+        return packed[: message.numel()].view(message.shape)
+
+    def allreduce(
+        self, message: Tensor, decode: Callable[[Tensor], Tensor], *, check_finite: bool = True
+    ) -> torch.futures.Future[Tensor]:
+        """Sum ``message`` over the ranks asynchronously; ``decode(summed)``, with ``summed``
+        shaped like ``message``, gives the bucket's result ``[d]`` in canonical order (with
+        ``check_finite`` a non-finite sum never reaches ``decode``: see
+        :meth:`nonfinite_result`). Returns the future DDP waits for."""
+        packed, shape = self._pack(message), message.shape
+
+        def outcome() -> Tensor | None:
+            if self._failed(packed[-self.world :]):
+                packed.zero_()
+                return None
+            summed = packed[: -self.world].view(shape)
+            return self._checked(summed, decode) if check_finite else decode(summed)
+
+        work = dist.all_reduce(packed, group=self.group, async_op=True).get_future()
+        return self._finish(work, outcome)
+
+    def allgather(
+        self, message: Tensor, decode: Callable[[list[Tensor]], Tensor]
+    ) -> torch.futures.Future[Tensor]:
+        """Gather every rank's ``message`` (synchronously); ``decode(messages)`` gives the
+        bucket's result ``[d]`` in canonical order."""
+        packed = self._pack(message)
+        gathered = [torch.empty_like(packed) for _ in range(self.world)]
+        dist.all_gather(gathered, packed, group=self.group)
+
+        def outcome() -> Tensor | None:
+            if self._failed(torch.stack([g[-self.world :] for g in gathered]).sum(0)):
+                return None
+            return decode([g[: -self.world] for g in gathered])
+
+        return self._finish(_completed(), outcome)
+
+    def without_exchange(self, outcome: Callable[[], Tensor | None]) -> torch.futures.Future:
+        """End the bucket with no further exchange: ``outcome()`` is its result, None when a
+        first round saw a failure."""
+        return self._finish(_completed(), outcome)
+
+    def _finish(
+        self, work: torch.futures.Future, outcome: Callable[[], Tensor | None]
+    ) -> torch.futures.Future[Tensor]:
+        state, step, bucket = self.state, self.step, self.bucket
+        gate: torch.futures.Future = torch.futures.Future()
+        result: list = [None]
+
+        def arrived(exchanged: torch.futures.Future) -> None:
+            try:
+                exchanged.value()  # raises if the collective failed (e.g. a rank died)
+                result[0] = outcome()
+            except Exception as error:
+                result[0] = error
+            step.arrive(gate, result)
+
+        last = bucket.is_last()
+        if last:
+            state.end_iteration()
+        work.add_done_callback(arrived)
+        if last:
+            step.expect(bucket.index() + 1)
+            if step.local_error is not None:
+                work.wait()
+                step.discard()
+                raise step.local_error
+        dtype, layout = self.buffer.dtype, self.layout
+
+        def release(_: torch.futures.Future) -> Tensor:
+            value = result[0]
+            if isinstance(value, BaseException):
+                raise value
+            return layout.from_canonical(value.to(dtype))
+
+        return gate.then(release)
+
+
+def _completed() -> torch.futures.Future:
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(None)
+    return future
