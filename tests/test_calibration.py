@@ -180,6 +180,8 @@ def test_describe_plan_refuses_an_unsound_threat_model() -> None:
     with pytest.raises(ValueError, match="colluding_ranks must be an integer from 0 to"):
         describe_plan(1.0, 0.01, 10, DELTA, "rdp", world_size=2, colluding_ranks=2)
     with pytest.raises(ValueError, match="give world_size"):
-        describe_plan(1.0, 1.0, 10, DELTA, "rdp", unit="rank")
+        describe_plan(1.0, 0.01, 10, DELTA, "rdp", colluding_ranks=1)
+    without_world = describe_plan(1.0, 1.0, 10, DELTA, "rdp", unit="rank")
+    assert "t = W - 1 (every other rank" in without_world
     single = describe_plan(1.0, 0.01, 10, DELTA, "rdp", world_size=2, noise_placement="single")
     assert "1 colluding rank(s): multiplier 0, epsilon infinite" in single

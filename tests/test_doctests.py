@@ -9,6 +9,7 @@ import pytest
 
 MODULES = [
     "sketchcomm.validation",
+    "sketchcomm.privacy.accounting",
     "sketchcomm.privacy.ledger",
     "sketchcomm.privacy.ledger_file",
     "sketchcomm.privacy.calibration",

@@ -29,7 +29,9 @@ def test_resolve_colluding_ranks_defaults_and_range() -> None:
     assert resolve_colluding_ranks(None, "rank", 1) == 0
     assert resolve_colluding_ranks(2, "example", 4) == 2
     for bad in (-1, 4, 1.0, True):
-        with pytest.raises(ValueError, match="colluding_ranks must be an integer from 0 to world - 1 = 3"):
+        with pytest.raises(
+            ValueError, match="colluding_ranks must be an integer from 0 to world - 1"
+        ):
             resolve_colluding_ranks(bad, "example", 4)
     with pytest.raises(ValueError, match="unit"):
         resolve_colluding_ranks(None, "user", 4)

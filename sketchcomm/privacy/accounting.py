@@ -60,6 +60,14 @@ class PrivacyBudgetExceeded(RuntimeError):
     Raised by :meth:`PrivacyLedger.record_step` before anything is recorded or written: the
     caller must not release the step's noisy result.
 
+    >>> from sketchcomm.privacy import PrivacyLedger
+    >>> ledger = PrivacyLedger("rdp", delta=1e-5, budget=0.5)
+    >>> try:
+    ...     ledger.record_step(0.5, 0.1)
+    ... except PrivacyBudgetExceeded as refused:
+    ...     print(refused.spent, refused.would_be > refused.budget, ledger.steps)
+    0.0 True 0
+
     Attributes:
         spent: :math:`\varepsilon` spent before the refused step.
         budget: the :math:`\varepsilon` budget.

@@ -148,15 +148,17 @@ def _threat_model(
     colluding_ranks: int | None,
     noise_placement: str,
 ) -> tuple[int | None, float]:
-    """``(t, outsider multiplier)``; ``t`` is ``None`` when it cannot be known without W."""
+    """``(t, outsider multiplier)``. Without ``world_size``, ``unit="rank"`` has ``t = W - 1``
+    (returned as ``None``) and the outsider multiplier is stated as ``sigma``, a lower bound of
+    the true ``sigma sqrt(W)``, so the outsider epsilon is an upper bound."""
     threat_unit = "rank" if unit == "rank" else "example"
     if world_size is None:
-        if colluding_ranks not in (None, 0) or threat_unit == "rank":
+        if colluding_ranks not in (None, 0):
             raise ValueError(
-                "give world_size with colluding_ranks, and for unit='rank': the noise shares "
-                "and the epsilons depend on the number of ranks"
+                "give world_size with colluding_ranks: the noise shares and the epsilons depend "
+                "on the number of ranks"
             )
-        return 0, noise_multiplier
+        return (None if threat_unit == "rank" else 0), noise_multiplier
     t = resolve_colluding_ranks(colluding_ranks, threat_unit, world_size)
     check_threat_model(threat_unit, noise_placement, t, world_size)
     return t, outsider_noise_multiplier(noise_multiplier, world_size, noise_placement, t)
@@ -228,6 +230,9 @@ def describe_plan(
     if dataset_size is not None:
         delta_line += f"  (dataset of {dataset_size} {unit}s; 1/n = {1.0 / dataset_size:.3g})"
     ranks = "" if world_size is None else f" of W = {world_size}"
+    t_text = (
+        "W - 1 (every other rank; give world_size for the outsider epsilon)" if t is None else t
+    )
     lines = [
         "Differential privacy plan",
         f"  unit of privacy   : one {unit} (add/remove-one adjacency, Poisson sampling)",
@@ -237,7 +242,7 @@ def describe_plan(
         "(noise std / clipping norm)",
         f"  sample rate q     : {q:g}  (about {total_steps * q:.3g} epochs)",
         f"  steps             : {total_steps}",
-        f"  threat model      : t = {t} colluding rank(s){ranks}, noise placement "
+        f"  threat model      : t = {t_text} colluding rank(s){ranks}, noise placement "
         f"{noise_placement}",
         f"  epsilon, outsiders: {_epsilon_text(outsider_epsilon)}  at delta = {delta:g} "
         "(observers of the models and the summed tables)",
@@ -245,10 +250,10 @@ def describe_plan(
         + (
             "(t = 0: the ranks are trusted)"
             if t == 0
-            else f"(any {t} colluding ranks that remove their own noise shares, and outsiders)"
+            else f"(any {t_text} colluding ranks that remove their own noise shares, and outsiders)"
         ),
     ]
-    if world_size is not None and t < world_size - 1:
+    if world_size is not None and t is not None and t < world_size - 1:
         share = 0.0 if noise_placement == "single" else sigma / math.sqrt(world_size - t)
         exposed = share * math.sqrt(world_size - t - 1)
         for who, multiplier in (
@@ -301,7 +306,7 @@ def describe_plan(
         guarantee += "ranks trusted (t = 0)"
     else:
         guarantee = (
-            f"towards outside observers and any {t} colluding rank(s), and "
+            f"towards outside observers and any {t_text} colluding rank(s), and "
             f"({_epsilon_text(outsider_epsilon)}, {delta:g})-DP towards outside observers only"
         )
     lines.append(

@@ -61,6 +61,16 @@ class LedgerError(ValueError):
     written for a different accountant, delta, unit of privacy, noise source or threat model.
 
     The file in question is never modified when this is raised.
+
+    >>> import pathlib, tempfile
+    >>> from sketchcomm.privacy import PrivacyLedger
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "ledger.json"
+    >>> _ = PrivacyLedger("rdp", delta=1e-5, path=path)
+    >>> try:
+    ...     PrivacyLedger("prv", delta=1e-5, path=path)
+    ... except LedgerError as err:
+    ...     print(str(err).split(";")[0].endswith("but this ledger has accountant='prv'"))
+    True
     """
 
 
