@@ -35,6 +35,10 @@ def test_resolve_colluding_ranks_defaults_and_range() -> None:
             resolve_colluding_ranks(bad, "example", 4)
     with pytest.raises(ValueError, match="unit"):
         resolve_colluding_ranks(None, "user", 4)
+    with pytest.raises(ValueError, match="colluding_ranks"):  # resolve None first
+        noise_share_std(1.0, 1.0, 0, 4, "distributed", None)
+    with pytest.raises(ValueError, match="colluding_ranks"):
+        outsider_noise_multiplier(1.0, 4, "distributed", 4)
 
 
 def test_single_placement_is_refused_where_rank_0_is_an_adversary() -> None:

@@ -89,6 +89,21 @@ def clip_and_sum(tables: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
     return torch.einsum("n,nrc->rc", factors, tables), norms
 
 
+def _checked_colluding_ranks(colluding_ranks: object, world: int) -> int:
+    """``colluding_ranks`` if it is an integer ``t`` with ``0 <= t <= world - 1``."""
+    if (
+        isinstance(colluding_ranks, bool)
+        or not isinstance(colluding_ranks, int)
+        or not (0 <= colluding_ranks <= world - 1)
+    ):
+        raise ValueError(
+            f"colluding_ranks must be an integer from 0 to world - 1 = {world - 1} (the ranks "
+            f"that may pool their noise shares; at least one rank must be honest), got "
+            f"{colluding_ranks!r}: pass a value in that range, or None for the unit's default"
+        )
+    return colluding_ranks
+
+
 def resolve_colluding_ranks(colluding_ranks: int | None, unit: str, world: int) -> int:
     """The number ``t`` of ranks that may collude against the others' data.
 
@@ -104,17 +119,7 @@ def resolve_colluding_ranks(colluding_ranks: int | None, unit: str, world: int) 
     world = check_int("world", world, 1)
     if colluding_ranks is None:
         return 0 if unit == "example" else world - 1
-    if (
-        isinstance(colluding_ranks, bool)
-        or not isinstance(colluding_ranks, int)
-        or not (0 <= colluding_ranks <= world - 1)
-    ):
-        raise ValueError(
-            f"colluding_ranks must be an integer from 0 to world - 1 = {world - 1} (the ranks "
-            f"that may pool their noise shares; at least one rank must be honest), got "
-            f"{colluding_ranks!r}: pass a value in that range, or None for the unit's default"
-        )
-    return colluding_ranks
+    return _checked_colluding_ranks(colluding_ranks, world)
 
 
 def check_threat_model(unit: str, placement: str, colluding_ranks: int, world: int) -> None:
@@ -129,7 +134,7 @@ def check_threat_model(unit: str, placement: str, colluding_ranks: int, world: i
     """
     check_choice("unit", unit, PRIVACY_UNITS)
     check_choice("noise_placement", placement, NOISE_PLACEMENTS)
-    resolve_colluding_ranks(colluding_ranks, unit, world)
+    _checked_colluding_ranks(colluding_ranks, check_int("world", world, 1))
     if placement == "single" and unit == "rank":
         raise ValueError(
             "noise_placement='single' lets rank 0 see every other rank's clipped table without "
@@ -163,10 +168,9 @@ def noise_share_std(
     world = check_int("world", world, 1)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
         raise ValueError(f"rank must be an integer in [0, {world}), got {rank!r}")
-    t = resolve_colluding_ranks(colluding_ranks, "example", world)
+    t = _checked_colluding_ranks(colluding_ranks, world)
     if placement == "single":
-        if t:
-            check_threat_model("example", placement, t, world)
+        check_threat_model("example", placement, t, world)
         return sigma * clip if rank == 0 else 0.0
     return sigma * clip / math.sqrt(world - t)
 
@@ -179,10 +183,9 @@ def outsider_noise_multiplier(
     sigma = check_float("noise_multiplier", noise_multiplier, 0.0, math.inf, open_low=False)
     check_choice("noise_placement", placement, NOISE_PLACEMENTS)
     world = check_int("world", world, 1)
-    t = resolve_colluding_ranks(colluding_ranks, "example", world)
+    t = _checked_colluding_ranks(colluding_ranks, world)
     if placement == "single":
-        if t:
-            check_threat_model("example", placement, t, world)
+        check_threat_model("example", placement, t, world)
         return sigma
     return sigma * math.sqrt(world / (world - t))
 
