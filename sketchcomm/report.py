@@ -1,10 +1,12 @@
 r"""Reporting the privacy spent and the bytes communicated, to Weights & Biases and as text.
 
 :class:`PrivacyReporter` logs, once per step, what a :class:`~sketchcomm.privacy.PrivacyLedger`
-has recorded (:math:`\varepsilon` at the ledger's :math:`\delta`, the step's noise multiplier
-and sample rate, the number of steps, the budget left) together with communication figures
-supplied by the caller, and at the end a summary table and run summary values. Only rank 0
-logs; on other ranks every method does nothing, so training code can call it unconditionally.
+has recorded (the guaranteed :math:`\varepsilon`, towards outside observers and ``t`` colluding
+ranks, and the :math:`\varepsilon` towards outside observers only, both at the ledger's
+:math:`\delta`; the step's noise multiplier and sample rate, the number of steps, the budget
+left) together with communication figures supplied by the caller, and at the end a summary
+table and run summary values. Only rank 0 logs; on other ranks every method does nothing, so
+training code can call it unconditionally.
 
 :func:`format_privacy_report` renders the same facts as plain text for the console.
 
@@ -21,7 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sketchcomm.privacy.ledger import ACCOUNTANT_DESCRIPTIONS, PrivacyLedger
+from sketchcomm.privacy.accounting import ACCOUNTANT_DESCRIPTIONS
+from sketchcomm.privacy.ledger import PrivacyLedger
 
 __all__ = [
     "PrivacyReporter",
@@ -71,6 +74,11 @@ def resolve_wandb_mode(mode: str | None = None) -> str:
     return "online" if wandb_credentials_available() else "offline"
 
 
+def _colluding_value(ledger: PrivacyLedger) -> int | str:
+    """``t`` for wandb, ``"unknown"`` for a ledger that did not record it."""
+    return "unknown" if ledger.colluding_ranks is None else ledger.colluding_ranks
+
+
 def _current_rank() -> int:
     import torch.distributed as dist
 
@@ -79,22 +87,39 @@ def _current_rank() -> int:
     return 0
 
 
+def _epsilon_text(epsilon: float, digits: int = 6) -> str:
+    return f"{epsilon:.{digits}g}" if math.isfinite(epsilon) else "infinite"
+
+
+def _threat_text(ledger: PrivacyLedger) -> str:
+    if ledger.colluding_ranks is None:
+        return "not recorded (a ledger from before threat models were recorded)"
+    if ledger.colluding_ranks == 0:
+        return "t = 0: the ranks are trusted; holds towards outside observers"
+    return f"t = {ledger.colluding_ranks} colluding rank(s) that pool their noise shares"
+
+
 def _guarantee_line(ledger: PrivacyLedger) -> str:
-    epsilon = ledger.epsilon
-    epsilon_text = f"{epsilon:.4g}" if math.isfinite(epsilon) else "infinite"
+    t = ledger.colluding_ranks
+    towards = "unknown t" if t is None else f"any {t} colluding rank(s)"
     return (
-        f"The {ledger.steps} recorded steps are ({epsilon_text}, {ledger.delta:g})-DP for each "
-        f"{ledger.unit} (add/remove-one adjacency) under the {ledger.accountant} accountant, "
-        "provided each released step is the clipped, noised update recorded here. Sketching or "
-        "compression of the noised update is post-processing and adds no privacy of its own."
+        f"The {ledger.steps} recorded steps are ({_epsilon_text(ledger.epsilon, 4)}, "
+        f"{ledger.delta:g})-DP for each {ledger.unit} (add/remove-one adjacency) towards "
+        f"outside observers and {towards}, and ({_epsilon_text(ledger.outsider_epsilon, 4)}, "
+        f"{ledger.delta:g})-DP towards outside observers of the models and the summed tables "
+        f"only, under the {ledger.accountant} accountant, provided each released step is the "
+        "clipped, noised update recorded here. Sketching or compression of the noised update is "
+        "post-processing and adds no privacy of its own."
     )
 
 
 def format_privacy_report(ledger: PrivacyLedger, *, comm: Mapping[str, float] | None = None) -> str:
     r"""Return a plain-text report of what ``ledger`` has recorded, to print at the end of a run.
 
-    States the unit of privacy, accountant, :math:`\delta`, :math:`\varepsilon` spent, budget,
-    the history of noise multipliers and sample rates, and the guarantee they add up to.
+    States the unit of privacy, accountant, :math:`\delta`, the threat model (``t`` colluding
+    ranks), both :math:`\varepsilon` (towards outside observers, and the guaranteed one towards
+    ``t`` colluding ranks, which the budget applies to), the budget, the history of noise
+    multipliers and sample rates, and the guarantee they add up to.
 
     Args:
         ledger: the run's ledger.
@@ -105,20 +130,34 @@ def format_privacy_report(ledger: PrivacyLedger, *, comm: Mapping[str, float] | 
         f"  unit of privacy   : one {ledger.unit} (add/remove-one adjacency, Poisson sampling)",
         f"  accountant        : {ledger.accountant}, {ACCOUNTANT_DESCRIPTIONS[ledger.accountant]}",
         f"  delta             : {ledger.delta:g}",
+        f"  threat model      : {_threat_text(ledger)}",
         f"  steps             : {ledger.steps}",
-        f"  epsilon spent     : {ledger.epsilon:.6g}",
+        f"  epsilon, outsiders: {_epsilon_text(ledger.outsider_epsilon)}  (observers of the "
+        "models and the summed tables)",
+        f"  epsilon, t ranks  : {_epsilon_text(ledger.epsilon)}  (guaranteed: outsiders and the "
+        "t colluding ranks; the budget applies to it)",
     ]
     if ledger.budget is not None:
         lines.append(
             f"  epsilon budget    : {ledger.budget:g}  (remaining {ledger.budget_remaining:.6g})"
         )
-    source = "cryptographically secure" if ledger.secure_mode else "standard pseudo-random"
-    lines.append(f"  noise source      : {source} generator")
+    source = (
+        "the operating system's CSPRNG"
+        if ledger.secure_mode
+        else "a torch.Generator seeded from the operating system (not cryptographically secure)"
+    )
+    lines.append(f"  noise source      : {source}")
     if ledger.path is not None:
         lines.append(f"  ledger file       : {ledger.path}")
-    if ledger.history:
-        lines.append("  history           : noise multiplier, sample rate, steps")
-        lines.extend(f"      {sigma:<12g} {q:<12g} {count}" for sigma, q, count in ledger.history)
+    histories = [("history", ledger.history)]
+    if ledger.outsider_history != ledger.history:
+        histories = [
+            ("history, t ranks", ledger.history),
+            ("history, outsiders", ledger.outsider_history),
+        ]
+    for label, history in histories if ledger.history else []:
+        lines.append(f"  {label:<18}: noise multiplier, sample rate, steps")
+        lines.extend(f"      {sigma:<12g} {q:<12g} {count}" for sigma, q, count in history)
     for key, value in (comm or {}).items():
         lines.append(f"  comm/{key:<12}: {value:g}")
     lines.append(_guarantee_line(ledger))
@@ -128,13 +167,24 @@ def format_privacy_report(ledger: PrivacyLedger, *, comm: Mapping[str, float] | 
 class PrivacyReporter:
     r"""Logs a ledger's privacy figures and the caller's communication figures to wandb.
 
-    Per call of :meth:`log_step`, at wandb step ``ledger.steps``: ``privacy/epsilon``
-    (:math:`\varepsilon` spent at ``privacy/delta``), ``privacy/delta``,
+    Per call of :meth:`log_step`, at wandb step ``ledger.steps``: ``privacy/epsilon`` (the
+    guaranteed :math:`\varepsilon` at ``privacy/delta``, towards outside observers and the
+    ledger's ``t`` colluding ranks, logged in the config as ``privacy/colluding_ranks``),
+    ``privacy/outsider_epsilon`` (towards outside observers only), ``privacy/delta``,
     ``privacy/noise_multiplier`` and ``privacy/sample_rate`` (of the latest step),
     ``privacy/steps``, ``privacy/budget_remaining`` (with a budget), and ``comm/<key>`` for each
     entry of the ``comm`` dict (e.g. ``bytes_sent``, ``compression_ratio``). :meth:`finish` logs
-    the tables ``privacy/summary`` and ``privacy/history``, sets the run summary and closes the
-    run.
+    the tables ``privacy/summary``, ``privacy/history`` and ``privacy/outsider_history``, sets the
+    run summary and closes the run.
+
+    >>> import tempfile
+    >>> from sketchcomm.privacy import PrivacyLedger
+    >>> ledger = PrivacyLedger("rdp", delta=1e-5, colluding_ranks=0)
+    >>> _ = ledger.record_step(1.0, 0.01)
+    >>> with PrivacyReporter(ledger, mode="disabled", dir=tempfile.mkdtemp(), rank=0) as reporter:
+    ...     logged = reporter.log_step({"bytes_sent": 1024})
+    >>> logged["privacy/outsider_epsilon"] == ledger.outsider_epsilon, logged["comm/bytes_sent"]
+    (True, 1024.0)
 
     Only rank 0 logs. ``rank`` defaults to ``torch.distributed.get_rank()`` when a process group
     is initialised, else 0; on any other rank no run is created, wandb is not imported and every
@@ -147,7 +197,8 @@ class PrivacyReporter:
         ledger: the run's ledger.
         project: wandb project.
         name: wandb run name.
-        config: extra run config; the ledger's accountant, delta, budget and unit are added.
+        config: extra run config; the ledger's accountant, delta, budget, unit, secure_mode and
+            colluding_ranks are added.
         dir: directory wandb writes its run files under.
         mode: ``"online"``, ``"offline"`` or ``"disabled"``.
         rank: this process's rank.
@@ -185,6 +236,7 @@ class PrivacyReporter:
             "privacy/budget": ledger.budget,
             "privacy/unit": ledger.unit,
             "privacy/secure_mode": ledger.secure_mode,
+            "privacy/colluding_ranks": _colluding_value(ledger),
             **dict(config or {}),
         }
         if dir is not None:
@@ -208,11 +260,6 @@ class PrivacyReporter:
         """The wandb run, or ``None`` on ranks other than 0."""
         return self._run
 
-    @property
-    def comm_totals(self) -> dict[str, float]:
-        """Sum over logged steps of each ``comm`` figure."""
-        return dict(self._comm_sums)
-
     def log_step(
         self, comm: Mapping[str, float] | None = None, *, step: int | None = None
     ) -> dict[str, float] | None:
@@ -224,9 +271,9 @@ class PrivacyReporter:
         if self._finished:
             raise RuntimeError("log_step called after finish()")
         ledger = self._ledger
-        assert ledger is not None
         metrics: dict[str, float] = {
             "privacy/epsilon": ledger.epsilon,
+            "privacy/outsider_epsilon": ledger.outsider_epsilon,
             "privacy/delta": ledger.delta,
             "privacy/steps": ledger.steps,
         }
@@ -251,9 +298,10 @@ class PrivacyReporter:
         import wandb
 
         ledger = self._ledger
-        assert ledger is not None
         summary: dict[str, Any] = {
             "privacy/epsilon": ledger.epsilon,
+            "privacy/outsider_epsilon": ledger.outsider_epsilon,
+            "privacy/colluding_ranks": _colluding_value(ledger),
             "privacy/delta": ledger.delta,
             "privacy/accountant": ledger.accountant,
             "privacy/unit": ledger.unit,
@@ -271,14 +319,17 @@ class PrivacyReporter:
                 columns=["quantity", "value"],
                 data=[[key, str(value)] for key, value in summary.items()],
             )
-            history_table = wandb.Table(
-                columns=["noise_multiplier", "sample_rate", "steps"],
-                data=[list(entry) for entry in ledger.history],
-            )
-            self._run.log(
-                {"privacy/summary": summary_table, "privacy/history": history_table},
-                step=self._step,
-            )
+            tables = {
+                f"privacy/{name}": wandb.Table(
+                    columns=["noise_multiplier", "sample_rate", "steps"],
+                    data=[list(entry) for entry in history],
+                )
+                for name, history in (
+                    ("history", ledger.history),
+                    ("outsider_history", ledger.outsider_history),
+                )
+            }
+            self._run.log({"privacy/summary": summary_table, **tables}, step=self._step)
             self._run.summary.update(summary)
         finally:
             self._run.finish()

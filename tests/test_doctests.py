@@ -18,7 +18,9 @@ def _module_names() -> list[str]:
 
 
 @pytest.mark.parametrize("name", _module_names())
-def test_examples_in_module(name: str) -> None:
+def test_examples_in_module(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here
     try:
         module = importlib.import_module(name)
     except ImportError as error:  # an optional extra that is not installed

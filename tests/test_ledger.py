@@ -259,6 +259,19 @@ VALID = {
 }
 
 
+def _v2(**changes) -> bytes:
+    """A valid version 2 file (t = 1, outsiders face more noise), with ``changes``."""
+    state = {
+        **VALID,
+        "schema_version": 2,
+        "colluding_ranks": 1,
+        "outsider_epsilon": 0.5,
+        "outsider_history": [{"noise_multiplier": 1.5, "sample_rate": 0.01, "steps": 2}],
+        **changes,
+    }
+    return json.dumps(state).encode()
+
+
 def _corrupt(**changes) -> bytes:
     state = {key: value for key, value in VALID.items() if key not in changes.get("drop", ())}
     state.update({key: value for key, value in changes.items() if key != "drop"})
@@ -273,7 +286,12 @@ def _corrupt(**changes) -> bytes:
         (b"\xff\xfe\x00garbage", "cannot be read"),
         (b"[1, 2]", "JSON object"),
         (_corrupt(format="something-else"), "format"),
-        (_corrupt(schema_version=2), "schema_version"),
+        (_corrupt(schema_version=3), "schema_version"),
+        (_corrupt(schema_version=2), "missing field"),
+        (_v2(colluding_ranks=-1), "colluding_ranks"),
+        (_v2(colluding_ranks=True), "colluding_ranks"),
+        (_v2(outsider_history=[]), "outsider_history holds 0 steps"),
+        (_v2(outsider_epsilon=None), "outsider_epsilon"),
         (_corrupt(drop=("history",)), "missing field"),
         (_corrupt(steps=3), "steps is 3"),
         (
@@ -311,6 +329,7 @@ def test_valid_hand_written_file_loads(tmp_path: Path) -> None:
         ({"delta": 1e-6}, "delta"),
         ({"unit": "user"}, "unit"),
         ({"secure_mode": True}, "secure_mode"),
+        ({"colluding_ranks": 1}, "colluding_ranks"),
     ],
 )
 def test_mismatched_file_raises_and_is_untouched(tmp_path: Path, kwargs: dict, field: str) -> None:
@@ -339,6 +358,8 @@ def test_mismatched_file_raises_and_is_untouched(tmp_path: Path, kwargs: dict, f
         ({"dataset_size": 1000, "delta": 1e-3}, "delta must be below 1/dataset_size"),
         ({"unit": ""}, "unit"),
         ({"secure_mode": "yes"}, "secure_mode"),
+        ({"colluding_ranks": -1}, "colluding_ranks"),
+        ({"colluding_ranks": 1.0}, "colluding_ranks"),
     ],
 )
 def test_invalid_construction(kwargs: dict, name: str) -> None:
@@ -471,3 +492,90 @@ def test_rdp_epsilon_equals_opacus_rdp_accountant_exactly(history: list) -> None
     reference = RDPAccountant()
     reference.history = list(history)
     assert epsilon_for_history("rdp", history, 1e-5) == reference.get_epsilon(1e-5)
+
+
+def test_version_1_file_migrates_and_continues(tmp_path: Path) -> None:
+    """A file written before the threat model was recorded: t unknown, outsider history equal."""
+    path = tmp_path / "ledger.json"
+    path.write_bytes(_corrupt())
+    with pytest.raises(LedgerError, match=r"colluding_ranks=None.*construct the ledger with"):
+        PrivacyLedger("rdp", DELTA, path=path, colluding_ranks=0)
+    assert path.read_bytes() == _corrupt()
+    ledger = PrivacyLedger.open(path, writer=True)
+    assert ledger.colluding_ranks is None
+    assert ledger.outsider_history == ledger.history == [(1.0, 0.01, 2)]
+    assert ledger.outsider_epsilon == ledger.epsilon
+    ledger.record_step(1.0, 0.01)
+    stored = json.loads(path.read_text())
+    assert stored["schema_version"] == 2 and stored["colluding_ranks"] is None
+    assert stored["outsider_history"] == stored["history"]
+
+
+def test_hand_written_version_2_file_loads(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_bytes(_v2())
+    ledger = PrivacyLedger("rdp", DELTA, path=path, colluding_ranks=1)
+    assert ledger.history == [(1.0, 0.01, 2)]
+    assert ledger.outsider_history == [(1.5, 0.01, 2)]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_outsider_epsilon_equals_opacus_fed_the_outsider_history(
+    tmp_path: Path, accountant: str
+) -> None:
+    """W = 3, t = 1: the guaranteed sigma is what remains after one rank removes its share;
+    outsiders face sigma * sqrt(3 / 2). Each epsilon is Opacus's own for its history."""
+    from sketchcomm.privacy.mechanism import outsider_noise_multiplier
+
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(accountant, DELTA, path=path, colluding_ranks=1)
+    steps = VARYING_STEPS[:9]
+    outsider_steps = [(outsider_noise_multiplier(s, 3, "distributed", 1), q) for s, q in steps]
+    for (sigma, q), (outsider, _) in zip(steps, outsider_steps, strict=True):
+        assert outsider == pytest.approx(sigma * (3 / 2) ** 0.5)
+        ledger.record_step(sigma, q, outsider_noise_multiplier=outsider)
+    assert ledger.epsilon == pytest.approx(_opacus_epsilon(accountant, steps), rel=1e-6)
+    assert ledger.outsider_epsilon == pytest.approx(
+        _opacus_epsilon(accountant, outsider_steps), rel=1e-6
+    )
+    assert ledger.outsider_epsilon < ledger.epsilon
+    reopened = PrivacyLedger.open(path)
+    assert reopened.colluding_ranks == 1
+    assert reopened.outsider_history == ledger.outsider_history
+    assert reopened.outsider_epsilon == ledger.outsider_epsilon
+    stored = json.loads(path.read_text())
+    assert stored["outsider_epsilon"] == ledger.outsider_epsilon
+
+
+def test_budget_is_enforced_on_the_guaranteed_epsilon(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    probe = PrivacyLedger("rdp", DELTA, colluding_ranks=1)
+    guaranteed = probe.epsilon_after(1.0, 0.05, steps=20)
+    outsider = probe.epsilon_after(2.0, 0.05, steps=20)
+    budget = (guaranteed + outsider) / 2  # the outsider epsilon would fit, the guaranteed not
+    ledger = PrivacyLedger("rdp", DELTA, budget=budget, path=path, colluding_ranks=1)
+    with pytest.raises(PrivacyBudgetExceeded):
+        for _ in range(20):
+            ledger.record_step(1.0, 0.05, outsider_noise_multiplier=2.0)
+    assert ledger.epsilon <= budget < ledger.epsilon_after(1.0, 0.05)
+    assert ledger.outsider_epsilon < budget
+    assert json.loads(path.read_text())["steps"] == ledger.steps < 20
+
+
+def test_outsider_multiplier_below_the_guaranteed_one_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger("rdp", DELTA, path=path, colluding_ranks=1)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"outsider_noise_multiplier .* at least"):
+        ledger.record_step(1.0, 0.01, outsider_noise_multiplier=0.9)
+    assert ledger.steps == 0 and path.read_bytes() == before
+
+
+def test_state_dict_with_a_diverging_outsider_history_is_refused() -> None:
+    source = PrivacyLedger("rdp", DELTA, colluding_ranks=1)
+    source.record_step(1.0, 0.01, outsider_noise_multiplier=1.5)
+    other = PrivacyLedger("rdp", DELTA, colluding_ranks=1)
+    other.record_step(1.0, 0.01, outsider_noise_multiplier=2.0)
+    with pytest.raises(LedgerError, match="diverges"):
+        other.load_state_dict(source.state_dict())
+    assert other.outsider_history == [(2.0, 0.01, 1)]

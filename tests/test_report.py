@@ -6,9 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
+from opacus.accountants import RDPAccountant
 from wandb_files import history_and_summary
 
 from sketchcomm.privacy import PrivacyLedger
+from sketchcomm.privacy.mechanism import outsider_noise_multiplier
 from sketchcomm.report import (
     PrivacyReporter,
     format_privacy_report,
@@ -31,16 +33,27 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.xdist_group("wandb")
 def test_offline_run_file_holds_the_ledger_epsilons(offline_wandb: Path, tmp_path: Path) -> None:
-    ledger = PrivacyLedger("rdp", DELTA, budget=5.0, path=tmp_path / "ledger.json")
+    ledger = PrivacyLedger(
+        "rdp", DELTA, budget=5.0, path=tmp_path / "ledger.json", colluding_ranks=1
+    )
     expected: dict[int, dict[str, float]] = {}
+    outsider = RDPAccountant()
     with PrivacyReporter(ledger, project="sketchcomm-test", dir=offline_wandb, rank=0) as reporter:
         for index, (sigma, q) in enumerate(STEPS):
-            ledger.record_step(sigma, q)
+            # W = 2, t = 1: an outsider faces both shares, sigma * sqrt(2)
+            outsider_sigma = outsider_noise_multiplier(sigma, 2, "distributed", 1)
+            ledger.record_step(sigma, q, outsider_noise_multiplier=outsider_sigma)
+            outsider.step(noise_multiplier=outsider_sigma, sample_rate=q)
             comm = {"bytes_sent": 1000.0 + index, "compression_ratio": 8.0}
             logged = reporter.log_step(comm)
             assert logged is not None
+            assert logged["privacy/outsider_epsilon"] == pytest.approx(
+                outsider.get_epsilon(DELTA), rel=1e-9
+            )
+            assert logged["privacy/outsider_epsilon"] < logged["privacy/epsilon"]
             expected[ledger.steps] = {
                 "privacy/epsilon": ledger.epsilon,
+                "privacy/outsider_epsilon": ledger.outsider_epsilon,
                 "privacy/delta": DELTA,
                 "privacy/noise_multiplier": sigma,
                 "privacy/sample_rate": q,
@@ -65,7 +78,10 @@ def test_offline_run_file_holds_the_ledger_epsilons(offline_wandb: Path, tmp_pat
     assert len({values["privacy/epsilon"] for values in expected.values()}) == len(STEPS)
     assert rows[len(STEPS)]["privacy/summary/_type"] == "table-file"
     assert rows[len(STEPS)]["privacy/history/nrows"] == 3
+    assert rows[len(STEPS)]["privacy/outsider_history/nrows"] == 3
     assert summary["privacy/epsilon"] == ledger.epsilon
+    assert summary["privacy/outsider_epsilon"] == ledger.outsider_epsilon
+    assert summary["privacy/colluding_ranks"] == 1
     assert summary["privacy/accountant"] == "rdp"
     assert summary["privacy/budget"] == 5.0
     assert summary["comm/total_bytes_sent"] == sum(1000.0 + i for i in range(len(STEPS)))
@@ -114,12 +130,36 @@ def test_format_privacy_report(tmp_path: Path) -> None:
     for sigma, q in STEPS:
         ledger.record_step(sigma, q)
     text = format_privacy_report(ledger, comm={"bytes_sent": 123456.0})
-    assert f"epsilon spent     : {ledger.epsilon:.6g}" in text
+    assert f"epsilon, t ranks  : {ledger.epsilon:.6g}" in text
+    assert f"epsilon, outsiders: {ledger.outsider_epsilon:.6g}" in text
+    assert "threat model      : not recorded" in text
     assert f"remaining {ledger.budget_remaining:.6g}" in text
     assert "delta             : 1e-05" in text
     assert "one example" in text and "RDPAccountant" in text
     assert f"steps             : {len(STEPS)}" in text
     assert "0.8          0.02         2" in text
+    assert "history, outsiders" not in text  # one history when both are equal
     assert "bytes_sent" in text and "123456" in text
     assert f"({ledger.epsilon:.4g}, 1e-05)-DP for each example" in text
     assert "adds no privacy of its own" in text
+
+
+def test_format_privacy_report_states_both_epsilons_with_t() -> None:
+    ledger = PrivacyLedger("rdp", DELTA, colluding_ranks=1, secure_mode=True)
+    for sigma, q in STEPS:
+        ledger.record_step(sigma, q, outsider_noise_multiplier=sigma * 1.5)
+    text = format_privacy_report(ledger)
+    reference = RDPAccountant()
+    reference.history = [(sigma * 1.5, q, 1) for sigma, q in STEPS]
+    outsider = reference.get_epsilon(DELTA)
+    assert ledger.outsider_epsilon == pytest.approx(outsider, rel=1e-9)
+    assert "threat model      : t = 1 colluding rank(s)" in text
+    assert f"epsilon, outsiders: {ledger.outsider_epsilon:.6g}" in text
+    assert f"epsilon, t ranks  : {ledger.epsilon:.6g}" in text
+    assert "history, outsiders" in text and "1.2          0.02         2" in text
+    assert "the operating system's CSPRNG" in text
+    assert (
+        f"({ledger.epsilon:.4g}, 1e-05)-DP for each example (add/remove-one adjacency) towards "
+        "outside observers and any 1 colluding rank(s), and "
+        f"({ledger.outsider_epsilon:.4g}, 1e-05)-DP towards outside observers"
+    ) in text.replace("\n", " ")

@@ -1,34 +1,22 @@
-r"""Differential privacy accounting for sketched DDP communication.
+r"""Differential privacy for sketched DDP communication.
 
-:class:`PrivacyLedger` records every noisy step a run releases, computes the
-:math:`(\varepsilon, \delta)` spent with an Opacus accountant, enforces an optional budget and
-keeps itself on disk; :mod:`sketchcomm.privacy.calibration` chooses the noise multiplier before
-training and states the plan.
+:class:`DPSketchState` with :func:`dp_sketch_hook` clips and noises each bucket's Count Sketch
+tables; :class:`PrivacyLedger` records every noisy step a run releases, computes the
+:math:`(\varepsilon, \delta)` spent with an Opacus accountant (towards outside observers and
+towards ``t`` colluding ranks), enforces an optional budget and keeps itself on disk;
+:func:`calibrate_noise_multiplier`, :func:`plan_epsilon` and :func:`describe_plan` choose and
+state the plan before training. The mechanism, the accounting helpers and the ledger's file
+format live in :mod:`sketchcomm.privacy.mechanism`, :mod:`~sketchcomm.privacy.accounting`,
+:mod:`~sketchcomm.privacy.calibration` and :mod:`~sketchcomm.privacy.ledger_file`.
 """
 
-from sketchcomm.privacy.calibration import (
-    calibrate_noise_multiplier,
-    describe_plan,
-    plan_epsilon,
-    steps_for_epochs,
-)
+from sketchcomm.privacy.accounting import ACCOUNTANTS, PrivacyBudgetExceeded, epsilon_for_history
+from sketchcomm.privacy.calibration import calibrate_noise_multiplier, describe_plan, plan_epsilon
 from sketchcomm.privacy.hook import DPSketchState, dp_sketch_hook
-from sketchcomm.privacy.ledger import (
-    ACCOUNTANT_DESCRIPTIONS,
-    ACCOUNTANTS,
-    LEDGER_FORMAT,
-    LEDGER_SCHEMA_VERSION,
-    LedgerError,
-    PrivacyBudgetExceeded,
-    PrivacyLedger,
-    epsilon_for_history,
-)
+from sketchcomm.privacy.ledger import LedgerError, PrivacyLedger
 
 __all__ = [
     "ACCOUNTANTS",
-    "ACCOUNTANT_DESCRIPTIONS",
-    "LEDGER_FORMAT",
-    "LEDGER_SCHEMA_VERSION",
     "DPSketchState",
     "LedgerError",
     "PrivacyBudgetExceeded",
@@ -38,5 +26,4 @@ __all__ = [
     "dp_sketch_hook",
     "epsilon_for_history",
     "plan_epsilon",
-    "steps_for_epochs",
 ]

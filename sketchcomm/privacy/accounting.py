@@ -11,7 +11,6 @@ itself.
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -21,20 +20,23 @@ import numpy as np
 from opacus.accountants import IAccountant, RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
+from sketchcomm.validation import check_number, check_positive_float, check_positive_int
+
 __all__ = [
     "ACCOUNTANTS",
     "ACCOUNTANT_DESCRIPTIONS",
     "History",
     "HistoryEntry",
+    "PrivacyBudgetExceeded",
     "cached_epsilon",
     "check_accountant",
     "check_budget",
     "check_delta",
     "check_noise_multiplier",
-    "check_positive_float",
-    "check_positive_int",
+    "check_outsider_noise_multiplier",
     "check_sample_rate",
     "epsilon_for_history",
+    "history_extends",
     "stepped_history",
 ]
 
@@ -52,16 +54,41 @@ HistoryEntry = tuple[float, float, int]
 History = tuple[HistoryEntry, ...]
 
 
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        result = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a number, got {value!r}") from err
-    if math.isnan(result):
-        raise ValueError(f"{name} must be a number, got NaN")
-    return result
+class PrivacyBudgetExceeded(RuntimeError):
+    r"""Recording a step would make the spent :math:`\varepsilon` exceed the budget.
+
+    Raised by :meth:`PrivacyLedger.record_step` before anything is recorded or written: the
+    caller must not release the step's noisy result.
+
+    >>> from sketchcomm.privacy import PrivacyLedger
+    >>> ledger = PrivacyLedger("rdp", delta=1e-5, budget=0.5)
+    >>> try:
+    ...     ledger.record_step(0.5, 0.1)
+    ... except PrivacyBudgetExceeded as refused:
+    ...     print(refused.spent, refused.would_be > refused.budget, ledger.steps)
+    0.0 True 0
+
+    Attributes:
+        spent: :math:`\varepsilon` spent before the refused step.
+        budget: the :math:`\varepsilon` budget.
+        would_be: :math:`\varepsilon` the refused step would have brought.
+        delta: the :math:`\delta` all three values are stated for.
+        accountant: name of the accountant that computed them.
+    """
+
+    def __init__(
+        self, *, spent: float, budget: float, would_be: float, delta: float, accountant: str
+    ) -> None:
+        self.spent = spent
+        self.budget = budget
+        self.would_be = would_be
+        self.delta = delta
+        self.accountant = accountant
+        super().__init__(
+            f"privacy budget exceeded: the step would bring epsilon from {spent:.6g} to "
+            f"{would_be:.6g}, above the budget of {budget:.6g} (delta={delta:g}, "
+            f"{accountant} accountant); nothing was recorded, do not release the step"
+        )
 
 
 def check_accountant(accountant: Any) -> str:
@@ -74,11 +101,11 @@ def check_accountant(accountant: Any) -> str:
 def check_delta(delta: Any, dataset_size: int | None = None) -> float:
     r"""Return ``delta`` as a float if :math:`0 < \delta < 1` (and :math:`\delta < 1/n` when the
     dataset size :math:`n` is given), else raise ValueError."""
-    value = _as_float("delta", delta)
+    value = check_number("delta", delta)
     if not 0.0 < value < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     if dataset_size is not None:
-        dataset_size = check_positive_int(dataset_size, "dataset_size")
+        dataset_size = check_positive_int("dataset_size", dataset_size)
         if value >= 1.0 / dataset_size:
             raise ValueError(
                 f"delta must be below 1/dataset_size = {1.0 / dataset_size:.3g} "
@@ -88,46 +115,41 @@ def check_delta(delta: Any, dataset_size: int | None = None) -> float:
     return value
 
 
-def check_positive_float(value: Any, name: str) -> float:
-    """Return ``value`` as a float if it is finite and > 0, else raise ValueError naming it."""
-    result = _as_float(name, value)
-    if not (result > 0.0 and math.isfinite(result)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return result
-
-
 def check_budget(budget: Any) -> float | None:
     """Return ``budget`` as a float (or None) if it is a finite positive epsilon."""
-    return None if budget is None else check_positive_float(budget, "budget")
+    return None if budget is None else check_positive_float("budget", budget)
 
 
 def check_noise_multiplier(noise_multiplier: Any) -> float:
     """Return ``noise_multiplier`` as a float if it is finite and >= 0."""
-    value = _as_float("noise_multiplier", noise_multiplier)
+    value = check_number("noise_multiplier", noise_multiplier)
     if not (value >= 0.0 and math.isfinite(value)):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
     return value
 
 
-def check_sample_rate(sample_rate: Any) -> float:
-    """Return ``sample_rate`` as a float if it is in (0, 1]."""
-    value = _as_float("sample_rate", sample_rate)
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+def check_outsider_noise_multiplier(outsider: Any, guaranteed: Any) -> float:
+    """The multiplier an outside observer faces (``guaranteed`` when ``outsider`` is ``None``),
+    checked to be at least the guaranteed one: colluding ranks remove noise, outsiders do not."""
+    guaranteed = check_noise_multiplier(guaranteed)
+    if outsider is None:
+        return guaranteed
+    value = check_noise_multiplier(outsider)
+    if value < guaranteed:
+        raise ValueError(
+            f"outsider_noise_multiplier ({outsider!r}) must be at least the guaranteed "
+            f"noise_multiplier ({guaranteed!r}): outside observers face all the noise, "
+            "colluding ranks remove their own shares of it"
+        )
     return value
 
 
-def check_positive_int(value: Any, name: str) -> int:
-    """Return ``value`` as an int if it is a positive integer, else raise ValueError naming it."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        result = operator.index(value)
-    except TypeError as err:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from err
-    if result < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return result
+def check_sample_rate(sample_rate: Any) -> float:
+    """Return ``sample_rate`` as a float if it is in (0, 1]."""
+    value = check_number("sample_rate", sample_rate)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    return value
 
 
 def _new_accountant(accountant: str) -> IAccountant:
@@ -136,6 +158,19 @@ def _new_accountant(accountant: str) -> IAccountant:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return create_accountant(mechanism=accountant)
+
+
+def history_extends(longer: History, shorter: History) -> bool:
+    """Whether the steps of ``shorter`` are the first steps of ``longer``."""
+    if len(shorter) > len(longer):
+        return False
+    if not shorter:
+        return True
+    *body, (sigma, q, count) = shorter
+    if tuple(body) != longer[: len(body)]:
+        return False
+    next_sigma, next_q, next_count = longer[len(body)]
+    return (sigma, q) == (next_sigma, next_q) and count <= next_count
 
 
 def stepped_history(
@@ -152,9 +187,11 @@ def stepped_history(
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """Opacus's RDP of one subsampled Gaussian step at every order of ``RDPAccountant``."""
     return rdp_analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+        q=sample_rate,
+        noise_multiplier=noise_multiplier,
+        steps=1,
         orders=RDPAccountant.DEFAULT_ALPHAS,
-    )  # fmt: skip
+    )
 
 
 def _rdp_epsilon(delta: float, history: History) -> float:
@@ -224,7 +261,7 @@ def epsilon_for_history(
             (
                 check_noise_multiplier(noise_multiplier),
                 check_sample_rate(sample_rate),
-                check_positive_int(num_steps, f"history[{index}] num_steps"),
+                check_positive_int(f"history[{index}] num_steps", num_steps),
             )
         )
     if accountant == "gdp" and len(entries) > 1:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
+from sketchcomm.privacy.accounting import ACCOUNTANTS
 from sketchcomm.privacy.calibration import (
     calibrate_noise_multiplier,
     describe_plan,
     steps_for_epochs,
 )
-from sketchcomm.privacy.ledger import ACCOUNTANTS, LedgerError, PrivacyLedger
+from sketchcomm.privacy.ledger import LedgerError, PrivacyLedger
+from sketchcomm.privacy.ledger_file import epsilon_from_json
+from sketchcomm.privacy.mechanism import NOISE_PLACEMENTS
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +41,20 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset-size", type=int, help="number of units; checks that delta < 1/dataset-size"
     )
     parser.add_argument("--unit", default="example", help="unit of privacy (default: example)")
+    parser.add_argument(
+        "--world-size", type=int, help="number of ranks W; states the epsilon towards the ranks"
+    )
+    parser.add_argument(
+        "--colluding-ranks",
+        type=int,
+        help="ranks t that may pool their noise shares (default: 0 for examples, W - 1 for ranks)",
+    )
+    parser.add_argument(
+        "--noise-placement",
+        choices=NOISE_PLACEMENTS,
+        default="distributed",
+        help="every rank adds a share of the noise, or rank 0 adds all of it",
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +118,14 @@ def _steps(args: argparse.Namespace) -> int:
     return steps_for_epochs(args.epochs, args.sample_rate)
 
 
+def _threat_model(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "world_size": args.world_size,
+        "colluding_ranks": args.colluding_ranks,
+        "noise_placement": args.noise_placement,
+    }
+
+
 def _run_epsilon(args: argparse.Namespace) -> int:
     print(
         describe_plan(
@@ -113,6 +137,7 @@ def _run_epsilon(args: argparse.Namespace) -> int:
             unit=args.unit,
             budget=args.budget,
             dataset_size=args.dataset_size,
+            **_threat_model(args),
         )
     )
     return 0
@@ -139,6 +164,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             unit=args.unit,
             budget=args.target_epsilon,
             dataset_size=args.dataset_size,
+            **_threat_model(args),
         )
     )
     return 0
@@ -155,8 +181,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         return 0
     print(format_privacy_report(ledger))
     print(f"created {stored['created_at']}, updated {stored['updated_at']}")
-    stored_epsilon = math.inf if stored["epsilon"] == "inf" else stored["epsilon"]
-    if stored_epsilon != ledger.epsilon:
+    if epsilon_from_json(stored["epsilon"]) != ledger.epsilon:
         print(
             f"note: the file records epsilon {stored['epsilon']} (Opacus "
             f"{stored.get('opacus_version', 'unknown')}); the installed Opacus gives "

@@ -1,29 +1,13 @@
 r"""A persistent, budget-enforcing record of the privacy spent by a training run.
 
-Each optimizer step whose noisy result leaves a process is one application of the Poisson
-subsampled Gaussian mechanism: every unit of privacy (by default one training example) is
-included in the step's batch independently with probability :math:`q` (the sample rate), its
-contribution is clipped to L2 norm :math:`C`, and Gaussian noise of standard deviation
-:math:`\sigma C` is added to the sum, where :math:`\sigma` is the noise multiplier.
-
-A run of such steps is :math:`(\varepsilon, \delta)`-differentially private with respect to
-adding or removing one unit: for any two datasets that differ in one unit and any set
-:math:`S` of outcomes of the whole run,
-
-.. math::
-
-    \Pr[M(D) \in S] \le e^{\varepsilon} \Pr[M(D') \in S] + \delta.
-
-:class:`PrivacyLedger` keeps the sequence of :math:`(\sigma, q)` pairs, compressed into runs of
-identical steps exactly as Opacus's accountants keep their ``history`` (a list of
-``(noise_multiplier, sample_rate, num_steps)``), and obtains :math:`\varepsilon` for a fixed
-:math:`\delta` by handing that history to a real Opacus accountant. It never computes privacy
-loss itself. It refuses steps that would exceed an optional :math:`\varepsilon` budget and, when
-given a path, writes itself to disk atomically before :meth:`PrivacyLedger.record_step` returns,
-so that a crash can make the record over-report the privacy spent but never under-report it.
-
-Sketching, compression or any other transformation applied to the noisy result is
-post-processing: it cannot increase :math:`\varepsilon`, and the ledger claims no privacy from it.
+Each released step is one Poisson subsampled Gaussian mechanism (each unit of privacy in the batch
+with probability :math:`q`, clipped to L2 norm :math:`C`, noise :math:`\sigma C` on the sum).
+:class:`PrivacyLedger` keeps every step's :math:`(\sigma, q)` as Opacus's accountants keep their
+``history`` and obtains :math:`\varepsilon` from a real Opacus accountant, in two histories: the
+*guaranteed* multiplier, which remains after ``t`` colluding ranks remove their own noise shares
+(it holds towards outside observers and any ``t`` colluding ranks; the budget is enforced on it),
+and the multiplier an outside observer of the aggregate faces (all shares in). Sketching or
+compression of the noisy result is post-processing: the ledger claims no privacy from it.
 """
 
 from __future__ import annotations
@@ -35,85 +19,31 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import opacus
-
 from sketchcomm.privacy.accounting import (
-    ACCOUNTANT_DESCRIPTIONS,
-    ACCOUNTANTS,
     History,
+    PrivacyBudgetExceeded,
     cached_epsilon,
     check_accountant,
     check_budget,
     check_delta,
     check_noise_multiplier,
-    check_positive_int,
+    check_outsider_noise_multiplier,
     check_sample_rate,
-    epsilon_for_history,
+    history_extends,
     stepped_history,
 )
 from sketchcomm.privacy.ledger_file import (
-    LEDGER_FORMAT,
-    LEDGER_SCHEMA_VERSION,
     LedgerError,
-    json_epsilon,
+    check_ledger_parameters,
+    ledger_state,
     read_ledger_file,
     utc_now,
     validate_ledger_state,
     write_ledger_file,
 )
+from sketchcomm.validation import check_bool, check_int, check_positive_int
 
-__all__ = [
-    "ACCOUNTANTS",
-    "ACCOUNTANT_DESCRIPTIONS",
-    "LEDGER_FORMAT",
-    "LEDGER_SCHEMA_VERSION",
-    "LedgerError",
-    "PrivacyBudgetExceeded",
-    "PrivacyLedger",
-    "epsilon_for_history",
-]
-
-
-class PrivacyBudgetExceeded(RuntimeError):
-    r"""Recording a step would make the spent :math:`\varepsilon` exceed the budget.
-
-    Raised by :meth:`PrivacyLedger.record_step` before anything is recorded or written: the
-    caller must not release the step's noisy result.
-
-    Attributes:
-        spent: :math:`\varepsilon` spent before the refused step.
-        budget: the :math:`\varepsilon` budget.
-        would_be: :math:`\varepsilon` the refused step would have brought.
-        delta: the :math:`\delta` all three values are stated for.
-        accountant: name of the accountant that computed them.
-    """
-
-    def __init__(
-        self, *, spent: float, budget: float, would_be: float, delta: float, accountant: str
-    ) -> None:
-        self.spent = spent
-        self.budget = budget
-        self.would_be = would_be
-        self.delta = delta
-        self.accountant = accountant
-        super().__init__(
-            f"privacy budget exceeded: the step would bring epsilon from {spent:.6g} to "
-            f"{would_be:.6g}, above the budget of {budget:.6g} (delta={delta:g}, "
-            f"{accountant} accountant); nothing was recorded, do not release the step"
-        )
-
-
-def _is_prefix(shorter: History, longer: History) -> bool:
-    """Whether the steps of ``shorter`` are the first steps of ``longer``."""
-    if len(shorter) > len(longer):
-        return False
-    if not shorter:
-        return True
-    *body, (sigma, q, count) = shorter
-    if tuple(body) != longer[: len(body)]:
-        return False
-    next_sigma, next_q, next_count = longer[len(body)]
-    return (sigma, q) == (next_sigma, next_q) and count <= next_count
+__all__ = ["LedgerError", "PrivacyBudgetExceeded", "PrivacyLedger"]
 
 
 class PrivacyLedger:
@@ -123,16 +53,10 @@ class PrivacyLedger:
     The ledger describes :math:`(\varepsilon, \delta)`-DP with respect to adding or removing one
     ``unit`` (by default one training example) for the Poisson subsampled Gaussian mechanism
     applied once per recorded step. :math:`\delta` is fixed for the life of the ledger and
-    :math:`\varepsilon` is computed from the history by the named Opacus accountant:
-
-    * ``"rdp"``: Rényi DP composition converted to :math:`(\varepsilon, \delta)` (Mironov 2017;
-      Opacus ``RDPAccountant``). An upper bound; fast.
-    * ``"prv"``: numerical composition of privacy loss random variables (Gopi et al. 2021; Opacus
-      ``PRVAccountant``), reporting its upper bound. The tightest of the three; its cost grows
-      with the number of steps (about 0.1 s at 10³ steps, seconds at 10⁵ on one CPU core).
-    * ``"gdp"``: Gaussian DP central limit approximation (Opacus ``GaussianAccountant``).
-      Experimental and can *underestimate* the privacy spent; supports only a constant noise
-      multiplier and sample rate.
+    :math:`\varepsilon` is computed from the history by the named Opacus accountant: ``"rdp"``
+    (Rényi DP, an upper bound, fast), ``"prv"`` (privacy loss random variables, its upper bound;
+    the tightest, slower on long runs) or ``"gdp"`` (Gaussian DP; experimental, can
+    *underestimate*, constant sigma and q only).
 
     Call :meth:`record_step` exactly once per released step, *before* releasing it. It checks the
     budget first (raising :class:`PrivacyBudgetExceeded` without recording anything if the step
@@ -141,23 +65,32 @@ class PrivacyLedger:
     a record that over-reports by at most that step; no order of events makes it under-report.
 
     With a ``path`` that exists, the ledger is reloaded and continued, never reset; a file that is
-    corrupt, of another schema, or written for another accountant, delta, unit or
-    ``secure_mode`` raises :class:`LedgerError` and is left untouched. The ``budget`` argument
-    replaces the budget stored in the file.
+    corrupt, of another schema, or written for another accountant, delta, unit, ``secure_mode``
+    or ``colluding_ranks`` raises :class:`LedgerError` and is left untouched. The ``budget``
+    argument replaces the budget stored in the file. In distributed training exactly one process
+    writes a given file: every rank may hold a ledger, and only rank 0 passes ``writer=True``.
 
-    In distributed training exactly one process should write a given file. Either only rank 0
-    holds a ledger with a ``path`` and broadcasts whether the step may be released, or every rank
-    holds one and only rank 0 passes ``writer=True`` (the others, ``writer=False``, read the file
-    when constructed but never write it).
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "ledger.json"
+    >>> ledger = PrivacyLedger("rdp", delta=1e-5, budget=8.0, path=path, colluding_ranks=1)
+    >>> spent = ledger.record_step(1.0, 0.01, outsider_noise_multiplier=1.0 * 2**0.5)
+    >>> ledger.steps, ledger.outsider_epsilon < ledger.epsilon == spent
+    (1, True)
+    >>> PrivacyLedger.open(path).colluding_ranks
+    1
 
     Args:
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
         delta: target :math:`\delta`, in (0, 1); below :math:`1/n` for a dataset of :math:`n` units.
-        budget: :math:`\varepsilon` budget; ``None`` for no limit.
+        budget: :math:`\varepsilon` budget on the guaranteed :attr:`epsilon`; ``None`` for none.
         path: JSON file the ledger is kept in; ``None`` to keep it in memory only.
-        secure_mode: whether the noise is drawn from a cryptographically secure generator.
-            Recorded in the file and reports; the accounting is the same either way.
-        unit: the unit of privacy, e.g. ``"example"`` or ``"user"``.
+        secure_mode: whether the noise is drawn from the operating system's cryptographically
+            secure generator (:func:`~sketchcomm.privacy.mechanism.add_noise`). Recorded in the
+            file and reports; the accounting is the same either way.
+        colluding_ranks: ``t``, the number of ranks that may pool their noise shares against the
+            others, that the guaranteed :attr:`epsilon` is stated for; ``None`` when not stated
+            (and for files written before the field existed).
+        unit: the unit of privacy, e.g. ``"example"`` or ``"rank"``.
         dataset_size: number of units in the dataset; when given, ``delta`` must be below its
             inverse.
         writer: whether this instance writes ``path``.
@@ -175,28 +108,29 @@ class PrivacyLedger:
         path: str | os.PathLike[str] | None = None,
         *,
         secure_mode: bool = False,
+        colluding_ranks: int | None = None,
         unit: str = "example",
         dataset_size: int | None = None,
         writer: bool = True,
     ) -> None:
         self._accountant_name = check_accountant(accountant)
         self._dataset_size = (
-            None if dataset_size is None else check_positive_int(dataset_size, "dataset_size")
+            None if dataset_size is None else check_positive_int("dataset_size", dataset_size)
         )
         self._delta = check_delta(delta, self._dataset_size)
         self._budget = check_budget(budget)
-        if not isinstance(secure_mode, bool):
-            raise ValueError(f"secure_mode must be a bool, got {secure_mode!r}")
+        self._secure_mode = check_bool("secure_mode", secure_mode)
+        self._colluding_ranks = (
+            None if colluding_ranks is None else check_int("colluding_ranks", colluding_ranks, 0)
+        )
         if not isinstance(unit, str) or not unit.strip():
             raise ValueError(f"unit must be a non-empty string, got {unit!r}")
-        if not isinstance(writer, bool):
-            raise ValueError(f"writer must be a bool, got {writer!r}")
-        self._secure_mode = secure_mode
         self._unit = unit
-        self._writer = writer
+        self._writer = check_bool("writer", writer)
         self._path = None if path is None else Path(path)
         self._lock = threading.Lock()
         self._history: History = ()
+        self._outsider_history: History = ()
         now = utc_now()
         self._created_at = now
         self._updated_at = now
@@ -209,18 +143,18 @@ class PrivacyLedger:
             )
         if self._path is not None and (self._path.exists() or self._path.is_symlink()):
             state = read_ledger_file(self._path)
-            self._history = self._checked_history(state, source=f"ledger file {self._path}")
+            self._history, self._outsider_history = check_ledger_parameters(
+                state, self._parameters(), source=f"ledger file {self._path}"
+            )
             self._created_at = state["created_at"]
             self._updated_at = state["updated_at"]
-        elif self._writes:
+        elif self._path is not None and self._writer:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._persist(self._history, self._created_at, self._updated_at)
-
-    # ------------------------------------------------------------------ properties
+            self._persist(self._history, self._outsider_history, self._created_at, now)
 
     @property
     def accountant(self) -> str:
-        """Name of the Opacus accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``."""
+        r"""Name of the Opacus accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``."""
         return self._accountant_name
 
     @property
@@ -230,39 +164,49 @@ class PrivacyLedger:
 
     @property
     def budget(self) -> float | None:
-        r"""The :math:`\varepsilon` budget, or ``None``."""
+        r"""The :math:`\varepsilon` budget on :attr:`epsilon`, or ``None``."""
         return self._budget
 
     @property
     def path(self) -> Path | None:
-        """The ledger file, or ``None``."""
+        r"""The ledger file, or ``None``."""
         return self._path
 
     @property
     def writer(self) -> bool:
-        """Whether this instance writes :attr:`path`."""
+        r"""Whether this instance writes :attr:`path`."""
         return self._writer
 
     @property
     def unit(self) -> str:
-        """The unit of privacy."""
+        r"""The unit of privacy."""
         return self._unit
 
     @property
     def secure_mode(self) -> bool:
-        """Whether the noise is declared to come from a cryptographically secure generator."""
+        r"""Whether the noise is declared to come from the OS's cryptographically secure source."""
         return self._secure_mode
 
     @property
+    def colluding_ranks(self) -> int | None:
+        r"""``t``, the colluding ranks :attr:`epsilon` holds against (``None``: not stated)."""
+        return self._colluding_ranks
+
+    @property
     def dataset_size(self) -> int | None:
-        """Number of units in the dataset, if given."""
+        r"""Number of units in the dataset, if given."""
         return self._dataset_size
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
-        """The recorded steps as Opacus keeps them: ``(noise_multiplier, sample_rate, count)``
-        for each run of identical consecutive steps."""
+        """The recorded steps as Opacus keeps them, ``(noise_multiplier, sample_rate, count)``
+        for each run of identical steps, with the guaranteed noise multiplier."""
         return list(self._history)
+
+    @property
+    def outsider_history(self) -> list[tuple[float, float, int]]:
+        """The same steps with the noise multiplier an outside observer faces."""
+        return list(self._outsider_history)
 
     @property
     def steps(self) -> int:
@@ -271,71 +215,77 @@ class PrivacyLedger:
 
     @property
     def epsilon(self) -> float:
-        r""":math:`\varepsilon` spent so far at :attr:`delta`, as the Opacus accountant computes it
-        for :attr:`history`."""
+        r"""Guaranteed :math:`\varepsilon` at :attr:`delta` (towards outside observers and any
+        :attr:`colluding_ranks` colluding ranks), as the Opacus accountant computes it for
+        :attr:`history`."""
         return cached_epsilon(self._accountant_name, self._delta, self._history)
 
     @property
+    def outsider_epsilon(self) -> float:
+        r""":math:`\varepsilon` at :attr:`delta` towards outside observers of the aggregate only,
+        as the Opacus accountant computes it for :attr:`outsider_history`."""
+        return cached_epsilon(self._accountant_name, self._delta, self._outsider_history)
+
+    @property
     def budget_remaining(self) -> float | None:
-        r"""Budget minus :math:`\varepsilon` spent (at least 0), or ``None`` without a budget."""
-        if self._budget is None:
-            return None
-        return max(0.0, self._budget - self.epsilon)
+        r"""Budget minus the guaranteed :math:`\varepsilon` (at least 0), or ``None``."""
+        return None if self._budget is None else max(0.0, self._budget - self.epsilon)
 
     @property
     def last_step(self) -> tuple[float, float] | None:
         """``(noise_multiplier, sample_rate)`` of the latest recorded step, or ``None``."""
-        if not self._history:
-            return None
-        noise_multiplier, sample_rate, _ = self._history[-1]
-        return noise_multiplier, sample_rate
+        return self._history[-1][:2] if self._history else None
 
-    # ------------------------------------------------------------------ planning
-
-    def _planned_history(self, noise_multiplier: Any, sample_rate: Any, steps: Any) -> History:
-        sigma = check_noise_multiplier(noise_multiplier)
-        q = check_sample_rate(sample_rate)
-        count = check_positive_int(steps, "steps")
-        return stepped_history(self._accountant_name, self._history, sigma, q, count)
+    def _planned(self, history: History, sigma: Any, sample_rate: Any, steps: Any) -> History:
+        return stepped_history(
+            self._accountant_name,
+            history,
+            check_noise_multiplier(sigma),
+            check_sample_rate(sample_rate),
+            check_positive_int("steps", steps),
+        )
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
-        r""":math:`\varepsilon` that would be spent after ``steps`` more steps with this noise
+        r"""Guaranteed :math:`\varepsilon` after ``steps`` more steps with this (guaranteed) noise
         multiplier and sample rate. Records nothing.
 
         Raises:
             ValueError: on invalid arguments, or for the gdp accountant when they differ from
                 the steps already recorded.
         """
-        history = self._planned_history(noise_multiplier, sample_rate, steps)
+        history = self._planned(self._history, noise_multiplier, sample_rate, steps)
         return cached_epsilon(self._accountant_name, self._delta, history)
 
     def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> bool:
-        r"""Whether ``steps`` more steps would bring :math:`\varepsilon` above the budget
-        (always ``False`` without a budget). Records nothing."""
-        if self._budget is None:
-            # Still reject invalid arguments (and, for gdp, a change of sigma or q).
-            self._planned_history(noise_multiplier, sample_rate, steps)
-            return False
-        return self.epsilon_after(noise_multiplier, sample_rate, steps) > self._budget
+        r"""Whether ``steps`` more steps would bring the guaranteed :math:`\varepsilon` above the
+        budget (always ``False`` without a budget; invalid arguments still raise)."""
+        epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps)
+        return self._budget is not None and epsilon > self._budget
 
-    # ------------------------------------------------------------------ recording
-
-    def record_step(self, noise_multiplier: float, sample_rate: float) -> float:
+    def record_step(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        *,
+        outsider_noise_multiplier: float | None = None,
+    ) -> float:
         r"""Account for one step, before its noisy result is released.
 
-        Checks that the step keeps :math:`\varepsilon` within the budget, records it and, when
-        this instance writes a file, persists the ledger atomically (temp file, fsync, rename,
-        directory fsync). Only after this returns may the caller release the step. If it raises,
-        nothing was recorded and the step must not be released.
+        Checks that the step keeps the guaranteed :math:`\varepsilon` within the budget, records
+        it and, when this instance writes a file, persists the ledger atomically. Only after this
+        returns may the caller release the step; if it raises, nothing was recorded.
 
         Args:
-            noise_multiplier: :math:`\sigma`, the ratio of the noise standard deviation to the
-                clipping norm, for this step.
-            sample_rate: :math:`q`, the probability with which each unit was included in this
-                step's batch.
+            noise_multiplier: the guaranteed :math:`\sigma`: noise standard deviation over the
+                clipping norm that remains after :attr:`colluding_ranks` ranks remove their
+                shares (e.g. :func:`~sketchcomm.privacy.mechanism.noise_share_std` shares).
+            sample_rate: :math:`q`, the probability with which each unit was included.
+            outsider_noise_multiplier: the multiplier an outside observer faces
+                (:func:`~sketchcomm.privacy.mechanism.outsider_noise_multiplier`); default
+                ``noise_multiplier``. Must not be below it.
 
         Returns:
-            :math:`\varepsilon` spent including this step.
+            The guaranteed :math:`\varepsilon` spent including this step.
 
         Raises:
             PrivacyBudgetExceeded: the step would exceed the budget.
@@ -344,7 +294,9 @@ class PrivacyLedger:
             OSError: the ledger file could not be written (the step is not recorded).
         """
         with self._lock:
-            history = self._planned_history(noise_multiplier, sample_rate, 1)
+            history = self._planned(self._history, noise_multiplier, sample_rate, 1)
+            outsider = check_outsider_noise_multiplier(outsider_noise_multiplier, noise_multiplier)
+            outsider_history = self._planned(self._outsider_history, outsider, sample_rate, 1)
             would_be = cached_epsilon(self._accountant_name, self._delta, history)
             if self._budget is not None and would_be > self._budget:
                 raise PrivacyBudgetExceeded(
@@ -355,51 +307,51 @@ class PrivacyLedger:
                     accountant=self._accountant_name,
                 )
             now = utc_now()
-            if self._writes:
-                self._persist(history, self._created_at, now)
-            self._history = history
+            self._persist(history, outsider_history, self._created_at, now)
+            self._history, self._outsider_history = history, outsider_history
             self._updated_at = now
             return would_be
 
-    # ------------------------------------------------------------------ state
-
     def state_dict(self) -> dict[str, Any]:
         """The ledger as a JSON-serialisable dict: exactly what the ledger file holds."""
-        return self._state(self._history, self._created_at, self._updated_at)
+        return self._state(
+            self._history, self._outsider_history, self._created_at, self._updated_at
+        )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue from ``state_dict`` (as returned by :meth:`state_dict`), then persist.
 
-        The ledger never forgets steps: a state whose history extends the current one replaces
-        it; a state whose history is a prefix of the current one (e.g. an older checkpoint)
-        leaves the ledger as it is, since the later steps were already recorded; any other
-        state raises :class:`LedgerError`. The budget stays the one given to the constructor.
+        The ledger never forgets steps: a state whose histories extend the current ones replaces
+        them; a state whose histories are a prefix of the current ones (e.g. an older
+        checkpoint) leaves the ledger as it is; any other state raises :class:`LedgerError`.
+        The budget stays the one given to the constructor.
 
         Raises:
-            LedgerError: if the state is malformed, belongs to another accountant, delta, unit
-                or ``secure_mode``, or diverges from the recorded history.
+            LedgerError: if the state is malformed, belongs to another accountant, delta, unit,
+                ``secure_mode`` or ``colluding_ranks``, or diverges from the recorded history.
         """
         with self._lock:
-            incoming = self._checked_history(state_dict, source="state_dict")
-            if _is_prefix(incoming, self._history):
+            state = validate_ledger_state(state_dict, source="state_dict")
+            incoming = check_ledger_parameters(state, self._parameters(), source="state_dict")
+            current = (self._history, self._outsider_history)
+            if all(map(history_extends, current, incoming)):
                 return
-            if not _is_prefix(self._history, incoming):
+            if not all(map(history_extends, incoming, current)):
                 raise LedgerError(
                     "state_dict diverges from the recorded history: neither is a prefix of the "
                     "other, so loading it would drop recorded steps"
                 )
             now = utc_now()
-            created_at = min(self._created_at, state_dict["created_at"])
-            if self._writes:
-                self._persist(incoming, created_at, now)
-            self._history = incoming
+            created_at = min(self._created_at, state["created_at"])
+            self._persist(*incoming, created_at, now)
+            self._history, self._outsider_history = incoming
             self._created_at = created_at
             self._updated_at = now
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writer: bool = False) -> PrivacyLedger:
-        """Open an existing ledger file with the accountant, delta, budget, unit and
-        ``secure_mode`` stored in it; read-only unless ``writer`` is true.
+        """Open an existing ledger file with the accountant, delta, budget, unit,
+        ``secure_mode`` and ``colluding_ranks`` stored in it; read-only unless ``writer``.
 
         Raises:
             LedgerError: if the file is missing, unreadable or invalid.
@@ -416,57 +368,32 @@ class PrivacyLedger:
                 state["budget"],
                 file_path,
                 secure_mode=state["secure_mode"],
+                colluding_ranks=state["colluding_ranks"],
                 unit=state["unit"],
                 dataset_size=state["dataset_size"],
                 writer=writer,
             )
 
-    # ------------------------------------------------------------------ internals
-
-    @property
-    def _writes(self) -> bool:
-        return self._path is not None and self._writer
-
-    def _state(self, history: History, created_at: str, updated_at: str) -> dict[str, Any]:
+    def _parameters(self) -> dict[str, Any]:
         return {
-            "format": LEDGER_FORMAT,
-            "schema_version": LEDGER_SCHEMA_VERSION,
             "accountant": self._accountant_name,
             "delta": self._delta,
             "budget": self._budget,
             "unit": self._unit,
             "secure_mode": self._secure_mode,
+            "colluding_ranks": self._colluding_ranks,
             "dataset_size": self._dataset_size,
-            "steps": sum(count for _, _, count in history),
-            "epsilon": json_epsilon(cached_epsilon(self._accountant_name, self._delta, history)),
-            "history": [
-                {"noise_multiplier": sigma, "sample_rate": q, "steps": count}
-                for sigma, q, count in history
-            ],
-            "opacus_version": opacus.__version__,
-            "created_at": created_at,
-            "updated_at": updated_at,
         }
 
-    def _persist(self, history: History, created_at: str, updated_at: str) -> None:
-        assert self._path is not None
-        write_ledger_file(self._path, self._state(history, created_at, updated_at))
+    def _state(
+        self, history: History, outsider: History, created_at: str, updated_at: str
+    ) -> dict[str, Any]:
+        epsilons = [
+            cached_epsilon(self._accountant_name, self._delta, h) for h in (history, outsider)
+        ]
+        return ledger_state(self._parameters(), history, outsider, epsilons, created_at, updated_at)
 
-    def _checked_history(self, state: Any, *, source: str) -> History:
-        validate_ledger_state(state, source=source)
-        expected = {
-            "accountant": self._accountant_name,
-            "delta": self._delta,
-            "unit": self._unit,
-            "secure_mode": self._secure_mode,
-        }
-        for key, value in expected.items():
-            if state[key] != value:
-                raise LedgerError(
-                    f"{source} was written with {key}={state[key]!r} but this ledger has "
-                    f"{key}={value!r}; nothing was changed"
-                )
-        return tuple(
-            (float(entry["noise_multiplier"]), float(entry["sample_rate"]), entry["steps"])
-            for entry in state["history"]
-        )
+    def _persist(self, history: History, outsider: History, created: str, updated: str) -> None:
+        """Write the file when this instance is its writer; nothing otherwise."""
+        if self._path is not None and self._writer:
+            write_ledger_file(self._path, self._state(history, outsider, created, updated))
