@@ -95,13 +95,12 @@ def example_mixing_problems(model: nn.Module) -> list[str]:
     """
     problems = []
     for name, module in model.named_modules():
-        problem = _module_problem(module)
-        if problem is None and any(p.requires_grad for p in module.parameters(recurse=False)):
-            validator = ModuleValidator.VALIDATORS.get(type(module))
-            errors = validator(module) if validator is not None else []
-            problem = "; ".join(str(e) for e in errors) or None
-        if problem is not None:
-            problems.append(f"{_label(name, module)} {problem}")
+        found = [_module_problem(module)]
+        validator = ModuleValidator.VALIDATORS.get(type(module))
+        if validator is not None and any(p.requires_grad for p in module.parameters(recurse=False)):
+            found += [f"Opacus: {error}" for error in validator(module)]
+        if any(found):
+            problems.append(f"{_label(name, module)} " + "; ".join(p for p in found if p))
     return problems
 
 
