@@ -272,8 +272,11 @@ def test_a_new_forward_starts_afresh_and_evaluation_captures_nothing() -> None:
     model(x[:4]).sum().backward()  # samples never consumed, as after a failed step ...
     model.zero_grad()
     model(x).sum().backward()  # ... must not leak into the next backward
+    assert capture.held_bytes() == 7 * (30 + 5 + 15 + 3) * 4
     assert capture.pop(model[0].weight).shape == (7, 30)
+    assert capture.held_bytes() == 7 * (5 + 15 + 3) * 4
     capture.clear()
+    assert capture.held_bytes() == 0
     with pytest.raises(RuntimeError, match="no per-example gradient"):
         capture.pop(model[2].weight)
     with torch.no_grad():

@@ -236,6 +236,10 @@ class PerExampleGradients:
                 "model before backward?"
             ) from None
 
+    def held_bytes(self) -> int:
+        """Bytes of the per-example gradients captured and not yet popped."""
+        return sum(rows.numel() * rows.element_size() for rows in self._samples.values())
+
     def clear(self) -> None:
         """Drop every captured sample (e.g. after a refused step)."""
         self._samples.clear()
