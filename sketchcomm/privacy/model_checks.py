@@ -91,13 +91,14 @@ def example_mixing_problems(model: nn.Module) -> list[str]:
     """One line per module whose per-example rows would not be single examples.
 
     Batch statistics and time-major modules are listed whether or not their parameters train;
-    Opacus's validator is asked about every module with trainable parameters.
+    Opacus's validator is asked about every other module with trainable parameters.
     """
     problems = []
     for name, module in model.named_modules():
         found = [_module_problem(module)]
         validator = ModuleValidator.VALIDATORS.get(type(module))
-        if validator is not None and any(p.requires_grad for p in module.parameters(recurse=False)):
+        trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+        if found[0] is None and validator is not None and trainable:
             found += [f"Opacus: {error}" for error in validator(module)]
         if any(found):
             problems.append(f"{_label(name, module)} " + "; ".join(p for p in found if p))
