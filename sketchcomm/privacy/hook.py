@@ -207,6 +207,10 @@ class DPSketchState(SketchState):
         if self._generator is None or self.secure_mode or self._generator.device != device:
             self._generator = private_generator(device)
 
+    def bucket_clip_norm(self, numel: int) -> float:
+        """This bucket's clipping threshold ``C_b = C sqrt(d_b / D)``."""
+        return bucket_clip_norm(self.max_grad_norm, numel, self._total_elements)
+
     def noise_std(self, rank: int, world: int) -> float:
         """This rank's share of the noise: ``sigma C / sqrt(W)``, or all of it on rank 0."""
         total = self.noise_multiplier * self.max_grad_norm
@@ -267,7 +271,7 @@ def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futur
         state._open_step(buffer.device)
     layout = BucketLayout.of(bucket, state._positions)
     bs = state._bucket_state(bucket, layout, group)
-    clip = bucket_clip_norm(state.max_grad_norm, layout.numel, state._total_elements)
+    clip = state.bucket_clip_norm(layout.numel)
     if state.unit == "example":
         tables = _per_example_tables(state, bucket, layout, bs)
     else:
