@@ -1,12 +1,14 @@
-"""The audit's variants on real gloo processes: a token model, a model in 16 DDP buckets and
+"""The audit's variants on real gloo processes: a token model, a model in 36 DDP buckets and
 ``unit="rank"``. For each, the honest hook gives the Gaussian mechanism's score (shift 1 C,
 spread sigma C) and a lower bound at or below the ledger's claim, and a fault planted in the hook
 (no noise; every bucket clipped to the full C) is detected: the bound exceeds the claim.
 
 Trial counts come from :func:`~sketchcomm.privacy.audit_stats.trials_to_exceed` at sigma = 2
 (claim 2.003, PRV, delta 1e-5): without noise 120 trials separate the scores, so 400 give a
-bound near 3.3; a wrong clip split over 16 equal buckets shifts the score by sqrt(16) = 4 C,
-twice sigma, which 544 trials detect on average and 1,600 (expected bound 2.71) reliably.
+bound near 3.3; a wrong clip split over 36 equal buckets shifts the score by sqrt(36) = 6 C,
+three times sigma, which 176 trials detect on average and 800 (expected bound 3.05; below the
+claim in none of 1,500 simulated audits of Gaussian scores) reliably. With 16 buckets (shift
+2 sigma) 2,000 trials still missed it in 1.3 % of simulated audits.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from sketchcomm.privacy.audit_variants import VARIANTS, BlockLinear
 SIGMA = 2.0
 
 
-def _check_honest(result, shift: float = 1.0) -> None:
-    # 300 draws per side at sigma = 2: the shift's standard error is 0.16, the std's 4 %.
+def _check_honest(result) -> None:
+    """The Gaussian mechanism's score, within 3.5 standard errors (n draws per side at sigma:
+    shift's error sigma sqrt(2 / n), the std's relative error sqrt(1 / (2 n)))."""
+    per_side = result.config.trials // 2
     assert result.claimed_epsilon == pytest.approx(result.ledger_epsilon)
-    assert result.score_shift == pytest.approx(shift, abs=0.65)
-    assert result.score_std == pytest.approx(SIGMA, rel=0.2)
+    assert result.score_shift == pytest.approx(1.0, abs=3.5 * SIGMA * math.sqrt(2 / per_side))
+    assert result.score_std == pytest.approx(SIGMA, rel=3.5 * math.sqrt(1 / (2 * per_side)))
     assert result.test.epsilon_lower_bound <= result.claimed_epsilon
     assert not result.violated
 
@@ -56,7 +60,7 @@ def test_block_model_is_one_linear_map_in_blocks() -> None:
 
 
 def test_predicted_score_of_each_fault() -> None:
-    buckets = dict(variant="buckets", dim=8192, buckets=16, noise_multiplier=SIGMA)
+    buckets = dict(variant="buckets", dim=16 * 512, buckets=16, noise_multiplier=SIGMA)
     assert predicted_score(AuditConfig(**buckets)) == pytest.approx((1.0, SIGMA))
     assert predicted_score(AuditConfig(**buckets, fault="clip-split")) == pytest.approx((4.0, 2))
     assert predicted_score(AuditConfig(**buckets, fault="half-noise")) == pytest.approx((1.0, 1))
@@ -119,23 +123,26 @@ def test_token_model_audit_is_per_example_and_detects_missing_noise() -> None:
 
 @pytest.mark.slow
 def test_bucketed_model_audit_detects_a_wrong_clip_split() -> None:
-    """16 blocks of 512 parameters, each its own DDP bucket with a 1 x 23 table: honest, the
+    """36 blocks of 512 parameters, each its own DDP bucket with a 1 x 23 table: honest, the
     canary spanning all of them moves the likelihood-ratio score by 1 C; clipping each bucket to
-    C instead of C / 4 moves it by 4 C, and 1,600 trials refute the claim."""
-    common = dict(variant="buckets", dim=8192, buckets=16, noise_multiplier=SIGMA, background=4)
+    C instead of C / 6 moves it by 6 C, and 800 trials refute the claim."""
+    common = dict(variant="buckets", dim=36 * 512, buckets=36, noise_multiplier=SIGMA)
     honest, broken = run_audits(
-        [AuditConfig(trials=600, **common), AuditConfig(trials=1600, fault="clip-split", **common)]
+        [
+            AuditConfig(trials=200, background=4, **common),
+            AuditConfig(trials=800, background=4, fault="clip-split", **common),
+        ]
     )
-    assert honest.table_shapes == ((1, 23),) * 16
+    assert honest.table_shapes == ((1, 23),) * 36
     _check_honest(honest)
-    assert broken.predicted_shift == pytest.approx(4.0)
-    assert broken.score_shift == pytest.approx(4.0, abs=0.5)  # 800 draws per side
+    assert broken.predicted_shift == pytest.approx(6.0)
+    assert broken.score_shift == pytest.approx(6.0, abs=0.5)  # 400 draws per side: 3.5 errors
     assert broken.score_std == pytest.approx(SIGMA, rel=0.15)
     assert broken.claimed_epsilon == pytest.approx(broken.ledger_epsilon)
     assert broken.test.epsilon_lower_bound > broken.claimed_epsilon
     assert broken.violated
     text = report(broken)
-    assert "fault: clip-split" in text and "16 bucket(s)" in text and "VIOLATION" in text
+    assert "fault: clip-split" in text and "36 bucket(s)" in text and "VIOLATION" in text
 
 
 @pytest.mark.slow
