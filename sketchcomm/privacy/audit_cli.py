@@ -93,7 +93,8 @@ def report(result: AuditResult) -> str:
         f"mechanism: DPSketchState unit={config.unit}, C={config.max_grad_norm:g}, sample rate 1, "
         f"{config.world} rank(s), {len(result.table_shapes)} bucket(s) of tables {tables} for "
         f"{config.dim} parameters, configured sigma={sigma:g} ({config.noise_scale:g} x the "
-        f"claimed {config.noise_multiplier:g})",
+        f"claimed {config.noise_multiplier:g}; the hook adds sigma="
+        f"{config.effective_noise_multiplier:g})",
         f"claimed epsilon: {_epsilon(result.claimed_epsilon)} at delta={config.delta:g} "
         f"({config.accountant} accountant, one step, sigma={config.noise_multiplier:g}, per "
         f"{config.unit}); "
