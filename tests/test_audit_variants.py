@@ -110,15 +110,22 @@ def test_variant_and_fault_options_name_bad_combinations(capsys) -> None:
 @pytest.mark.slow
 def test_token_model_audit_is_per_example_and_detects_missing_noise() -> None:
     """[B, 8, d] inputs, the canary spread over its 8 tokens: honest, the score moves by 1 C
-    (one example), not 8 C (one per token); without noise the claim is refuted."""
+    (one example), not 8 C (one per token); without noise the claim is refuted; with half the
+    noise the spread is sigma / 2 while the ledger still records sigma."""
     common = dict(variant="tokens", tokens=8, noise_multiplier=SIGMA, background=4)
-    honest, broken = run_audits(
-        [AuditConfig(trials=600, **common), AuditConfig(trials=400, fault="no-noise", **common)]
+    honest, broken, half = run_audits(
+        [
+            AuditConfig(trials=600, **common),
+            AuditConfig(trials=400, fault="no-noise", **common),
+            AuditConfig(trials=400, fault="half-noise", **common),
+        ]
     )
     assert honest.table_shapes == ((1, 47),)
     _check_honest(honest)
     _check_noiseless_detected(broken)
     assert broken.score_shift == pytest.approx(1.0, rel=1e-3)  # exactly the clipped canary
+    assert half.claimed_epsilon == pytest.approx(half.ledger_epsilon)
+    assert half.score_std == pytest.approx(SIGMA / 2, rel=0.2)  # 200 draws: 4 standard errors
 
 
 @pytest.mark.slow
