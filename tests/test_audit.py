@@ -118,7 +118,7 @@ def test_audit_with_noise_stays_below_the_claim_on_two_ranks() -> None:
     mechanism's shift (1 C) and spread (sigma C), and the bound does not refute the claim."""
     config = AuditConfig(trials=1200, world=2, noise_multiplier=1.0)
     (result,) = run_audits([config])
-    assert result.table_shape == (1, 47)  # a compressed one-row table of the 1024 parameters
+    assert result.table_shapes == ((1, 47),)  # a compressed one-row table of the 1024 parameters
     assert result.claimed_epsilon == pytest.approx(result.ledger_epsilon)
     assert result.score_std == pytest.approx(1.0, rel=0.15)  # 600 draws: 5 standard errors
     assert result.score_shift == pytest.approx(1.0, abs=0.3)  # 5 standard errors

@@ -1,8 +1,10 @@
 """Empirical privacy audit of the private sketch hook: many one-step runs of DPSketchState +
-dp_sketch_hook on a small DDP model with and without a canary example, the best threshold test
-on the canary's projection, and a Clopper-Pearson lower bound on epsilon set against the
-ledger's claim (per training example, add/remove-one adjacency, sample rate 1). Exit status 1
-when the lower bound exceeds the claim, i.e. the claim is refuted at the stated confidence.
+dp_sketch_hook on a small DDP model (a variant: one layer, a token model, several buckets, or
+unit="rank") with and without a canary, the best threshold test on the canary's projection, and
+a Clopper-Pearson lower bound on epsilon set against the ledger's claim (per training example or
+per rank, add/remove-one adjacency, sample rate 1), optionally with a fault planted in the hook.
+Exit status 1 when the lower bound exceeds the claim, i.e. the claim is refuted at the stated
+confidence.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ if TYPE_CHECKING:
     from sketchcomm.privacy.audit import AuditResult
 
 _HELP = {
+    "variant": "what is audited: linear (nn.Linear(dim, 1) on [B, dim], one bucket), tokens "
+    "(the same layer on every token of [B, tokens, dim], the canary one example spread over its "
+    "tokens), buckets (buckets blocks of dim/buckets parameters, one DDP bucket each, the canary "
+    "spanning them), rank (unit='rank' on 2 or more ranks, rank 0's whole data the canary or "
+    "nothing) (default %(default)s)",
+    "fault": "a fault planted in the hook that its ledger cannot see, to check that the audit "
+    "detects it: none (honest), no-noise, half-noise, clip-split (every bucket clipped to the "
+    "full C instead of C sqrt(d_b/D); needs several buckets) (default %(default)s)",
     "trials": "one-step runs in all, half with the canary; the first half picks the threshold, "
     "the second half bounds its error rates (default %(default)s: about 30 s of CPU time)",
     "noise_multiplier": "sigma of the claim: the claimed epsilon is the ledger's for one step at "
@@ -32,8 +42,11 @@ _HELP = {
     "confidence": "confidence of the lower bound; split equally between the Clopper-Pearson "
     "bounds of the two error rates (default %(default)s)",
     "world": "number of gloo processes; each adds its share of the noise (default %(default)s)",
-    "dim": "parameters of the audited nn.Linear(dim, 1) model (default %(default)s)",
+    "dim": "parameters of the audited model (default %(default)s)",
     "background": "fixed background examples per rank besides the canary (default %(default)s)",
+    "tokens": "tokens per example of the tokens variant (default %(default)s)",
+    "buckets": "parameter blocks, each its own DDP bucket, of the buckets variant "
+    "(default %(default)s)",
     "seed": "seed of the data, canary coordinate, trial order and hashes; the noise is drawn "
     "from the operating system as in training (default %(default)s)",
 }
@@ -43,13 +56,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Declare the options of ``sketchcomm audit``."""
     from sketchcomm.privacy import ACCOUNTANTS
     from sketchcomm.privacy.audit import AuditConfig
+    from sketchcomm.privacy.audit_faults import FAULTS
+    from sketchcomm.privacy.audit_variants import VARIANTS
 
+    choices = {"accountant": ACCOUNTANTS, "variant": tuple(VARIANTS), "fault": FAULTS}
     defaults = AuditConfig()
     for field in fields(AuditConfig):
         value = getattr(defaults, field.name)
         option = "--" + field.name.replace("_", "-")
-        if field.name == "accountant":
-            parser.add_argument(option, choices=ACCOUNTANTS, default=value, help=_HELP[field.name])
+        if field.name in choices:
+            parser.add_argument(
+                option, choices=choices[field.name], default=value, help=_HELP[field.name]
+            )
         else:
             parser.add_argument(option, type=type(value), default=value, help=_HELP[field.name])
     parser.add_argument(
@@ -63,20 +81,27 @@ def _epsilon(value: float) -> str:
 
 def report(result: AuditResult) -> str:
     """The text report of one :class:`~sketchcomm.privacy.audit.AuditResult`."""
+    from sketchcomm.privacy.audit_variants import VARIANTS
+
     config, test = result.config, result.test
-    rows, columns = result.table_shape
+    shapes = sorted(set(result.table_shapes))
+    tables = ", ".join(f"{rows}x{columns}" for rows, columns in shapes)
     sigma = config.configured_noise_multiplier
     needed = result.trials_to_exceed_claim
     lines = [
-        f"mechanism: DPSketchState unit=example, C={config.max_grad_norm:g}, sample rate 1, "
-        f"{config.world} rank(s), table {rows}x{columns} for {config.dim} parameters, "
-        f"configured sigma={sigma:g} ({config.noise_scale:g} x the claimed "
-        f"{config.noise_multiplier:g})",
+        f"variant {config.variant}: {VARIANTS[config.variant].summary}; fault: {config.fault}",
+        f"mechanism: DPSketchState unit={config.unit}, C={config.max_grad_norm:g}, sample rate 1, "
+        f"{config.world} rank(s), {len(result.table_shapes)} bucket(s) of tables {tables} for "
+        f"{config.dim} parameters, configured sigma={sigma:g} ({config.noise_scale:g} x the "
+        f"claimed {config.noise_multiplier:g}; the hook adds sigma="
+        f"{config.effective_noise_multiplier:g})",
         f"claimed epsilon: {_epsilon(result.claimed_epsilon)} at delta={config.delta:g} "
-        f"({config.accountant} accountant, one step, sigma={config.noise_multiplier:g}); "
+        f"({config.accountant} accountant, one step, sigma={config.noise_multiplier:g}, per "
+        f"{config.unit}); "
         f"the ledger of the configured hook records {_epsilon(result.ledger_epsilon)}",
         f"scores: shift with the canary {result.score_shift:.3f} C, std without it "
-        f"{result.score_std:.3f} C (expected 1 and {sigma:g})",
+        f"{result.score_std:.3f} C (expected {result.predicted_shift:g} and "
+        f"{result.predicted_std:g})",
         f"threshold {test.threshold:.4g} chosen on {config.trials // 2} trials; evaluated on "
         f"{test.negatives} without and {test.positives} with the canary:",
         f"  false positives {test.false_positives}/{test.negatives} (FPR {test.fpr:.4f}, "
