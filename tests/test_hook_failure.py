@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sketchcomm import SketchState, sketch_hook
+from sketchcomm.demo.digits import load_digits, make_mlp
 from sketchcomm.privacy import DPSketchState, PrivacyBudgetExceeded, PrivacyLedger
-from sketchcomm.training import load_digits, make_mlp
 
 # Far below the process group's 30-minute default: a rank left waiting would fail the test.
 PROMPT = 120.0
