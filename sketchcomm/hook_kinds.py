@@ -19,7 +19,7 @@ Benchmarks add their baselines with :func:`register_hook_kind`.
 >>> hook_kinds()[:5]  # the built-in kinds come first
 ('allreduce', 'fp16', 'powersgd', 'sketch', 'private')
 >>> state, hook = build_hook("sketch", compression=10)
->>> (type(state).__name__, hook.__name__, state.compression)
+>>> (type(state).__name__, hook.__name__, state.config.compression)
 ('SketchState', 'sketch_hook', 10.0)
 """
 
