@@ -203,7 +203,7 @@ def _noised_hook(
         if bucket.index() == 0:
             state.open_step(context.buffer.device)
         clip = state.bucket_clip_norm(context.layout.numel)
-        clipped, _ = clip_and_sum(state.per_example(context)[:, None, :], clip)
+        clipped, _ = clip_and_sum(state.contributions.rows(context)[:, None, :], clip)
         return compress(context, clipped[0], state.noise_std(context.rank, context.world))
 
     message = context.build((numel(context),), make)

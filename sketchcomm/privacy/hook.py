@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from sketchcomm.engine import BucketContext, resolve_group
 from sketchcomm.hooks import SketchState
 from sketchcomm.privacy.calibration import calibrate_noise_multiplier, describe_plan
-from sketchcomm.privacy.capture import PerExampleGradients
+from sketchcomm.privacy.contributions import ExampleContributions
 from sketchcomm.privacy.ledger import PrivacyLedger
 from sketchcomm.privacy.mechanism import (
     NOISE_PLACEMENTS,
@@ -218,10 +218,9 @@ class DPSketchState(SketchState):
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self.capture: PerExampleGradients | None = None
+        self.contributions: ExampleContributions | None = None
         self.total_elements = 0
         self.generator: torch.Generator | None = None
-        self.checked_sums: set[int] = set()
 
     @property
     def max_grad_norm(self) -> float:
@@ -265,9 +264,9 @@ class DPSketchState(SketchState):
         module = getattr(ddp_model, "module", ddp_model)
         self.total_elements = sum(p.numel() for p in module.parameters() if p.requires_grad)
         if self.privacy.unit == "example":
-            if self.capture is not None:
-                self.capture.remove()
-            self.capture = PerExampleGradients(module)
+            if self.contributions is not None:
+                self.contributions.remove()
+            self.contributions = ExampleContributions(module)
         super().register(ddp_model, dp_sketch_hook if hook is None else hook)
 
     def agreement_fields(self, bucket: Any) -> dict[str, float]:
@@ -294,31 +293,9 @@ class DPSketchState(SketchState):
         """Add ``N(0, std^2)`` to ``values`` in place from this rank's private generator."""
         return add_noise(values, std, self.generator, self.privacy.secure_mode)
 
-    def per_example(self, context: BucketContext) -> Tensor:
-        """``[B, d]`` per-example gradients of the bucket (canonical order), checked once against
-        the bucket's gradient."""
-        if self.capture is None:
-            raise RuntimeError("register the state with state.register(ddp_model), not directly")
-        params = context.bucket.parameters()
-        samples = torch.cat([self.capture.pop(params[i]).float() for i in context.layout.order], 1)
-        index = context.bucket.index()
-        if index not in self.checked_sums:
-            expected = context.canonical().float()
-            error = (samples.sum(0) - expected).abs().max().item() if len(samples) else 0.0
-            scale = expected.abs().max().item() + 1e-12
-            if error > 1e-3 * scale + 1e-6:
-                raise ValueError(
-                    f"per-example gradients of bucket {index} do not add up to its gradient "
-                    f"(max difference {error:.3g}): zero the gradients before each backward, run "
-                    "one forward per backward (no accumulation under no_sync), and train only "
-                    "supported layers"
-                )
-            self.checked_sums.add(index)
-        return samples
-
     def discard_step(self) -> None:
-        if self.capture is not None:
-            self.capture.clear()
+        if self.contributions is not None:
+            self.contributions.clear()
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_config(self) -> dict[str, Any]:
@@ -343,10 +320,11 @@ class DPSketchState(SketchState):
 
 def private_tables(state: DPSketchState, context: BucketContext) -> Tensor:
     """``[n, r, c]`` tables of this rank's contributions to the bucket: its examples, or itself."""
-    sketch = context.sketch
-    if state.privacy.unit == "example":
-        return sketch.sketch_batch(state.per_example(context))
-    return sketch.sketch(context.canonical())[None]
+    if state.privacy.unit == "rank":
+        return context.sketch.sketch(context.canonical())[None]
+    if state.contributions is None:
+        raise RuntimeError("register the state with state.register(ddp_model), not directly")
+    return state.contributions.tables(context)
 
 
 def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
