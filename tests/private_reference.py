@@ -135,8 +135,11 @@ def per_example_gradients(name: str, inputs: Tensor, targets: Tensor) -> list[Te
     return [grads[k].flatten(1) for k in params]
 
 
-def reference_release(spec: dict, result: dict, step: int, world: int) -> list[Tensor]:
-    """Each bucket's sum over all examples of all ranks of ``clip_{C_b}(S_b(g_i))``."""
+def reference_release(
+    spec: dict, result: dict, step: int, world: int, *, clipped: bool = True
+) -> list[Tensor]:
+    """Each bucket's sum over all examples of all ranks of ``clip_{C_b}(S_b(g_i))`` (of
+    ``S_b(g_i)`` without ``clipped``)."""
     name = spec["model"]
     examples = [
         batch(name, step, rank, micro, spec["size"])
@@ -153,6 +156,6 @@ def reference_release(spec: dict, result: dict, step: int, world: int) -> list[T
         rows = torch.cat([grads[position] for position in layout[1]], 1)
         tables = sketch.sketch_batch(rows)
         norms = tables.flatten(1).norm(dim=1)
-        factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+        factors = (clip / (norms + 1e-6)).clamp(max=1.0) if clipped else torch.ones_like(norms)
         released.append(torch.einsum("n,nrc->rc", factors, tables))
     return released

@@ -42,6 +42,10 @@ def test_micro_batches_are_clipped_per_example_and_released_once() -> None:
         released = _released(results, step)
         assert len(released) == len(reference) > (step > 0)  # DDP's rebuild: many buckets
         assert any(r.shape[0] > 1 for r in reference)  # real sketches, not only exact tables
+        unclipped = reference_release(spec, results[0]["steps"][step], step, 2, clipped=False)
+        assert any(
+            (u - r).norm() > 0.1 * r.norm() for u, r in zip(unclipped, reference, strict=True)
+        )
         for got, expected in zip(released, reference, strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         assert all(r["steps"][step]["held_after"] == 0 for r in results)
