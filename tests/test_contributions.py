@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import torch
 from distributed import run_ranks
-from private_reference import private_worker, reference_release
+from private_reference import make_model, private_worker, reference_release, summed_loss
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sketchcomm.privacy import DPSketchState, PrivacyLedger
 from sketchcomm.privacy.contributions import ExampleContributions, sum_tolerance
 from sketchcomm.sketch import CountSketch
 
@@ -90,3 +92,36 @@ def test_without_a_bucket_rows_are_kept_per_micro_batch_and_cleared() -> None:
     contributions.clear()
     assert contributions.held_bytes() == 0
     contributions.remove()
+
+
+def zeroed_between_micro_batches(rank: int, world: int) -> dict:
+    """Gradients zeroed between two micro-batches: the first one's examples are in the
+    contributions but not in the bucket's gradient, so the step is refused and cleared."""
+    model = DDP(make_model("mlp"))
+    state = DPSketchState(
+        PrivacyLedger(accountant="rdp", delta=1e-5, unit="example"),
+        max_grad_norm=1.0,
+        unit="example",
+        sample_rate=0.01,
+        dataset_size=10_000,
+        noise_multiplier=1.0,
+        min_compression_size=10**9,
+    )
+    state.register(model)
+    with model.no_sync():
+        summed_loss("mlp", model(torch.randn(4, 64)), torch.zeros(4, dtype=torch.long)).backward()
+    model.zero_grad()
+    message = "no error"
+    try:
+        summed_loss("mlp", model(torch.randn(4, 64)), torch.ones(4, dtype=torch.long)).backward()
+    except ValueError as error:
+        message = str(error)
+    held = state.contributions.held_bytes()
+    return {"message": message, "held": held, "steps": state.ledger.steps}
+
+
+def test_gradients_zeroed_between_micro_batches_are_refused() -> None:
+    for result in run_ranks(zeroed_between_micro_batches, 2):
+        assert "do not add up" in result["message"] and "between" in result["message"]
+        assert result["held"] == 0
+        assert result["steps"] == 1  # the refused step counts (over-reporting is safe)
