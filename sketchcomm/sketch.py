@@ -213,59 +213,6 @@ class CountSketch:
             self._accumulate(x, tables)
         return tables
 
-    def sketch_block_into(self, block: Tensor, offset: int, tables: Tensor) -> Tensor:
-        """Add to ``tables`` (``[batch, rows, columns]`` fp32) the sketches of the vectors that
-        equal the rows of ``block`` (``[batch, n]``) at coordinates ``offset .. offset + n - 1``
-        and are zero elsewhere; returns ``tables``.
-
-        By linearity, sketching the consecutive blocks of a vector one after the other gives its
-        sketch (up to the order of fp32 additions), so a bucket of several parameters can be
-        sketched parameter by parameter without concatenating them.
-
-        >>> sketch = CountSketch(dim=10, rows=2, columns=5, seed=0)
-        >>> x = torch.randn(3, 10)
-        >>> tables = torch.zeros(3, 2, 5)
-        >>> _ = sketch.sketch_block_into(x[:, :4], 0, tables)
-        >>> _ = sketch.sketch_block_into(x[:, 4:], 4, tables)
-        >>> torch.allclose(tables, sketch.sketch_batch(x))
-        True
-        """
-        if block.dim() != 2 or not 0 <= offset <= self.dim - block.shape[1]:
-            raise ValueError(
-                f"expected a [batch, n] block with offset + n <= {self.dim}, got "
-                f"{tuple(block.shape)} at offset {offset}"
-            )
-        shape = (len(block), *self.table_shape)
-        if tuple(tables.shape) != shape or tables.dtype != torch.float32:
-            raise ValueError(f"tables must be {shape} fp32, got {tuple(tables.shape)}")
-        if tables.device != self.device or not tables.is_contiguous():
-            raise ValueError(f"tables must be contiguous on {self.device}")
-        if not len(block) or not block.shape[1]:
-            return tables
-        x = block.to(device=self.device, dtype=torch.float32).contiguous()
-        if x.device.type == "cpu":
-            xn, tn = x.numpy(), tables.numpy()
-            add, sub = np.add, np.subtract
-        else:
-            xn, tn = x, tables
-            add, sub = torch.add, torch.sub
-        c, position, end = self.columns, offset, offset + block.shape[1]
-        while position < end:
-            k = position // c
-            first, last = position - k * c, min(c, end - k * c)  # positions inside chunk k
-            segment = xn[:, position - offset : position - offset + last - first]
-            for j in range(self.rows):
-                row, start = tn[:, j], (self.offsets_list[j][k] + first) % c
-                op = add if self.signs_list[j][k] > 0 else sub
-                head = min(last - first, c - start)
-                target = row[:, start : start + head]
-                op(target, segment[:, :head], out=target)
-                if head < last - first:
-                    wrapped = row[:, : last - first - head]
-                    op(wrapped, segment[:, head:], out=wrapped)
-            position = k * c + last
-        return tables
-
     def _accumulate(self, x: Tensor, tables: Tensor) -> None:
         """Add the sketches of the rows of ``x`` (``[b, d]`` fp32) to ``tables`` (``[b, r, c]``).
 

@@ -7,7 +7,7 @@ clips and sums. The per-example gradients come from
 
 Streaming. The sketch is linear, so a parameter's per-example gradients ``[B, n]`` at offset
 ``o`` of its bucket (canonical order) are sketched into the bucket's tables as soon as they are
-captured (:meth:`~sketchcomm.sketch.CountSketch.sketch_block_into`) and dropped: the extra memory
+captured (:func:`~sketchcomm.sketch_blocks.sketch_block_into`) and dropped: the extra memory
 is about ``B x largest layer + B x tables`` instead of ``B x bucket``. That needs the bucket
 layout, known only once the engine has shown the bucket; DDP rebuilds its buckets after its first
 iteration. So streaming starts once two consecutive steps had the same layouts; before that the
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from sketchcomm.engine import BucketContext
 from sketchcomm.privacy.capture import PerExampleGradients
 from sketchcomm.sketch import CountSketch
+from sketchcomm.sketch_blocks import sketch_block_into
 
 __all__ = ["ExampleContributions", "sum_tolerance"]
 
@@ -132,7 +133,7 @@ class ExampleContributions:
             if slot.index not in batch.tables:
                 zeros = torch.zeros((len(rows), *slot.sketch.table_shape), device=rows.device)
                 batch.tables[slot.index] = (slot.key, zeros.to(slot.sketch.device))
-            slot.sketch.sketch_block_into(rows, slot.offset, batch.tables[slot.index][1])
+            sketch_block_into(slot.sketch, rows, slot.offset, batch.tables[slot.index][1])
             batch.streamed.add(param)
         self.peak_bytes = max(self.peak_bytes, self.held_bytes())
 
@@ -206,7 +207,7 @@ class ExampleContributions:
         for p, offset in zip(ordered, offsets, strict=True):
             rows = batch.rows.pop(p, None)
             if rows is not None:
-                sketch.sketch_block_into(rows, offset, table)
+                sketch_block_into(sketch, rows, offset, table)
         batch.streamed.difference_update(ordered)
         return table
 
