@@ -80,6 +80,29 @@ def _lower_precision(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
 
 
+def _missing(param: Tensor) -> RuntimeError:
+    return RuntimeError(
+        "no per-example gradient was captured for a parameter of shape "
+        f"{tuple(param.shape)}: was the model's forward run through the registered model "
+        "before backward?"
+    )
+
+
+def _check_sum(index: int, total: Tensor, expected: Tensor, dtype: torch.dtype) -> None:
+    """Refuse unless the per-example contributions add up to the bucket's gradient (both in
+    table space, or both in gradient space) within :func:`sum_tolerance` of ``dtype``."""
+    error, scale = (total - expected).norm().item(), expected.norm().item()
+    tolerance = sum_tolerance(dtype)
+    if error > tolerance * scale + 1e-6:
+        raise ValueError(
+            f"per-example gradients of bucket {index} do not add up to its gradient (relative "
+            f"difference {error / (scale + 1e-12):.3g}, tolerance {tolerance:g} for {dtype}): "
+            "zero the gradients before the first micro-batch of a step and not between its "
+            "micro-batches, run every forward through the registered model, and train only "
+            "supported layers"
+        )
+
+
 class ExampleContributions:
     """The per-example tables of every bucket of ``model`` (see the module docstring).
 
@@ -160,18 +183,30 @@ class ExampleContributions:
             self._end_step()
         tables = torch.cat(parts) if parts else torch.zeros((0, *sketch.table_shape))
         tables = tables.to(sketch.device)
-        expected = sketch.sketch(context.canonical())
-        error = (tables.sum(0) - expected).norm().item()
-        tolerance = sum_tolerance(dtype)
-        if error > tolerance * expected.norm().item() + 1e-6:
-            raise ValueError(
-                f"per-example gradients of bucket {index} do not add up to its gradient "
-                f"(relative difference {error / (expected.norm().item() + 1e-12):.3g} in sketch "
-                f"space, tolerance {tolerance:g} for {dtype}): zero the gradients before the "
-                "first micro-batch of a step and not between its micro-batches, run every "
-                "forward through the registered model, and train only supported layers"
-            )
+        _check_sum(index, tables.sum(0), sketch.sketch(context.canonical()), dtype)
         return tables
+
+    def rows(self, context: BucketContext) -> Tensor:
+        """``[n, d]`` per-example gradients of the bucket (canonical order) over every
+        micro-batch since the last release, checked against the bucket's gradient, for
+        mechanisms that clip in gradient space. A model whose rows are asked for never streams
+        (its layouts are not recorded)."""
+        params = context.bucket.parameters()
+        ordered = [params[i] for i in context.layout.order]
+        parts, dtype = [], context.buffer.dtype
+        for forward in sorted(self.pending):
+            batch = self.pending[forward]
+            present = [p in batch.rows for p in ordered]
+            if any(present):
+                if not all(present):
+                    raise _missing(ordered[present.index(False)])
+                parts.append(torch.cat([batch.rows.pop(p) for p in ordered], 1))
+                dtype = _lower_precision(dtype, batch.dtype)
+            if not (batch.rows or batch.tables or batch.streamed):
+                del self.pending[forward]
+        rows = torch.cat(parts) if parts else torch.zeros(0, context.layout.numel)
+        _check_sum(context.bucket.index(), rows.sum(0), context.canonical().float(), dtype)
+        return rows
 
     def _bucket_part(
         self,
@@ -188,12 +223,7 @@ class ExampleContributions:
         if not any(present):
             return None
         if not all(present):
-            missing = ordered[present.index(False)]
-            raise RuntimeError(
-                "no per-example gradient was captured for a parameter of shape "
-                f"{tuple(missing.shape)}: was the model's forward run through the registered "
-                "model before backward?"
-            )
+            raise _missing(ordered[present.index(False)])
         streamed_key, table = batch.tables.pop(index, (key, None))
         if streamed_key != key:
             self.plan = self.next_plan = self.last_keys = None
