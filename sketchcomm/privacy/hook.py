@@ -253,6 +253,8 @@ class DPSketchState(SketchState):
         :func:`~sketchcomm.privacy.model_checks.validate_private_model`), install the capture
         and a :class:`~sketchcomm.privacy.model_checks.BufferWatch`, register the hook."""
         module = getattr(ddp_model, "module", ddp_model)
+        self.broadcast_buffers = bool(getattr(ddp_model, "broadcast_buffers", False))
+        validate_private_model(module, self.privacy.unit, self.broadcast_buffers)
         world = dist.get_world_size(resolve_group(self.process_group))
         privacy = self.privacy.resolved(world)
         ledger_t = self.ledger.colluding_ranks if self.ledger is not None else None
@@ -262,8 +264,6 @@ class DPSketchState(SketchState):
                 f"colluding_ranks={privacy.colluding_ranks} at world size {world}: build both "
                 "with the same colluding_ranks"
             )
-        self.broadcast_buffers = bool(getattr(ddp_model, "broadcast_buffers", False))
-        validate_private_model(module, privacy.unit, self.broadcast_buffers)
         self.privacy, self.world_size = privacy, world
         self.total_elements = sum(p.numel() for p in module.parameters() if p.requires_grad)
         if self.contributions is not None:
