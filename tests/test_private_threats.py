@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sketchcomm.privacy import DPSketchState, PrivacyLedger
+from sketchcomm.privacy.audit import AuditConfig
+from sketchcomm.privacy.audit_variants import VARIANTS
 
 
 class Target(nn.Module):
@@ -39,11 +41,11 @@ class RunningMean(nn.Module):
 
 
 class FoldedTokens(nn.Module):
-    """A token-wise Linear applied to ``[B * T, d]``: its rows are tokens, not examples."""
+    """``layer`` applied to ``[B * T, d]``: its rows are tokens, not examples."""
 
-    def __init__(self) -> None:
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.layer = nn.Linear(4, 2)
+        self.layer = layer
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.layer(tokens.reshape(-1, tokens.shape[-1]))
@@ -131,10 +133,13 @@ def registration_worker(rank: int, world: int) -> dict:
 
 
 def folded_worker(rank: int, world: int) -> dict:
-    """Tokens folded into the batch inside the model: refused in the forward, nothing recorded
-    or released. (Rows folded before the model's input cannot be told from examples: the
-    model's input must be one example per row, as the docs state.)"""
-    model = DDP(FoldedTokens())
+    """The audit's token model and data (12 tokens per example), with the tokens folded into the
+    batch inside the model, the shape on which the audit refuted the claim before: refused in
+    the forward, nothing recorded or released. (Rows folded before the model's input cannot be
+    told from examples: one row of the model's input must be one example, as the docs state.)"""
+    config = AuditConfig(variant="tokens", tokens=12, dim=64, background=4)
+    setup = VARIANTS["tokens"].build(config, rank)
+    model = DDP(FoldedTokens(setup.model))
     state = DPSketchState(
         PrivacyLedger(accountant="rdp", delta=1e-5),
         max_grad_norm=1.0,
@@ -144,8 +149,7 @@ def folded_worker(rank: int, world: int) -> dict:
         noise_multiplier=1.0,
     )
     state.register(model)
-    tokens = torch.randn(3, 12, 4)
-    message = _refusal(lambda: model(tokens).sum().backward())
+    message = _refusal(lambda: model(setup.with_canary).sum().backward())
     return {"message": message, "steps": state.ledger.steps}
 
 

@@ -51,10 +51,7 @@ BATCH_NORM_FIX = (
     "replace it with GroupNorm (opacus.validators.ModuleValidator.fix(model) does this) "
     "or LayerNorm"
 )
-BUFFER_FIX = (
-    "wrap the model in DistributedDataParallel(..., broadcast_buffers=False) and use "
-    "GroupNorm/LayerNorm instead of BatchNorm (opacus.validators.ModuleValidator.fix(model))"
-)
+NORM_FIX = "use GroupNorm/LayerNorm instead of BatchNorm (opacus.validators.ModuleValidator.fix)"
 
 
 def _label(name: str, module: nn.Module) -> str:
@@ -116,15 +113,17 @@ def _changing_buffers(model: nn.Module) -> list[str]:
     ]
 
 
-def _buffer_refusal(unit: str, broadcast_buffers: bool, buffers: list[str]) -> str:
-    reason = (
-        "DDP would broadcast rank 0's copy to every rank each step, outside the noise"
-        if broadcast_buffers
-        else "under unit='example' they are part of every model an observer sees, unnoised"
-    )
+def _buffer_refusal(unit: str, buffers: list[str]) -> str:
+    if unit == "example":
+        reason = "under unit='example' they are part of every model an observer sees, unnoised"
+        fix = f"{NORM_FIX}, or keep data-dependent state out of the model's buffers"
+    else:
+        reason = "DDP would broadcast rank 0's copy to every rank each step, outside the noise"
+        fix = (
+            f"wrap the model in DistributedDataParallel(..., broadcast_buffers=False) or {NORM_FIX}"
+        )
     return (
-        f"floating-point buffers that change in train mode ({', '.join(buffers)}): {reason}; "
-        f"{BUFFER_FIX}"
+        f"floating-point buffers that change in train mode ({', '.join(buffers)}): {reason}; {fix}"
     )
 
 
@@ -145,7 +144,7 @@ def validate_private_model(model: nn.Module, unit: str, broadcast_buffers: bool)
     problems = example_mixing_problems(model) if unit == "example" else []
     buffers = _changing_buffers(model)
     if buffers and (broadcast_buffers or unit == "example"):
-        problems.append(_buffer_refusal(unit, broadcast_buffers, buffers))
+        problems.append(_buffer_refusal(unit, buffers))
     if problems:
         listing = "\n- ".join(problems)
         raise ValueError(f"this model cannot be trained privately with unit={unit!r}:\n- {listing}")
@@ -194,5 +193,5 @@ class BufferWatch:
         if changed and (broadcast_buffers or unit == "example"):
             raise ValueError(
                 f"this model cannot be trained privately with unit={unit!r}: "
-                + _buffer_refusal(unit, broadcast_buffers, changed)
+                + _buffer_refusal(unit, changed)
             )
