@@ -1,8 +1,9 @@
 """sketchcomm: Count Sketch gradient communication for PyTorch DDP, with differential privacy.
 
 ``SketchState`` + ``sketch_hook`` replace DDP's gradient allreduce with an allreduce of Count Sketch
-tables; :mod:`sketchcomm.privacy` adds clipping and Gaussian noise in sketch space with an epsilon
-ledger on Opacus accountants; :mod:`sketchcomm.engine` is the toolkit every hook is built on.
+tables; [`sketchcomm.privacy`][sketchcomm.privacy] adds clipping and Gaussian noise in sketch space
+with an epsilon ledger on Opacus accountants; [`sketchcomm.engine`][sketchcomm.engine] is the
+toolkit every hook is built on.
 
 >>> import torch
 >>> from sketchcomm import CountSketch

@@ -72,7 +72,7 @@ class BucketLayout:
         return torch.cat([flat[o : o + n] for o, n in self.slices])
 
     def from_canonical(self, flat: Tensor) -> Tensor:
-        """Inverse of :meth:`to_canonical`."""
+        """Inverse of `to_canonical()`."""
         if self.slices is None:
             return flat
         out = torch.empty_like(flat)
@@ -87,7 +87,7 @@ class BucketLayout:
 class BucketState:
     """What a hook keeps for one gradient bucket between steps.
 
-    ``layout`` is the :attr:`BucketLayout.key` of the parameters it was made for, ``sketch`` the
+    ``layout`` is the `BucketLayout.key` of the parameters it was made for, ``sketch`` the
     bucket's Count Sketch, ``topk`` the coordinates kept by top-k recovery, ``candidates`` the
     coordinates whose exact values a second round sends. ``residual`` (``[d]``, local error
     feedback), ``error_table`` and ``momentum_table`` (``[r, c]``, sketch-space error feedback)

@@ -1,6 +1,6 @@
 """The configuration of a sketched hook, validated once and frozen: what every rank and every
 checkpoint must agree on. Runtime state (iteration, statistics, per-bucket tensors) lives in
-:class:`~sketchcomm.SketchState`."""
+[`SketchState`][sketchcomm.SketchState]."""
 
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ OPTION_CODES = {"topk": 0, "dense": 1, "local": 0, "sketch": 1, "none": 2}
 
 @dataclass(frozen=True)
 class SketchConfig:
-    """Options of :func:`~sketchcomm.sketch_hook`; see :class:`~sketchcomm.SketchState` for what
-    each means. ``rows=None`` and ``error_feedback=None`` resolve to their defaults, so two configs
-    compare equal when they sketch alike. ``exact_small_buckets`` sends buckets that are not worth
-    compressing as an exact one-row table instead of a plain allreduce (the private hook
-    privatises every bucket).
+    """Options of [`sketch_hook()`][sketchcomm.sketch_hook]; see
+    [`SketchState`][sketchcomm.SketchState] for what each means. ``rows=None`` and
+    ``error_feedback=None`` resolve to their defaults, so two configs compare equal when they sketch
+    alike. ``exact_small_buckets`` sends buckets that are not worth compressing as an exact one-row
+    table instead of a plain allreduce (the private hook privatises every bucket).
 
     >>> config = SketchConfig(compression=20, recovery="dense")
     >>> config.rows, config.error_feedback, config.table_shape_for(100_000)
@@ -103,14 +103,14 @@ class SketchConfig:
 
     @property
     def decoding(self) -> DecodeConfig:
-        """What :func:`~sketchcomm.recovery.decode` needs."""
+        """What [`decode()`][sketchcomm.recovery.decode] needs."""
         return DecodeConfig(self.recovery, self.error_feedback, self.momentum)
 
     def table_shape_for(self, numel: int) -> tuple[int, int] | None:
         """``(rows, columns)`` of the table of a bucket of ``numel`` elements, or None if the
         bucket is allreduced uncompressed. Columns are the largest prime at most
         ``numel / (compression * rows)`` and at least ``sqrt(numel)`` (see
-        :mod:`sketchcomm.sketch`)."""
+        [`sketchcomm.sketch`][sketchcomm.sketch])."""
         if self.columns is not None:
             return (self.rows, self.columns)
         target = int(numel / (self.compression * self.rows))

@@ -4,11 +4,14 @@ Every hook in this package runs the same protocol for each bucket:
 
     layout -> bucket state -> message -> exchange -> failure and finite checks -> decode -> stats
 
-:class:`HookState` holds what the protocol keeps between buckets (process group, the parameters
-it is bound to, per-bucket state, statistics); :meth:`HookState.open` starts a bucket and returns
-a :class:`BucketContext`, whose methods are the remaining steps. A hook is then a few lines: what
-makes the message and how the exchanged message is decoded (see :func:`sketchcomm.sketch_hook`,
-:func:`sketchcomm.privacy.dp_sketch_hook` and the benchmark baselines)::
+[`HookState`][sketchcomm.engine.HookState] holds what the protocol keeps between buckets (process
+group, the parameters it is bound to, per-bucket state, statistics);
+[`HookState.open()`][sketchcomm.engine.HookState.open] starts a bucket and returns a
+[`BucketContext`][sketchcomm.engine.BucketContext], whose methods are the remaining steps. A hook is
+then a few lines: what makes the message and how the exchanged message is decoded (see
+[`sketchcomm.sketch_hook()`][sketchcomm.sketch_hook],
+[`sketchcomm.privacy.dp_sketch_hook()`][sketchcomm.privacy.dp_sketch_hook] and the benchmark
+baselines)::
 
     def my_hook(state, bucket):
         context = state.open(bucket)
@@ -17,13 +20,14 @@ makes the message and how the exchanged message is decoded (see :func:`sketchcom
 
 Failure path. A hook that raises on one rank only (bad input, a refused privacy budget, a bug)
 would leave the other ranks waiting in a collective until the process group's timeout. Instead,
-:meth:`BucketContext.build` catches the error: the rank sends an all-zero message (nothing of its
-data) for this bucket and every later bucket of the step, and every message carries one flag per
-rank (the code of the error's type, 0 when fine). Every rank sees the flags: a failing rank
-raises its own error from the step's last bucket, the others raise :class:`RemoteHookError`
-naming the failing rank and its error type. Before the error reaches the caller, the step's raw
-gradients are discarded on every rank (``p.grad = None``, bucket buffers and results zeroed,
-:meth:`HookState.discard_step`).
+[`BucketContext.build()`][sketchcomm.engine.BucketContext.build] catches the error: the rank sends
+an all-zero message (nothing of its data) for this bucket and every later bucket of the step, and
+every message carries one flag per rank (the code of the error's type, 0 when fine). Every rank sees
+the flags: a failing rank raises its own error from the step's last bucket, the others raise
+[`RemoteHookError`][sketchcomm.engine.RemoteHookError] naming the failing rank and its error type.
+Before the error reaches the caller, the step's raw gradients are discarded on every rank
+(``p.grad = None``, bucket buffers and results zeroed,
+[`HookState.discard_step()`][sketchcomm.engine.HookState.discard_step]).
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
 class HookState:
     """What a bucket hook keeps between buckets and steps.
 
-    Subclasses say how a bucket's state is made (:meth:`new_bucket_state`) and which numbers every
-    rank must agree on (:meth:`agreement_fields`). ``nonfinite`` is ``"propagate"`` (a bucket whose
+    Subclasses say how a bucket's state is made (`new_bucket_state()`) and which numbers every
+    rank must agree on (`agreement_fields()`). ``nonfinite`` is ``"propagate"`` (a bucket whose
     exchanged message is not finite becomes NaN) or ``"raise"``.
 
     >>> state = HookState()
@@ -81,7 +85,8 @@ class HookState:
 
     # ------------------------------------------------------------------ what subclasses define
     def new_bucket_state(self, key: tuple, numel: int, device: torch.device | None) -> BucketState:
-        """A fresh :class:`BucketState` for a bucket of ``numel`` elements with layout ``key``."""
+        """A fresh [`BucketState`][sketchcomm.engine.BucketState] for a bucket of ``numel`` elements
+        with layout ``key``."""
         raise NotImplementedError(f"{type(self).__name__} makes no bucket state")
 
     def agreement_fields(self, bucket: BucketState) -> dict[str, float]:
@@ -102,7 +107,8 @@ class HookState:
 
     # ------------------------------------------------------------------ binding
     def bind(self, module: nn.Module) -> None:
-        """Key bucket state by ``module``'s parameters (see :mod:`sketchcomm.buckets`)."""
+        """Key bucket state by ``module``'s parameters (see
+        [`sketchcomm.buckets`][sketchcomm.buckets])."""
         self.positions = {id(p): i for i, p in enumerate(module.parameters())}
 
     def register(self, ddp_model: nn.Module, hook: Callable) -> None:
@@ -172,10 +178,10 @@ class HookState:
 
 
 class BucketContext:
-    """One bucket going through the protocol of a :class:`HookState`, made by
-    :meth:`HookState.open`: the ``bucket`` and its ``buffer``, ``layout`` and ``bucket_state``
-    (None when opened without), the process ``group`` (None for the default group) with this
-    ``rank`` and ``world`` size.
+    """One bucket going through the protocol of a [`HookState`][sketchcomm.engine.HookState], made
+    by [`HookState.open()`][sketchcomm.engine.HookState.open]: the ``bucket`` and its ``buffer``,
+    ``layout`` and ``bucket_state`` (None when opened without), the process ``group`` (None for the
+    default group) with this ``rank`` and ``world`` size.
 
     >>> from sketchcomm.sketch import CountSketch
     >>> BucketContext.sketch.__doc__
@@ -205,7 +211,8 @@ class BucketContext:
         return self.bucket_state.sketch
 
     def canonical(self) -> Tensor:
-        """The bucket buffer ``[d]`` in canonical order (see :class:`BucketLayout`)."""
+        """The bucket buffer ``[d]`` in canonical order (see
+        [`BucketLayout`][sketchcomm.engine.BucketLayout])."""
         return self.layout.to_canonical(self.buffer)
 
     def build(
@@ -231,7 +238,8 @@ class BucketContext:
         return torch.zeros(shape, dtype=dtype, device=self.buffer.device)
 
     def record(self, sent_elements: int, sent_bytes: int, *, compressed: bool = True) -> None:
-        """Count what this rank sends for the bucket in :class:`SketchStats`."""
+        """Count what this rank sends for the bucket in
+        [`SketchStats`][sketchcomm.engine.SketchStats]."""
         self.state.stats.record_bucket(sent_elements, sent_bytes, self.buffer, compressed)
 
     def nonfinite_result(self) -> Tensor:
@@ -268,7 +276,7 @@ class BucketContext:
 
     def allreduce_now(self, message: Tensor) -> Tensor | None:
         """Allreduce ``message`` (a first round) and wait: the sum shaped like ``message``, or
-        None when some rank failed (then end the bucket with :meth:`without_exchange`)."""
+        None when some rank failed (then end the bucket with `without_exchange()`)."""
         packed = self._pack(message)
         dist.all_reduce(packed, group=self.group)
         if self._failed(packed[-self.world :]):
@@ -282,7 +290,7 @@ class BucketContext:
         """Sum ``message`` over the ranks asynchronously; ``decode(summed)``, with ``summed``
         shaped like ``message``, gives the bucket's result ``[d]`` in canonical order (with
         ``check_finite`` a non-finite sum never reaches ``decode``: see
-        :meth:`nonfinite_result`). Returns the future DDP waits for."""
+        `nonfinite_result()`). Returns the future DDP waits for."""
         packed, shape = self._pack(message), message.shape
 
         def outcome() -> Tensor | None:

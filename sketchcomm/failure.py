@@ -1,10 +1,10 @@
-"""The failure path of the bucket-hook engine (:mod:`sketchcomm.engine`).
+"""The failure path of the bucket-hook engine ([`sketchcomm.engine`][sketchcomm.engine]).
 
 A rank whose hook raises sends all-zero messages for the rest of the step, each carrying its
 error's code in its slot of a per-rank flag vector; every rank reads the flags from the exchanged
-message. :class:`StepGuard` collects one step's bucket outcomes and hands them to DDP only once
-every bucket of the step has arrived, so that a failed step clears its raw gradients on every rank
-before any error (or any result) reaches DDP.
+message. [`StepGuard`][sketchcomm.failure.StepGuard] collects one step's bucket outcomes and hands
+them to DDP only once every bucket of the step has arrived, so that a failed step clears its raw
+gradients on every rank before any error (or any result) reaches DDP.
 
 >>> error_name(error_code(ValueError("bad input")))
 'ValueError'
@@ -45,7 +45,8 @@ class RemoteHookError(RuntimeError):
 
 
 def error_code(error: BaseException) -> int:
-    """The flag of ``error``'s type: ``1 + `` its place in :data:`FLAGGED_ERRORS`, or one more."""
+    """The flag of ``error``'s type: ``1 + `` its place in
+    [`FLAGGED_ERRORS`][sketchcomm.failure.FLAGGED_ERRORS], or one more."""
     name = type(error).__name__
     return FLAGGED_ERRORS.index(name) + 1 if name in FLAGGED_ERRORS else len(FLAGGED_ERRORS) + 1
 

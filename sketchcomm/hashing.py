@@ -1,6 +1,6 @@
 """Seeds and column counts for Count Sketch hashing: a stable seed derivation that every process
 computes alike, and the prime column counts that make the chunk-rolled bucket hash pairwise
-independent (see :mod:`sketchcomm.sketch`).
+independent (see [`sketchcomm.sketch`][sketchcomm.sketch]).
 
 >>> prime_at_most(100), derive_seed("bucket", 3) == derive_seed("bucket", 3)
 (97, True)

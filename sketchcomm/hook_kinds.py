@@ -2,18 +2,21 @@
 
 A *hook kind* is a name and a factory ``build(**options) -> (state, hook)``: ``hook(state,
 bucket)`` is what DDP calls for each gradient bucket, and ``hook is None`` keeps DDP's own
-allreduce. :func:`attach_hook` builds a kind and registers it on a DDP model. The built-in kinds:
+allreduce. [`attach_hook()`][sketchcomm.hook_kinds.attach_hook] builds a kind and registers it on a
+DDP model. The built-in kinds:
 
 * ``allreduce`` — DDP's default: the fp32 gradients;
 * ``fp16`` — torch's ``default_hooks.fp16_compress_hook`` (half the bytes);
 * ``powersgd`` — torch's ``powerSGD_hook`` (options ``rank``, ``seed``);
-* ``sketch`` — :class:`~sketchcomm.SketchState` + :func:`~sketchcomm.sketch_hook` (options: those
+* ``sketch`` — [`SketchState`][sketchcomm.SketchState] + [`sketch_hook()`][sketchcomm.sketch_hook]
+  (options: those
   of ``SketchState``);
-* ``private`` — :class:`~sketchcomm.privacy.DPSketchState` +
-  :func:`~sketchcomm.privacy.dp_sketch_hook` (options: those of ``DPSketchState``, including its
-  ``ledger`` and ``max_grad_norm``).
+* ``private`` — [`DPSketchState`][sketchcomm.privacy.DPSketchState] +
+  [`dp_sketch_hook()`][sketchcomm.privacy.dp_sketch_hook] (options: those of ``DPSketchState``,
+  including its ``ledger`` and ``max_grad_norm``).
 
-Benchmarks add their baselines with :func:`register_hook_kind`.
+Benchmarks add their baselines with
+[`register_hook_kind()`][sketchcomm.hook_kinds.register_hook_kind].
 
 >>> from sketchcomm.hook_kinds import build_hook, hook_kinds
 >>> hook_kinds()[:5]  # the built-in kinds come first
@@ -135,10 +138,10 @@ def build_hook(name: str, **options: Any) -> tuple[Any, Callable | None]:
 def attach_hook(ddp_model: nn.Module, name: str, **options: Any) -> Any:
     """Build kind ``name`` with ``options``, register it on ``ddp_model``; returns its state.
 
-    A :class:`~sketchcomm.SketchState` registers itself (:meth:`~sketchcomm.SketchState.register`
-    binds its per-bucket state to the parameters, so that it survives DDP's bucket rebuild);
-    any other state is passed to ``ddp_model.register_comm_hook``. ``allreduce`` registers
-    nothing and returns ``None``.
+    A [`SketchState`][sketchcomm.SketchState] registers itself
+    ([`register()`][sketchcomm.SketchState.register] binds its per-bucket state to the parameters,
+    so that it survives DDP's bucket rebuild); any other state is passed to
+    ``ddp_model.register_comm_hook``. ``allreduce`` registers nothing and returns ``None``.
     """
     from sketchcomm.hooks import SketchState
 

@@ -72,9 +72,9 @@ logger = logging.getLogger(__name__)
 
 
 class SketchState(HookState):
-    r"""Configuration and per-bucket state of :func:`sketch_hook`.
+    r"""Configuration and per-bucket state of [`sketch_hook()`][sketchcomm.hooks.sketch_hook].
 
-    Keyword arguments (the fields of :class:`~sketchcomm.SketchConfig`, or ``config=`` one):
+    Keyword arguments (the fields of [`SketchConfig`][sketchcomm.SketchConfig], or ``config=`` one):
 
     * ``compression``: bucket elements per table element, ``d / (r * c)``; must exceed 1. The
       columns are the largest prime ``c <= d / (compression * r)``.
@@ -128,9 +128,11 @@ class SketchState(HookState):
         return self.config.nonfinite
 
     def register(self, ddp_model: nn.Module, hook: Callable | None = None) -> None:
-        """Register ``hook`` (default :func:`sketch_hook`) on ``ddp_model`` and bind this state to
-        the model's parameters, so that per-bucket state follows parameters rather than bucket
-        order and survives bucket rebuilds and restarts (see :mod:`sketchcomm.buckets`)."""
+        """Register ``hook`` (default [`sketch_hook()`][sketchcomm.hooks.sketch_hook]) on
+        ``ddp_model`` and bind this state to the model's parameters, so that per-bucket state
+        follows parameters rather than bucket
+        order and survives bucket rebuilds and restarts (see
+        [`sketchcomm.buckets`][sketchcomm.buckets])."""
         super().register(ddp_model, sketch_hook if hook is None else hook)
 
     # ------------------------------------------------------------------ per-bucket state
@@ -193,7 +195,7 @@ class SketchState(HookState):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; its configuration must equal this state's."""
+        """Restore a `state_dict()`; its configuration must equal this state's."""
         saved, now = self.migrate_config(state_dict["config"]), self.checkpoint_config()
         differing = sorted(k for k in now if saved.get(k) != now[k])
         if differing:
@@ -287,9 +289,9 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
 
     Every rank sketches its bucket (plus its residual under local error feedback) into an
     ``[r, c]`` fp32 table, the tables are summed with one allreduce, and every rank recovers the
-    same estimate of the summed gradient (see :class:`SketchState` for the recovery modes). The
-    returned future holds one tensor shaped and typed like ``bucket.buffer()``, averaged over the
-    world size.
+    same estimate of the summed gradient (see [`SketchState`][sketchcomm.hooks.SketchState] for the
+    recovery modes). The returned future holds one tensor shaped and typed like ``bucket.buffer()``,
+    averaged over the world size.
 
     All collectives are issued from the hook itself, never from a future's callback, so that
     every rank issues them in the same order. With ``second_round=True`` the hook therefore waits

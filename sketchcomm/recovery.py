@@ -1,8 +1,8 @@
 """From a summed Count Sketch table to a gradient: top-k or dense recovery, and FetchSGD's
 momentum and error accumulation in sketch space (Rothchild et al., ICML 2020).
 
-Decoding needs three settings only, held in a :class:`DecodeConfig`; the per-bucket tensors live
-in a :class:`~sketchcomm.buckets.BucketState`.
+Decoding needs three settings only, held in a [`DecodeConfig`][sketchcomm.recovery.DecodeConfig];
+the per-bucket tensors live in a [`BucketState`][sketchcomm.buckets.BucketState].
 """
 
 from __future__ import annotations
@@ -77,8 +77,10 @@ def decode(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:
 
 
 def decode_or_exact(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:
-    """:func:`decode`, or the table itself read back when it holds the vector without collisions
-    (a one-row table at least as wide as the bucket, :attr:`CountSketch.is_exact`)."""
+    """[`decode()`][sketchcomm.recovery.decode], or the table itself read back when it holds the
+    vector without collisions
+    (a one-row table at least as wide as the bucket,
+    [`CountSketch.is_exact`][sketchcomm.CountSketch.is_exact])."""
     if bucket.sketch.is_exact:
         return bucket.sketch.estimate(summed)
     return decode(config, bucket, summed)

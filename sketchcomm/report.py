@@ -1,14 +1,15 @@
 r"""Reporting the privacy spent and the bytes communicated, to Weights & Biases and as text.
 
-:class:`PrivacyReporter` logs, once per step, what a :class:`~sketchcomm.privacy.PrivacyLedger`
-has recorded (the guaranteed :math:`\varepsilon`, towards outside observers and ``t`` colluding
-ranks, and the :math:`\varepsilon` towards outside observers only, both at the ledger's
-:math:`\delta`; the step's noise multiplier and sample rate, the number of steps, the budget
-left) together with communication figures supplied by the caller, and at the end a summary
-table and run summary values. Only rank 0 logs; on other ranks every method does nothing, so
+[`PrivacyReporter`][sketchcomm.report.PrivacyReporter] logs, once per step, what a
+[`PrivacyLedger`][sketchcomm.privacy.PrivacyLedger] has recorded (the guaranteed `\varepsilon`,
+towards outside observers and ``t`` colluding ranks, and the `\varepsilon` towards outside observers
+only, both at the ledger's `\delta`; the step's noise multiplier and sample rate, the number of
+steps, the budget left) together with communication figures supplied by the caller, and at the end a
+summary table and run summary values. Only rank 0 logs; on other ranks every method does nothing, so
 training code can call it unconditionally.
 
-:func:`format_privacy_report` renders the same facts as plain text for the console.
+[`format_privacy_report()`][sketchcomm.report.format_privacy_report] renders the same facts as plain
+text for the console.
 
 wandb is imported only when a reporter on rank 0 is created.
 """
@@ -124,8 +125,8 @@ def _guarantee_line(ledger: PrivacyLedger) -> str:
 def format_privacy_report(ledger: PrivacyLedger, *, comm: Mapping[str, float] | None = None) -> str:
     r"""Return a plain-text report of what ``ledger`` has recorded, to print at the end of a run.
 
-    States the unit of privacy, accountant, :math:`\delta`, the threat model (``t`` colluding
-    ranks), both :math:`\varepsilon` (towards outside observers, and the guaranteed one towards
+    States the unit of privacy, accountant, `\delta`, the threat model (``t`` colluding
+    ranks), both `\varepsilon` (towards outside observers, and the guaranteed one towards
     ``t`` colluding ranks, which the budget applies to), the budget, the history of noise
     multipliers and sample rates, and the guarantee they add up to.
 
@@ -175,13 +176,13 @@ def format_privacy_report(ledger: PrivacyLedger, *, comm: Mapping[str, float] | 
 class PrivacyReporter:
     r"""Logs a ledger's privacy figures and the caller's communication figures to wandb.
 
-    Per call of :meth:`log_step`, at wandb step ``ledger.steps``: ``privacy/epsilon`` (the
-    guaranteed :math:`\varepsilon` at ``privacy/delta``, towards outside observers and the
+    Per call of `log_step()`, at wandb step ``ledger.steps``: ``privacy/epsilon`` (the
+    guaranteed `\varepsilon` at ``privacy/delta``, towards outside observers and the
     ledger's ``t`` colluding ranks, logged in the config as ``privacy/colluding_ranks``),
     ``privacy/outsider_epsilon`` (towards outside observers only), ``privacy/delta``,
     ``privacy/noise_multiplier`` and ``privacy/sample_rate`` (of the latest step),
     ``privacy/steps``, ``privacy/budget_remaining`` (with a budget), and ``comm/<key>`` for each
-    entry of the ``comm`` dict (e.g. ``bytes_sent``, ``compression_ratio``). :meth:`finish` logs
+    entry of the ``comm`` dict (e.g. ``bytes_sent``, ``compression_ratio``). `finish()` logs
     the tables ``privacy/summary``, ``privacy/history`` and ``privacy/outsider_history``, sets the
     run summary and closes the run.
 
@@ -199,7 +200,8 @@ class PrivacyReporter:
     method does nothing, and ``ledger`` may be ``None``.
 
     The wandb mode is ``mode`` if given, else ``WANDB_MODE`` if set, else online with
-    credentials and offline without (see :func:`resolve_wandb_mode`).
+    credentials and offline without (see
+    [`resolve_wandb_mode()`][sketchcomm.report.resolve_wandb_mode]).
 
     Args:
         ledger: the run's ledger.
@@ -273,7 +275,8 @@ class PrivacyReporter:
     ) -> dict[str, float] | None:
         """Log the ledger's current figures and ``comm`` (keys logged as ``comm/<key>``), at
         wandb step ``step`` (default: the ledger's step count). Call after
-        :meth:`PrivacyLedger.record_step`. Returns the logged values, or ``None`` off rank 0."""
+        [`PrivacyLedger.record_step()`][sketchcomm.report.PrivacyLedger.record_step]. Returns the
+        logged values, or ``None`` off rank 0."""
         if not self.enabled:
             return None
         if self._finished:

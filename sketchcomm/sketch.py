@@ -27,9 +27,10 @@ when ``c`` is prime and ``n <= c`` this has one solution ``a_j``, so they collid
 different chunks, whose signs are independent, so ``E[s_j(i) s_j(i')] = 0`` for every colliding
 pair: each row's estimate is unbiased and has variance ``sum_{i' != i} x[i']^2 / (c - 1)``, the
 same as a Count Sketch with a pairwise bucket hash and 4-wise independent signs. The rows are
-independent, so the median over rows concentrates as usual. :func:`prime_at_most` picks such a
-``c``. The hashes depend only on ``(seed, dim, rows, columns)``, so every process that builds a
-:class:`CountSketch` with the same arguments has the same hash functions.
+independent, so the median over rows concentrates as usual.
+[`prime_at_most()`][sketchcomm.sketch.prime_at_most] picks such a ``c``. The hashes depend only on
+``(seed, dim, rows, columns)``, so every process that builds a
+[`CountSketch`][sketchcomm.sketch.CountSketch] with the same arguments has the same hash functions.
 
 Sketching is ``2 n r`` slice additions of a rolled chunk into a row (a single pass over ``x``, the
 chunk staying in cache while it is added to every row). Estimating coordinate ``i = k * c + l``
@@ -39,14 +40,14 @@ contiguous window of ``c`` elements starting at ``o_jk`` (``o_jk + 2c`` when ``s
 
 On other devices than the CPU the windows are gathered into ``r`` vectors of ``d`` elements and the
 median over rows is taken with elementwise ``min``/``max`` (pure torch). On the CPU the median is
-computed block by block (at most :data:`CPU_BLOCK` coordinates at a time) straight from the
-windows into the output with the numpy kernels of :mod:`sketchcomm.sketch_numpy`, so no
-``d``-element temporary is made; both give the same values, because the median only selects
-among the same fp32 numbers. Heavy-hitter selection on the CPU never materializes the estimate: a
-threshold is read from a strided sample of estimates, one blocked pass keeps the coordinates above
-it, and an exact selection among those gives the same set as ``torch.topk`` (up to ties at the
-``k``-th magnitude). Sketching on the CPU adds the same terms in the same order as on other
-devices, so tables agree bit for bit too.
+computed block by block (at most [`CPU_BLOCK`][sketchcomm.sketch.CPU_BLOCK] coordinates at a time)
+straight from the windows into the output with the numpy kernels of
+[`sketchcomm.sketch_numpy`][sketchcomm.sketch_numpy], so no ``d``-element temporary is made; both
+give the same values, because the median only selects among the same fp32 numbers. Heavy-hitter
+selection on the CPU never materializes the estimate: a threshold is read from a strided sample of
+estimates, one blocked pass keeps the coordinates above it, and an exact selection among those gives
+the same set as ``torch.topk`` (up to ties at the ``k``-th magnitude). Sketching on the CPU adds the
+same terms in the same order as on other devices, so tables agree bit for bit too.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ from sketchcomm.sketch_numpy import (
 __all__ = ["CPU_BLOCK", "CountSketch", "derive_seed", "prime_at_most"]
 # Strided sample of estimates from which heavy-hitter selection on the CPU sets its threshold.
 _THRESHOLD_SAMPLE = 1 << 16
-# Fewest whole chunks per block for which :meth:`CountSketch.sketch` gathers them: a gathered group
-# costs about three passes over it against one for slicing, and saves two numpy calls per chunk
-# and row. Estimation gathers from two chunks per block on (it saves a whole median per chunk).
+# Fewest whole chunks per block for which
+# [`CountSketch.sketch()`][sketchcomm.sketch.CountSketch.sketch] gathers them: a gathered group
+# costs about three passes over it against one for slicing, and saves two numpy calls per chunk and
+# row. Estimation gathers from two chunks per block on (it saves a whole median per chunk).
 _MIN_SKETCH_GROUP = 8
 
 
@@ -85,7 +87,8 @@ class CountSketch:
         dim: length ``d`` of the sketched vectors.
         rows: number ``r`` of independent hash rows.
         columns: number ``c`` of columns per row. A prime ``c`` makes the bucket hash pairwise
-            independent (see the module docstring); :func:`prime_at_most` finds one.
+            independent (see the module docstring);
+            [`prime_at_most()`][sketchcomm.sketch.prime_at_most] finds one.
         seed: hash seed. Processes that must agree on the hashes pass the same seed.
         device: device of the hash parameters and of the tables this sketch creates.
 

@@ -2,9 +2,9 @@
 
 A bucket holds several parameters one after the other; by linearity of the Count Sketch, the
 sketch of the bucket's vector is the sum of the sketches of its parameters' blocks, each placed at
-its offset (zero elsewhere). :func:`sketch_block_into` adds one such block's sketch to a batch of
-tables without building the bucket's vector, so per-example gradients can be sketched parameter
-by parameter as they are computed.
+its offset (zero elsewhere). [`sketch_block_into()`][sketchcomm.sketch_blocks.sketch_block_into]
+adds one such block's sketch to a batch of tables without building the bucket's vector, so
+per-example gradients can be sketched parameter by parameter as they are computed.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def sketch_block_into(sketch: CountSketch, block: Tensor, offset: int, tables: T
     coordinates ``offset .. offset + n - 1`` and are zero elsewhere; returns ``tables``.
 
     Coordinate ``i = k c + l`` goes to column ``(o_jk + l) mod c`` of row ``j`` with sign
-    ``sigma_j[k]`` (see :mod:`sketchcomm.sketch`), so the block is added chunk by chunk, one
-    (possibly wrapped) slice per chunk and row. Sketching the consecutive blocks of a vector one
-    after the other gives its sketch, up to the order of fp32 additions.
+    ``sigma_j[k]`` (see [`sketchcomm.sketch`][sketchcomm.sketch]), so the block is added chunk by
+    chunk, one (possibly wrapped) slice per chunk and row. Sketching the consecutive blocks of a
+    vector one after the other gives its sketch, up to the order of fp32 additions.
 
     >>> sketch = CountSketch(dim=10, rows=2, columns=5, seed=0)
     >>> x = torch.randn(3, 10)

@@ -1,7 +1,7 @@
-"""The estimation kernels behind :class:`sketchcomm.sketch.CountSketch`: the median over rows
-(torch, for any device, and its numpy twin written into preallocated buffers), windows of a vector
-as a strided view, the positions of the largest magnitudes, and the blocked walk over a CPU table
-that estimates coordinates without a ``d``-element temporary.
+"""The estimation kernels behind [`sketchcomm.sketch.CountSketch`][sketchcomm.sketch.CountSketch]:
+the median over rows (torch, for any device, and its numpy twin written into preallocated buffers),
+windows of a vector as a strided view, the positions of the largest magnitudes, and the blocked walk
+over a CPU table that estimates coordinates without a ``d``-element temporary.
 
 >>> import torch
 >>> median_over_rows([torch.tensor([1.0, 5.0]), torch.tensor([2.0, 0.0]), torch.tensor([3.0, 1.0])])
@@ -68,7 +68,8 @@ def median_over_rows(rows: list[Tensor]) -> Tensor:
 
 def median_rows_into(rows: list[np.ndarray], out: np.ndarray, scratch: np.ndarray) -> None:
     """Write the elementwise median of the 1-D fp32 arrays ``rows`` (each as long as ``out``) into
-    ``out``: the numpy twin of :func:`median_over_rows`, giving the same values.
+    ``out``: the numpy twin of [`median_over_rows()`][sketchcomm.sketch_numpy.median_over_rows],
+    giving the same values.
 
     ``scratch`` is fp32 of shape ``[max(3, r), >= len(out)]``; with the ``min``/``max`` networks
     for ``r`` in {1, 2, 3, 5} nothing else is allocated.
@@ -133,12 +134,13 @@ def cpu_blocks(sketch: CountSketch, table: Tensor) -> Iterator[tuple[int, list[n
     ``windows[j]`` holds row ``j``'s estimates ``s_j(i) S[j, h_j(i)]`` of the coordinates
     ``i = start, start + 1, ...``, at most ``len(cpu_scratch(sketch)[0])`` of them.
 
-    Up to :data:`_MAX_DOUBLED_TABLE_BYTES`, the windows are views of the signed, doubled
-    table ``[S_j, S_j, -S_j, -S_j]``: a block lies in one chunk, or with ``c <= CPU_BLOCK / 2``
-    holds ``CPU_BLOCK // c`` whole chunks whose windows are gathered (so that the number of
-    numpy calls does not grow with the number of chunks). A larger doubled table would cost
-    a fresh allocation per call, so instead blocks also end where a row's window wraps
-    around, and the windows are views of ``S_j`` or of ``-S_j`` (``r c`` elements copied).
+    Up to [`_MAX_DOUBLED_TABLE_BYTES`][sketchcomm.sketch_numpy._MAX_DOUBLED_TABLE_BYTES], the
+    windows are views of the signed, doubled table ``[S_j, S_j, -S_j, -S_j]``: a block lies in one
+    chunk, or with ``c <= CPU_BLOCK / 2`` holds ``CPU_BLOCK // c`` whole chunks whose windows are
+    gathered (so that the number of numpy calls does not grow with the number of chunks). A larger
+    doubled table would cost a fresh allocation per call, so instead blocks also end where a row's
+    window wraps around, and the windows are views of ``S_j`` or of ``-S_j`` (``r c`` elements
+    copied).
     """
     c = sketch.columns
     if sketch.rows * 4 * c * 4 > _MAX_DOUBLED_TABLE_BYTES:
@@ -168,7 +170,8 @@ def cpu_blocks(sketch: CountSketch, table: Tensor) -> Iterator[tuple[int, list[n
 def _cpu_blocks_split(
     sketch: CountSketch, positive: np.ndarray
 ) -> Iterator[tuple[int, list[np.ndarray]]]:
-    """:func:`cpu_blocks` from ``S`` (``positive``) and ``-S`` alone, with blocks cut where
+    """[`cpu_blocks()`][sketchcomm.sketch_numpy.cpu_blocks] from ``S`` (``positive``) and ``-S``
+    alone, with blocks cut where
     a row's window wraps around."""
     c = sketch.columns
     negative = np.negative(positive)
@@ -191,7 +194,8 @@ def _cpu_blocks_split(
 
 
 def cpu_scratch(sketch: CountSketch) -> np.ndarray:
-    """``[max(3, r), block]`` fp32 scratch for the median of one of :func:`cpu_blocks`."""
+    """``[max(3, r), block]`` fp32 scratch for the median of one of
+    [`cpu_blocks()`][sketchcomm.sketch_numpy.cpu_blocks]."""
     c = sketch.columns
     block = CPU_BLOCK if c >= CPU_BLOCK else c * max(1, CPU_BLOCK // c)
     return np.empty((max(3, sketch.rows), block), dtype=np.float32)

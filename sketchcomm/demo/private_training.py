@@ -5,12 +5,14 @@ Run it under torchrun::
 
     torchrun --standalone --nproc_per_node=2 -m sketchcomm.demo.private_training --target-epsilon 4
 
-Each rank draws its batches by Poisson sampling (:func:`poisson_batches`), the per-example
-gradients are clipped and noised in sketch space by :func:`~sketchcomm.privacy.dp_sketch_hook`,
+Each rank draws its batches by Poisson sampling
+([`poisson_batches()`][sketchcomm.demo.private_training.poisson_batches]), the per-example gradients
+are clipped and noised in sketch space by [`dp_sketch_hook()`][sketchcomm.privacy.dp_sketch_hook],
 the ledger is written to ``RUN_DIR/ledger.json`` before each step is released, a checkpoint is
-written to ``RUN_DIR/checkpoint.pt``, and rank 0 reports to wandb (offline without credentials)
-and prints a privacy report at the end. A restarted run continues the model from the checkpoint
-and the Poisson schedule at the ledger's step count (:func:`resume_step`).
+written to ``RUN_DIR/checkpoint.pt``, and rank 0 reports to wandb (offline without credentials) and
+prints a privacy report at the end. A restarted run continues the model from the checkpoint and the
+Poisson schedule at the ledger's step count
+([`resume_step()`][sketchcomm.demo.private_training.resume_step]).
 """
 
 from __future__ import annotations

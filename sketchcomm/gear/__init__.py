@@ -6,10 +6,14 @@ Generative Inference of LLM", arXiv:2403.05527) stores each key or value matrix 
 KIVI, Liu et al., 2024, arXiv:2402.02750), a low-rank ``L`` of the quantization residual found
 by power iteration, and the outliers ``S`` kept exactly.
 
-* :class:`GEARConfig` — the settings; :func:`compress` / :class:`CompressedTensor` — one tensor.
-* :class:`GEARCache` — a transformers ``Cache`` for ``generate`` and decoding loops;
-  :func:`cache_nbytes` — the bytes a cache holds.
-* :func:`generation_eval` — a quick greedy-generation check, e.g. during training.
+* [`GEARConfig`][sketchcomm.gear.GEARConfig] — the settings;
+  [`compress()`][sketchcomm.gear.compress] / [`CompressedTensor`][sketchcomm.gear.CompressedTensor]
+  — one tensor.
+* [`GEARCache`][sketchcomm.gear.GEARCache] — a transformers ``Cache`` for ``generate`` and decoding
+  loops;
+  [`cache_nbytes()`][sketchcomm.gear.cache_nbytes] — the bytes a cache holds.
+* [`generation_eval()`][sketchcomm.gear.generation_eval] — a quick greedy-generation check, e.g.
+  during training.
 
 Internals stay importable from their modules (``sketchcomm.gear.quantization``, ``.lowrank``,
 ``.memory``, ``.generation``, ``.cache``, ``.loading``). The evaluation against

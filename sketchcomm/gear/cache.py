@@ -1,20 +1,20 @@
 """``GEARCache``: a transformers ``Cache`` whose layers hold GEAR-compressed keys and values.
 
-Each :class:`GEARLayer` keeps, for its keys and for its values,
+Each [`GEARLayer`][sketchcomm.gear.cache.GEARLayer] keeps, for its keys and for its values,
 
 * a full-precision **buffer** of the most recent tokens, ``[batch, kv_heads, t_b, head_dim]`` in
   the model's dtype with ``t_b < n_b`` (``n_b = buffer_size``), held in ``keys`` / ``values``
   as the residual states of transformers' quantized layers are;
 * the **compressed** older tokens: ``c`` blocks of ``n_b`` tokens, stored as one
-  :class:`~sketchcomm.gear.compression.CompressedTensor` of shape ``[batch, kv_heads, c, n_b,
-  head_dim]`` (every ``[n_b, head_dim]`` block of every head is compressed on its own).
+  [`CompressedTensor`][sketchcomm.gear.compression.CompressedTensor] of shape ``[batch, kv_heads, c,
+  n_b, head_dim]`` (every ``[n_b, head_dim]`` block of every head is compressed on its own).
 
 ``update`` returns the decompressed blocks, then the buffer, then the new states (exact), cast to
 the model's dtype; then the new states join the buffer and, once the buffer holds ``n_b`` or more
 tokens, its oldest whole blocks are compressed (the streaming strategy of GEAR, Kang et al.,
 2024). The prompt is thus attended exactly during the prefill and through its compressed form
 afterwards. Nothing is kept decompressed between steps, so the memory held is what
-:attr:`GEARLayer.nbytes` reports.
+[`GEARLayer.nbytes`][sketchcomm.gear.cache.GEARLayer.nbytes] reports.
 
 With compression disabled (``GEARConfig(bits=None)`` or ``enabled=False``) the layers are plain
 ``DynamicLayer`` objects, laid out as ``DynamicCache`` would lay them out, so the cache behaves

@@ -7,9 +7,11 @@ any leading dimensions) in three steps:
 1. **Sparse outliers** ``S``: the ``k = round(s n d / 2)`` largest and the ``k`` smallest entries of
    ``X`` (``s`` is the outlier ratio) are kept exactly, as ``(flat index, value)`` pairs.
 2. **Quantization** ``D̂``: the other entries are quantized group-wise to ``b`` bits
-   (:mod:`sketchcomm.gear.quantization`); keys per channel and values per token by default (KIVI,
-   Liu et al., 2024, arXiv:2402.02750). Outliers are left out of the group ranges.
-3. **Low rank** ``L``: power iteration (:mod:`sketchcomm.gear.lowrank`) fits a rank-``r``
+   ([`sketchcomm.gear.quantization`][sketchcomm.gear.quantization]); keys per channel and values per
+   token by default (KIVI, Liu et al., 2024, arXiv:2402.02750). Outliers are left out of the group
+   ranges.
+3. **Low rank** ``L``: power iteration ([`sketchcomm.gear.lowrank`][sketchcomm.gear.lowrank]) fits a
+   rank-``r``
    ``L = A Bᵀ`` to the residual ``R = X - D̂ - S``, which is zero at the outliers.
 
 The reconstruction is ``X̂ = D̂ + L`` off the outliers and ``X̂ = S`` on them, so that outliers
@@ -164,7 +166,8 @@ def compress(
             ``config.value_mode`` for the quantization groups.
 
     Returns:
-        The :class:`CompressedTensor`; ``decompress()`` gives back a tensor like ``x``.
+        The [`CompressedTensor`][sketchcomm.gear.compression.CompressedTensor]; ``decompress()``
+        gives back a tensor like ``x``.
     """
     if not config.compresses:
         raise ValueError("config disables compression (bits is None or enabled is False)")

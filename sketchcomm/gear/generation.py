@@ -1,8 +1,9 @@
 """Greedy generation through a cache, and a compact check to run during training.
 
-:func:`generation_eval` decodes a few prompts greedily twice, once with ``DynamicCache`` and once
-with a :class:`~sketchcomm.gear.cache.GEARCache`, and reports how far the compressed cache moves
-the continuations. It is cheap enough to call periodically from rank 0 of a training job.
+[`generation_eval()`][sketchcomm.gear.generation.generation_eval] decodes a few prompts greedily
+twice, once with ``DynamicCache`` and once with a [`GEARCache`][sketchcomm.gear.cache.GEARCache],
+and reports how far the compressed cache moves the continuations. It is cheap enough to call
+periodically from rank 0 of a training job.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def left_pad(
 
 @dataclass
 class GenerationReport:
-    """Outcome of :func:`generation_eval`.
+    """Outcome of [`generation_eval()`][sketchcomm.gear.generation.generation_eval].
 
     Attributes:
         texts: continuations decoded with the GEAR cache.
@@ -129,7 +130,7 @@ def generation_eval(
         max_new_tokens: tokens generated per prompt.
 
     Returns:
-        A :class:`GenerationReport`.
+        A [`GenerationReport`][sketchcomm.gear.generation.GenerationReport].
     """
     if not prompts:
         raise ValueError("prompts must not be empty")

@@ -1,6 +1,6 @@
 """Byte accounting of KV caches: every byte a cache holds, metadata included.
 
-Works for ``DynamicCache``, :class:`~sketchcomm.gear.cache.GEARCache` and transformers'
+Works for ``DynamicCache``, [`GEARCache`][sketchcomm.gear.cache.GEARCache] and transformers'
 ``QuantizedCache`` (whose quantized states are tensor subclasses, such as optimum-quanto's
 ``WeightQBitsTensor``, made of inner tensors that are counted one by one).
 """

@@ -18,9 +18,10 @@ of GEAR) are left out of ``m`` and ``M``, which shrinks the step ``s`` of their 
 
 Codes are packed ``8 / b`` to a ``uint8`` (four 2-bit, two 4-bit or one 8-bit code per byte) in
 the ``[..., n, d]`` layout of the data in both modes, planes of tokens sharing a byte (see
-:func:`pack_codes`), so that unpacking yields ``[..., n, d]`` directly, without a transpose. A
-grouped axis whose length is not a multiple of ``g`` is padded by repeating its last entry, and
-the token axis is padded to a multiple of 4; the padding's codes are stored (and counted) too.
+[`pack_codes()`][sketchcomm.gear.quantization.pack_codes]), so that unpacking yields ``[..., n, d]``
+directly, without a transpose. A grouped axis whose length is not a multiple of ``g`` is padded by
+repeating its last entry, and the token axis is padded to a multiple of 4; the padding's codes are
+stored (and counted) too.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``[..., m*b/8, k]`` bytes to ``[..., m, k]`` codes."""
+    """Inverse of [`pack_codes()`][sketchcomm.gear.quantization.pack_codes]: ``[..., m*b/8, k]``
+    bytes to ``[..., m, k]`` codes."""
     _check_bits(bits)
     per_byte = 8 // bits
     if per_byte == 1:
@@ -70,7 +72,8 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 @dataclass
 class GroupQuantized:
-    """A tensor ``[..., n, d]`` quantized group-wise, as produced by :func:`quantize`.
+    """A tensor ``[..., n, d]`` quantized group-wise, as produced by
+    [`quantize()`][sketchcomm.gear.quantization.quantize].
 
     Attributes:
         codes: packed codes, ``uint8`` of shape ``[..., n'*b/8, d']`` (``n'``, ``d'``: padded).
@@ -168,7 +171,7 @@ def quantize(
             and maxima (they still get codes, which a caller overrides with exact values).
 
     Returns:
-        The :class:`GroupQuantized` tensor.
+        The [`GroupQuantized`][sketchcomm.gear.quantization.GroupQuantized] tensor.
     """
     _check_bits(bits)
     if mode not in ("token", "channel"):

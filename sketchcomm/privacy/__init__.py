@@ -1,13 +1,17 @@
 r"""Differential privacy for sketched DDP communication.
 
-:class:`DPSketchState` with :func:`dp_sketch_hook` clips and noises each bucket's Count Sketch
-tables; :class:`PrivacyLedger` records every noisy step a run releases, computes the
-:math:`(\varepsilon, \delta)` spent with an Opacus accountant (towards outside observers and
+[`DPSketchState`][sketchcomm.privacy.DPSketchState] with
+[`dp_sketch_hook()`][sketchcomm.privacy.dp_sketch_hook] clips and noises each bucket's Count Sketch
+tables; [`PrivacyLedger`][sketchcomm.privacy.PrivacyLedger] records every noisy step a run releases,
+computes the `(\varepsilon, \delta)` spent with an Opacus accountant (towards outside observers and
 towards ``t`` colluding ranks), enforces an optional budget and keeps itself on disk;
-:func:`calibrate_noise_multiplier`, :func:`plan_epsilon` and :func:`describe_plan` choose and
-state the plan before training. The mechanism, the accounting helpers and the ledger's file
-format live in :mod:`sketchcomm.privacy.mechanism`, :mod:`~sketchcomm.privacy.accounting`,
-:mod:`~sketchcomm.privacy.calibration` and :mod:`~sketchcomm.privacy.ledger_file`.
+[`calibrate_noise_multiplier()`][sketchcomm.privacy.calibrate_noise_multiplier],
+[`plan_epsilon()`][sketchcomm.privacy.plan_epsilon] and
+[`describe_plan()`][sketchcomm.privacy.describe_plan] choose and state the plan before training. The
+mechanism, the accounting helpers and the ledger's file format live in
+[`sketchcomm.privacy.mechanism`][sketchcomm.privacy.mechanism],
+[`accounting`][sketchcomm.privacy.accounting], [`calibration`][sketchcomm.privacy.calibration] and
+[`ledger_file`][sketchcomm.privacy.ledger_file].
 """
 
 from sketchcomm.privacy.accounting import ACCOUNTANTS, PrivacyBudgetExceeded, epsilon_for_history

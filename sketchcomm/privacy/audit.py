@@ -5,37 +5,38 @@ crafted example, the canary, took part (the distinguishing game of Jagielski, Ul
 "Auditing differentially private machine learning: how private is private SGD?", NeurIPS 2020,
 and Nasr, Song, Thakurta, Papernot and Carlini, "Adversary instantiation: lower bounds for
 differentially private machine learning", IEEE S&P 2021; reimplemented here). Its success rates
-give, through :mod:`sketchcomm.privacy.audit_stats`, a lower bound on the epsilon the mechanism
-really has, to set against the epsilon the ledger claims.
+give, through [`sketchcomm.privacy.audit_stats`][sketchcomm.privacy.audit_stats], a lower bound on
+the epsilon the mechanism really has, to set against the epsilon the ledger claims.
 
 Setup. A DDP model on ``W`` gloo ranks (spawned processes) chosen by the variant
-(:mod:`sketchcomm.privacy.audit_variants`: one linear layer, a token model, a model in several
-buckets, or ``unit="rank"``); the loss is the summed output, so a contribution's gradient is a
-known function of its input. Every rank holds ``B`` fixed background examples (Gaussian); rank 0
-also holds the canary in the trials with it (dataset ``D'``) and not in the others (``D``). The
-hook is :class:`~sketchcomm.privacy.DPSketchState` with sample rate 1 (every contribution is in
-every step, the canary with certainty), clipping to ``C`` (``C_b`` per bucket) in sketch space,
-noise multiplier ``sigma``, one-row tables (``[1, c]``, ``c`` from ``compression``; or an exact
-``[1, d_b]`` table uncompressed or for small buckets) and dense recovery, so the recovered
-gradient ``g_hat = S^T T / N`` is an invertible function of the released tables ``T``. Each trial
-is one step of a fresh run: a fresh ledger records exactly that release.
+([`sketchcomm.privacy.audit_variants`][sketchcomm.privacy.audit_variants]: one linear layer, a token
+model, a model in several buckets, or ``unit="rank"``); the loss is the summed output, so a
+contribution's gradient is a known function of its input. Every rank holds ``B`` fixed background
+examples (Gaussian); rank 0 also holds the canary in the trials with it (dataset ``D'``) and not in
+the others (``D``). The hook is [`DPSketchState`][sketchcomm.privacy.DPSketchState] with sample rate
+1 (every contribution is in every step, the canary with certainty), clipping to ``C`` (``C_b`` per
+bucket) in sketch space, noise multiplier ``sigma``, one-row tables (``[1, c]``, ``c`` from
+``compression``; or an exact ``[1, d_b]`` table uncompressed or for small buckets) and dense
+recovery, so the recovered gradient ``g_hat = S^T T / N`` is an invertible function of the released
+tables ``T``. Each trial is one step of a fresh run: a fresh ledger records exactly that release.
 
 Score. The canary's clipped tables are known cells; projecting the release on them with the
-likelihood-ratio weights (:mod:`~sketchcomm.privacy.audit_variants`) gives a statistic that is
-``N(b, sigma^2)`` without and ``N(b + 1, sigma^2)`` with the canary for the Gaussian mechanism
-(``b`` is the background's fixed projection). The best threshold on it is the most powerful
-test, and its shift ``1 / sigma`` is what :func:`~.audit_stats.trials_to_exceed` uses to say how
-many trials a detection needs.
+likelihood-ratio weights ([`audit_variants`][sketchcomm.privacy.audit_variants]) gives a statistic
+that is ``N(b, sigma^2)`` without and ``N(b + 1, sigma^2)`` with the canary for the Gaussian
+mechanism (``b`` is the background's fixed projection). The best threshold on it is the most
+powerful test, and its shift ``1 / sigma`` is what
+[`trials_to_exceed()`][sketchcomm.privacy.audit_stats.trials_to_exceed] uses to say how many trials
+a detection needs.
 
 Claim. The epsilon claimed for one trial is the ledger's: a
-:class:`~sketchcomm.privacy.PrivacyLedger` with the chosen Opacus accountant and ``delta``,
+[`PrivacyLedger`][sketchcomm.privacy.PrivacyLedger] with the chosen Opacus accountant and ``delta``,
 asked for one step at noise multiplier ``sigma`` and sample rate 1, per example (per rank for the
 ``rank`` variant). To check that the audit catches a faulty mechanism, ``noise_scale``
 configures the hook with ``noise_scale * sigma`` (a misconfiguration, which the hook's own ledger
 records), and ``fault`` plants an implementation error the ledger cannot see
-(:mod:`~sketchcomm.privacy.audit_faults`: no noise, half the noise, every bucket clipped to the
-full ``C``); the claim stays the one for ``sigma``. Honest, the lower bound must stay at or below
-the claim; a bound above it refutes the claim at the stated confidence.
+([`audit_faults`][sketchcomm.privacy.audit_faults]: no noise, half the noise, every bucket clipped
+to the full ``C``); the claim stays the one for ``sigma``. Honest, the lower bound must stay at or
+below the claim; a bound above it refutes the claim at the stated confidence.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class AuditResult:
     """What an audit measured and concluded; ``test`` holds the evaluation counts and bounds,
     ``table_shapes`` the released table of every DDP bucket (in bucket order), ``score_shift``
     and ``score_std`` the measured shift of the mean score and its spread without the canary,
-    ``predicted_shift`` and ``predicted_std`` what :func:`predicted_score` expects of them."""
+    ``predicted_shift`` and ``predicted_std`` what
+    [`predicted_score()`][sketchcomm.privacy.audit.predicted_score] expects of them."""
 
     config: AuditConfig
     claimed_epsilon: float
@@ -266,5 +268,6 @@ def run_audits(configs: list[AuditConfig]) -> list[AuditResult]:
 
 
 def write_json(results: list[AuditResult], path: str | os.PathLike[str]) -> None:
-    """Write the results as a JSON list of :meth:`AuditResult.as_dict`."""
+    """Write the results as a JSON list of
+    [`AuditResult.as_dict()`][sketchcomm.privacy.audit.AuditResult.as_dict]."""
     Path(path).write_text(json.dumps([r.as_dict() for r in results], indent=1) + "\n")

@@ -80,7 +80,7 @@ def _epsilon(value: float) -> str:
 
 
 def report(result: AuditResult) -> str:
-    """The text report of one :class:`~sketchcomm.privacy.audit.AuditResult`."""
+    """The text report of one [`AuditResult`][sketchcomm.privacy.audit.AuditResult]."""
     from sketchcomm.privacy.audit_variants import VARIANTS
 
     config, test = result.config, result.test

@@ -1,6 +1,7 @@
-r"""Configuration of an empirical privacy audit (:mod:`sketchcomm.privacy.audit`): the variant,
-the fault, the mechanism's parameters, and what follows from them before any trial runs: the
-claimed epsilon and the score's predicted shift and spread.
+r"""Configuration of an empirical privacy audit
+([`sketchcomm.privacy.audit`][sketchcomm.privacy.audit]): the variant, the fault, the mechanism's
+parameters, and what follows from them before any trial runs: the claimed epsilon and the score's
+predicted shift and spread.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ class AuditConfig:
 
     Attributes:
         variant: the model, data, canary and unit, one of
-            :data:`~sketchcomm.privacy.audit_variants.VARIANTS`.
+            [`VARIANTS`][sketchcomm.privacy.audit_variants.VARIANTS].
         fault: a fault planted in the hook, one of
-            :data:`~sketchcomm.privacy.audit_faults.FAULTS` (``"none"``: honest).
+            [`FAULTS`][sketchcomm.privacy.audit_faults.FAULTS] (``"none"``: honest).
         trials: releases in all, half of them with the canary; the first half of the trials
             chooses the threshold, the second half bounds its error rates.
         noise_multiplier: ``sigma`` of the claim.

@@ -39,11 +39,13 @@ def noise_factor(fault: str) -> float:
 
 
 class FaultyDPSketchState(DPSketchState):
-    """:class:`~sketchcomm.privacy.DPSketchState` whose hook adds less noise or clips wrongly.
+    """[`DPSketchState`][sketchcomm.privacy.DPSketchState] whose hook adds less noise or clips
+    wrongly.
 
     Args:
-        fault: one of :data:`FAULTS`.
-        *args, **kwargs: those of :class:`~sketchcomm.privacy.DPSketchState`; the ledger records
+        fault: one of [`FAULTS`][sketchcomm.privacy.audit_faults.FAULTS].
+        *args, **kwargs: those of [`DPSketchState`][sketchcomm.privacy.DPSketchState]; the ledger
+        records
             the configured ``noise_multiplier`` whatever the fault.
 
     >>> from sketchcomm.privacy import PrivacyLedger

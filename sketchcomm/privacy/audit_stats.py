@@ -1,7 +1,7 @@
 r"""Statistics of an empirical privacy audit: from the scores of a distinguishing test to a lower
 bound on epsilon with a stated confidence.
 
-An :math:`(\varepsilon, \delta)`-DP mechanism ``M`` constrains every test that tries to tell
+An `(\varepsilon, \delta)`-DP mechanism ``M`` constrains every test that tries to tell
 ``M(D)`` from ``M(D')`` for neighbouring ``D``, ``D'`` (Kairouz, Oh and Viswanath 2015): with
 false-positive rate ``FPR`` (the test says ``D'`` on ``D``) and false-negative rate ``FNR``,
 
@@ -10,7 +10,7 @@ false-positive rate ``FPR`` (the test says ``D'`` on ``D``) and false-negative r
     FPR + e^{\varepsilon} FNR \ge 1 - \delta, \qquad FNR + e^{\varepsilon} FPR \ge 1 - \delta.
 
 Given upper confidence bounds ``FPR_hi`` and ``FNR_hi`` that hold together with probability at
-least ``1 - alpha``, the mechanism can only be :math:`(\varepsilon, \delta)`-DP if
+least ``1 - alpha``, the mechanism can only be `(\varepsilon, \delta)`-DP if
 
 .. math::
 
@@ -18,16 +18,19 @@ least ``1 - alpha``, the mechanism can only be :math:`(\varepsilon, \delta)`-DP 
         \log\frac{1 - \delta - FPR_{hi}}{FNR_{hi}},
         \log\frac{1 - \delta - FNR_{hi}}{FPR_{hi}}, 0\Big),
 
-so a run whose claimed epsilon is below :math:`\varepsilon_{lb}` is refuted at confidence
+so a run whose claimed epsilon is below `\varepsilon_{lb}` is refuted at confidence
 ``1 - alpha`` (Jagielski, Ullman and Oprea, NeurIPS 2020; Nasr et al., IEEE S&P 2021). The two
 rates are bounded with one-sided Clopper-Pearson bounds at level ``alpha / 2`` each (a union bound
 over the two). The test is a threshold on a score; choosing the threshold on the same trials that
-bound its rates would bias the bound upwards, so :func:`select_threshold` picks it on one half of
-the trials and :func:`evaluate_threshold` bounds the rates on the other half.
+bound its rates would bias the bound upwards, so
+[`select_threshold()`][sketchcomm.privacy.audit_stats.select_threshold] picks it on one half of the
+trials and [`evaluate_threshold()`][sketchcomm.privacy.audit_stats.evaluate_threshold] bounds the
+rates on the other half.
 
-:func:`expected_lower_bound` and :func:`trials_to_exceed` predict what the audit can reach when the
-scores are Gaussian with a known shift (the Gaussian mechanism, projected on the canary), which
-says how many trials it takes to detect a given shortfall of noise.
+[`expected_lower_bound()`][sketchcomm.privacy.audit_stats.expected_lower_bound] and
+[`trials_to_exceed()`][sketchcomm.privacy.audit_stats.trials_to_exceed] predict what the audit can
+reach when the scores are Gaussian with a known shift (the Gaussian mechanism, projected on the
+canary), which says how many trials it takes to detect a given shortfall of noise.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def epsilon_lower_bound(
     delta: float,
     confidence: float,
 ) -> np.ndarray:
-    r""":math:`\varepsilon_{lb}` (module docstring) from the error counts of one or more tests.
+    r"""`\varepsilon_{lb}` (module docstring) from the error counts of one or more tests.
 
     Args:
         false_positives: trials without the canary that the test flagged, out of ``negatives``.
@@ -143,7 +146,8 @@ def select_threshold(
 ) -> float:
     """The threshold, among the observed scores, whose bound on these trials is largest.
 
-    Use it on trials that :func:`evaluate_threshold` will not see.
+    Use it on trials that
+    [`evaluate_threshold()`][sketchcomm.privacy.audit_stats.evaluate_threshold] will not see.
     """
     candidates = np.unique(np.concatenate([scores_out, scores_in]))
     fp, fn = _errors_at(scores_out, scores_in, candidates)
@@ -158,7 +162,7 @@ def evaluate_threshold(
     delta: float,
     confidence: float,
 ) -> ThresholdTest:
-    """Error counts, Clopper-Pearson upper bounds and :math:`\\varepsilon_{lb}` of one threshold
+    """Error counts, Clopper-Pearson upper bounds and `\\varepsilon_{lb}` of one threshold
     on trials not used to choose it."""
     if len(scores_out) < 1 or len(scores_in) < 1:
         raise ValueError("need at least one trial with and one without the canary")
@@ -200,7 +204,8 @@ def trials_to_exceed(
     shift: float, claim: float, delta: float, confidence: float, max_trials: int = 10**9
 ) -> int | None:
     """The number of trials (selection and evaluation halves, each balanced) at which
-    :func:`expected_lower_bound` first exceeds ``claim``, to within 5%; None beyond
+    [`expected_lower_bound()`][sketchcomm.privacy.audit_stats.expected_lower_bound] first exceeds
+    ``claim``, to within 5%; None beyond
     ``max_trials``."""
 
     def exceeds(trials: int) -> bool:

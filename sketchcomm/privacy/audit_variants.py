@@ -17,7 +17,7 @@ mechanism it is ``N(b, sigma^2)`` without and ``N(b + 1, sigma^2)`` with the can
 clipped to ``C`` instead of ``C_b`` shifts it by ``sum_b sqrt(d_b / D)`` (``sqrt(n)`` for equal
 blocks).
 
-Variants (:data:`VARIANTS`):
+Variants ([`VARIANTS`][sketchcomm.privacy.audit_variants.VARIANTS]):
 
 ``linear``
     ``nn.Linear(d, 1)`` on ``[B, d]``, one bucket, per example.
@@ -102,7 +102,8 @@ class AuditSetup:
 @dataclass(frozen=True)
 class Variant:
     """A variant: its unit of privacy, a one-line summary, the parameter block sizes ``d_b`` for
-    a configuration (one DDP bucket each), and the builder of one rank's :class:`AuditSetup`."""
+    a configuration (one DDP bucket each), and the builder of one rank's
+    [`AuditSetup`][sketchcomm.privacy.audit_variants.AuditSetup]."""
 
     unit: str
     summary: str

@@ -1,12 +1,12 @@
 r"""Choosing the noise multiplier before training, and stating the plan.
 
-A plan is a noise multiplier :math:`\sigma`, a sample rate :math:`q` and a number of steps
-:math:`T` of the Poisson subsampled Gaussian mechanism. For a fixed :math:`\delta`, an Opacus
-accountant maps the plan to the :math:`\varepsilon` of the :math:`(\varepsilon, \delta)`-DP
+A plan is a noise multiplier `\sigma`, a sample rate `q` and a number of steps
+`T` of the Poisson subsampled Gaussian mechanism. For a fixed `\delta`, an Opacus
+accountant maps the plan to the `\varepsilon` of the `(\varepsilon, \delta)`-DP
 guarantee that the whole run gives each unit of privacy (add/remove-one adjacency).
-:func:`calibrate_noise_multiplier` inverts that map with Opacus's ``get_noise_multiplier``:
-it returns the :math:`\sigma` whose :math:`\varepsilon` is at most the target and within the
-tolerance of it.
+[`calibrate_noise_multiplier()`][sketchcomm.privacy.calibration.calibrate_noise_multiplier] inverts
+that map with Opacus's ``get_noise_multiplier``: it returns the `\sigma` whose `\varepsilon` is at
+most the target and within the tolerance of it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ __all__ = ["calibrate_noise_multiplier", "describe_plan", "plan_epsilon", "steps
 
 
 def steps_for_epochs(epochs: float, sample_rate: float) -> int:
-    r"""Number of steps in ``epochs`` passes at sample rate :math:`q`:
-    :math:`\lfloor \text{epochs} / q \rfloor`, as Opacus counts them."""
+    r"""Number of steps in ``epochs`` passes at sample rate `q`:
+    `\lfloor \text{epochs} / q \rfloor`, as Opacus counts them."""
     q = check_sample_rate(sample_rate)
     passes = check_positive_float("epochs", epochs)
     return check_positive_int("steps (epochs / sample_rate)", int(passes / q))
@@ -57,14 +57,14 @@ def plan_epsilon(
     delta: float,
     accountant: str = "prv",
 ) -> float:
-    r"""Return :math:`\varepsilon` of ``steps`` steps with noise multiplier :math:`\sigma` and
-    sample rate :math:`q`, at ``delta``, as the named Opacus accountant computes it.
+    r"""Return `\varepsilon` of ``steps`` steps with noise multiplier `\sigma` and
+    sample rate `q`, at ``delta``, as the named Opacus accountant computes it.
 
     Args:
-        noise_multiplier: :math:`\sigma`, noise standard deviation over the clipping norm.
-        sample_rate: :math:`q`, the probability that a unit is in a step's batch.
-        steps: number of steps :math:`T`.
-        delta: target :math:`\delta`.
+        noise_multiplier: `\sigma`, noise standard deviation over the clipping norm.
+        sample_rate: `q`, the probability that a unit is in a step's batch.
+        steps: number of steps `T`.
+        delta: target `\delta`.
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
     """
     return epsilon_for_history(
@@ -83,18 +83,18 @@ def calibrate_noise_multiplier(
     accountant: str = "prv",
     epsilon_tolerance: float = 0.01,
 ) -> float:
-    r"""Return the noise multiplier :math:`\sigma` for which ``steps`` steps (or ``epochs``
-    epochs) at sample rate :math:`q` are :math:`(\varepsilon, \delta)`-DP with
-    :math:`\text{target} - \text{tolerance} \le \varepsilon \le \text{target}`.
+    r"""Return the noise multiplier `\sigma` for which ``steps`` steps (or ``epochs``
+    epochs) at sample rate `q` are `(\varepsilon, \delta)`-DP with
+    `\text{target} - \text{tolerance} \le \varepsilon \le \text{target}`.
 
     Binary search by Opacus's ``get_noise_multiplier``; use the same accountant here as for the
-    run's :class:`~sketchcomm.privacy.PrivacyLedger`, or the ledger may find the plan over
+    run's [`PrivacyLedger`][sketchcomm.privacy.PrivacyLedger], or the ledger may find the plan over
     budget.
 
     Args:
-        target_epsilon: the :math:`\varepsilon` the whole run may spend.
-        delta: target :math:`\delta`.
-        sample_rate: :math:`q`, the probability that a unit is in a step's batch.
+        target_epsilon: the `\varepsilon` the whole run may spend.
+        delta: target `\delta`.
+        sample_rate: `q`, the probability that a unit is in a step's batch.
         steps: number of steps; give this or ``epochs``.
         epochs: number of passes over the data, i.e. ``int(epochs / sample_rate)`` steps.
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
@@ -185,16 +185,16 @@ def describe_plan(
 ) -> str:
     r"""Return a human-readable statement of a privacy plan, to print before training.
 
-    States the unit of privacy, adjacency, accountant, :math:`\delta`, :math:`\sigma`, :math:`q`,
-    the number of steps, the threat model, and the :math:`\varepsilon` the accountant expects at
+    States the unit of privacy, adjacency, accountant, `\delta`, `\sigma`, `q`,
+    the number of steps, the threat model, and the `\varepsilon` the accountant expects at
     the end towards outside observers (who face the multiplier of all noise shares,
-    :func:`~sketchcomm.privacy.mechanism.outsider_noise_multiplier`) and towards ``t`` colluding
-    ranks (who remove their own shares and face :math:`\sigma`). With the expected number of
-    contributions per step (:math:`qN` from ``dataset_size``, or :math:`qW` for ``unit="rank"``)
-    it also states the expected signal-to-noise of one step, :math:`qN / \sigma_{out}`: the
-    norm of the summed update when all contributions agree (each clipped to :math:`C`) over the
-    noise standard deviation :math:`\sigma_{out} C` along that direction; below 1 the noise
-    swamps even a unanimous gradient, and the printout says so.
+    [`outsider_noise_multiplier()`][sketchcomm.privacy.mechanism.outsider_noise_multiplier]) and
+    towards ``t`` colluding ranks (who remove their own shares and face `\sigma`). With the expected
+    number of contributions per step (`qN` from ``dataset_size``, or `qW` for ``unit="rank"``) it
+    also states the expected signal-to-noise of one step, `qN / \sigma_{out}`: the norm of the
+    summed update when all contributions agree (each clipped to `C`) over the noise standard
+    deviation `\sigma_{out} C` along that direction; below 1 the noise swamps even a unanimous
+    gradient, and the printout says so.
 
     >>> print(describe_plan(2.0, 0.5, 10, 1e-5, "rdp", unit="rank", world_size=2))
     ... # doctest: +ELLIPSIS
@@ -204,17 +204,17 @@ def describe_plan(
     warning: the noise will swamp the signal...
 
     Args:
-        noise_multiplier: the guaranteed :math:`\sigma` (what remains after ``t`` colluding ranks
+        noise_multiplier: the guaranteed `\sigma` (what remains after ``t`` colluding ranks
             remove their shares).
-        sample_rate: :math:`q`.
-        steps: number of steps :math:`T`.
-        delta: target :math:`\delta`.
+        sample_rate: `q`.
+        steps: number of steps `T`.
+        delta: target `\delta`.
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
         unit: the unit of privacy, e.g. ``"example"`` or ``"rank"``.
-        budget: the :math:`\varepsilon` budget the run will enforce, if any.
-        dataset_size: number of units :math:`n`; checks :math:`\delta < 1/n`.
+        budget: the `\varepsilon` budget the run will enforce, if any.
+        dataset_size: number of units `n`; checks `\delta < 1/n`.
         secure_mode: whether the noise comes from the operating system's CSPRNG.
-        world_size: number of ranks :math:`W`.
+        world_size: number of ranks `W`.
         colluding_ranks: ``t``; ``None`` for the unit's default (0 for examples, ``W - 1`` for
             ranks).
         noise_placement: ``"distributed"`` or ``"single"``.

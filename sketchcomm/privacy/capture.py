@@ -14,7 +14,7 @@ and the output gradient ``g`` (for a loss that *sums* over examples), e.g. for `
     \nabla_W \ell_b = \sum_t g_{b,t} a_{b,t}^\top, \qquad \nabla_{bias} \ell_b = \sum_t g_{b,t},
 
 with Opacus's registered grad sampler for the module's type
-(:func:`~sketchcomm.privacy.grad_samplers.grad_sampler`: ``Linear``, ``Embedding``,
+([`grad_sampler()`][sketchcomm.privacy.grad_samplers.grad_sampler]: ``Linear``, ``Embedding``,
 ``Conv1d/2d/3d``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm*``, the
 ``RNNLinear`` and ``SequenceBias`` inside ``DPLSTM``/``DPGRU``/``DPMultiheadAttention``; and
 transformers' GPT-2 ``Conv1D``), or else ``torch.func`` (vmap of grad over the module), in
@@ -26,9 +26,9 @@ Rows must be examples. The model's forward pre-hook records the batch size ``B``
 first tensor argument, or of ``input_ids``/``inputs_embeds``), and a module whose input or output
 has a leading dimension other than ``B`` is refused in its forward hook, before any backward.
 Modules that mix examples (batch statistics, time-major layers) are refused at construction
-(:func:`~sketchcomm.privacy.model_checks.example_mixing_problems`); a module on the ``torch.func``
-path is run on each example alone in its forward hook and refused unless that reproduces its
-batched output.
+([`example_mixing_problems()`][sketchcomm.privacy.model_checks.example_mixing_problems]); a module
+on the ``torch.func`` path is run on each example alone in its forward hook and refused unless that
+reproduces its batched output.
 """
 
 from __future__ import annotations
@@ -88,14 +88,15 @@ class PerExampleGradients:
     """Captures per-example gradients of every trainable parameter of ``model``.
 
     Raises ``ValueError`` at construction for a module whose rows would not be examples (see
-    :mod:`sketchcomm.privacy.model_checks`), and in the forward pass, before any backward, for a
-    module whose leading dimension is not the batch's or whose per-example gradients neither an
-    Opacus grad sampler nor ``torch.func`` can compute (naming the module). After a backward
-    pass, :meth:`pop` returns a parameter's per-example gradients as ``[B, numel]`` (``B`` may be
-    0 for an empty batch), summed over its uses; a new forward pass drops what was not popped.
-    With a ``receiver`` (see :data:`Receiver`) nothing is kept: every use's rows are handed to it
-    as soon as they are computed, tagged with the index of their forward pass (counted from 0 over
-    the forward passes run with gradients enabled), so that micro-batches stay apart.
+    [`sketchcomm.privacy.model_checks`][sketchcomm.privacy.model_checks]), and in the forward pass,
+    before any backward, for a module whose leading dimension is not the batch's or whose
+    per-example gradients neither an Opacus grad sampler nor ``torch.func`` can compute (naming the
+    module). After a backward pass, `pop()` returns a parameter's per-example gradients as ``[B,
+    numel]`` (``B`` may be 0 for an empty batch), summed over its uses; a new forward pass drops
+    what was not popped. With a ``receiver`` (see [`Receiver`][sketchcomm.privacy.capture.Receiver])
+    nothing is kept: every use's rows are handed to it as soon as they are computed, tagged with the
+    index of their forward pass (counted from 0 over the forward passes run with gradients enabled),
+    so that micro-batches stay apart.
 
     >>> model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 3))
     >>> capture = PerExampleGradients(model)

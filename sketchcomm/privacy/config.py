@@ -1,10 +1,11 @@
-r"""The frozen mechanism of the private hook (:class:`PrivacyConfig`) and its threat model.
+r"""The frozen mechanism of the private hook
+([`PrivacyConfig`][sketchcomm.privacy.config.PrivacyConfig]) and its threat model.
 
 ``colluding_ranks`` is ``t``, the number of ranks that may pool their own noise shares against
 the other ranks' data; it is resolved with the world size when the state is registered
-(:func:`~sketchcomm.privacy.mechanism.resolve_colluding_ranks`: 0 for ``unit="example"``,
-``W - 1`` for ``unit="rank"`` unless given) and checked against the noise placement
-(:func:`~sketchcomm.privacy.mechanism.check_threat_model`).
+([`resolve_colluding_ranks()`][sketchcomm.privacy.mechanism.resolve_colluding_ranks]: 0 for
+``unit="example"``, ``W - 1`` for ``unit="rank"`` unless given) and checked against the noise
+placement ([`check_threat_model()`][sketchcomm.privacy.mechanism.check_threat_model]).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ UNITS = ("example", "rank")
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """The mechanism of :func:`~sketchcomm.privacy.hook.dp_sketch_hook`, validated and frozen
-    (see :class:`~sketchcomm.privacy.hook.DPSketchState` for what each field means;
-    ``noise_multiplier`` is already calibrated; ``colluding_ranks`` is ``None`` until
-    :meth:`resolved` with the world size).
+    """The mechanism of [`dp_sketch_hook()`][sketchcomm.privacy.hook.dp_sketch_hook], validated and
+    frozen (see [`DPSketchState`][sketchcomm.privacy.hook.DPSketchState] for what each field means;
+    ``noise_multiplier`` is already calibrated; ``colluding_ranks`` is ``None`` until `resolved()`
+    with the world size).
 
     >>> config = PrivacyConfig(max_grad_norm=1.0, unit="rank", sample_rate=1.0,
     ...                        dataset_size=None, noise_multiplier=0.8)

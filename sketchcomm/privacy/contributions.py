@@ -1,33 +1,34 @@
 r"""Per-example contributions of a gradient bucket, ready when DDP fires it.
 
 For ``unit="example"`` each rank contributes one Count Sketch table per example to each bucket:
-:meth:`ExampleContributions.tables` gives the bucket's ``[B, r, c]`` tables, which the mechanism
-clips and sums. The per-example gradients come from
-:class:`~sketchcomm.privacy.capture.PerExampleGradients`, one parameter use at a time.
+[`ExampleContributions.tables()`][sketchcomm.privacy.contributions.ExampleContributions.tables]
+gives the bucket's ``[B, r, c]`` tables, which the mechanism clips and sums. The per-example
+gradients come from [`PerExampleGradients`][sketchcomm.privacy.capture.PerExampleGradients], one
+parameter use at a time.
 
 Streaming. The sketch is linear, so a parameter's per-example gradients ``[B, n]`` at offset
 ``o`` of its bucket (canonical order) are sketched into the bucket's tables as soon as they are
-captured (:func:`~sketchcomm.sketch_blocks.sketch_block_into`) and dropped: the extra memory
-is about ``B x largest layer + B x tables`` instead of ``B x bucket``. That needs the bucket
-layout, known only once the engine has shown the bucket; DDP rebuilds its buckets after its first
-iteration. So streaming starts once two consecutive steps had the same layouts; before that the
-rows of each parameter are kept and sketched parameter by parameter when the bucket fires. A
-bucket found with another layout than the one streamed for is refused (the step is cleared) and
-the next steps keep rows again.
+captured ([`sketch_block_into()`][sketchcomm.sketch_blocks.sketch_block_into]) and dropped: the
+extra memory is about ``B x largest layer + B x tables`` instead of ``B x bucket``. That needs the
+bucket layout, known only once the engine has shown the bucket; DDP rebuilds its buckets after its
+first iteration. So streaming starts once two consecutive steps had the same layouts; before that
+the rows of each parameter are kept and sketched parameter by parameter when the bucket fires. A
+bucket found with another layout than the one streamed for is refused (the step is cleared) and the
+next steps keep rows again.
 
 Micro-batches (gradient accumulation under DDP's ``no_sync``). Each forward pass with gradients
 enabled is one micro-batch of different examples. Contributions accumulate from the first forward
-after a release (or :meth:`~ExampleContributions.clear`) until the next release: a bucket's
-tables are those of every example of every micro-batch whose backward reached the bucket, so the
-mechanism clips each example once and the step is released (and recorded in the ledger) once.
-A failed or refused step clears them.
+after a release (or [`clear()`][sketchcomm.privacy.contributions.ExampleContributions.clear]) until
+the next release: a bucket's tables are those of every example of every micro-batch whose backward
+reached the bucket, so the mechanism clips each example once and the step is released (and recorded
+in the ledger) once. A failed or refused step clears them.
 
 Check. Every release checks, by linearity, that the unclipped tables add up to the sketch of the
-bucket's own gradient, :math:`\|\sum_b S(g_b) - S(g)\| \le \tau \|S(g)\| + 10^{-6}`, which catches
+bucket's own gradient, `\|\sum_b S(g_b) - S(g)\| \le \tau \|S(g)\| + 10^{-6}`, which catches
 gradients accumulated outside the capture (not zeroed before the first micro-batch, or zeroed
 between micro-batches). The tolerance follows the lowest precision that produced the gradient
 (the autocast dtype during the forward, or the gradient's own dtype):
-:math:`\tau = \max(10^{-3}, 8 \epsilon)` with :math:`\epsilon` its machine epsilon (``1e-3`` for
+`\tau = \max(10^{-3}, 8 \epsilon)` with `\epsilon` its machine epsilon (``1e-3`` for
 float32, ``0.0625`` for bfloat16, ``0.0078`` for float16). Rows and tables are float32 throughout.
 """
 
@@ -90,7 +91,8 @@ def _missing(param: Tensor) -> RuntimeError:
 
 def _check_sum(index: int, total: Tensor, expected: Tensor, dtype: torch.dtype) -> None:
     """Refuse unless the per-example contributions add up to the bucket's gradient (both in
-    table space, or both in gradient space) within :func:`sum_tolerance` of ``dtype``."""
+    table space, or both in gradient space) within
+    [`sum_tolerance()`][sketchcomm.privacy.contributions.sum_tolerance] of ``dtype``."""
     error, scale = (total - expected).norm().item(), expected.norm().item()
     tolerance = sum_tolerance(dtype)
     if error > tolerance * scale + 1e-6:
@@ -107,7 +109,7 @@ class ExampleContributions:
     """The per-example tables of every bucket of ``model`` (see the module docstring).
 
     ``peak_bytes`` is the most bytes of per-example tensors held at once (rows, tables and the
-    use being sketched) since construction or :meth:`reset_peak`.
+    use being sketched) since construction or `reset_peak()`.
 
     >>> import torch
     >>> from torch import nn
@@ -140,7 +142,7 @@ class ExampleContributions:
 
     def receive(self, param: Tensor, rows: Tensor, forward: int, dtype: torch.dtype) -> None:
         """Take one use's per-example gradients ``[B, numel]`` of ``param`` (see
-        :data:`~sketchcomm.privacy.capture.Receiver`): sketch them into their bucket's tables
+        [`Receiver`][sketchcomm.privacy.capture.Receiver]): sketch them into their bucket's tables
         when the layout is known, else keep them."""
         batch = self.pending.get(forward)
         if batch is None:

@@ -3,19 +3,22 @@ r"""Per-example gradient functions: Opacus's registered grad samplers, plus what
 A grad sampler maps a layer, its inputs ``activations`` (a list, batch in dim 0) and the gradient
 of the loss with respect to its output ``backprops`` (batch in dim 0) to
 ``{parameter: [B, *parameter.shape]}``. Opacus registers one per layer type in
-:attr:`opacus.grad_sample.GradSampleModule.GRAD_SAMPLERS`; :func:`grad_sampler` looks a module's
-exact type up there and in :data:`EXTRA_GRAD_SAMPLERS` (this module's samplers), and wraps two
-layer-specific corrections:
+`opacus.grad_sample.GradSampleModule.GRAD_SAMPLERS`;
+[`grad_sampler()`][sketchcomm.privacy.grad_samplers.grad_sampler] looks a module's exact type up
+there and in [`EXTRA_GRAD_SAMPLERS`][sketchcomm.privacy.grad_samplers.EXTRA_GRAD_SAMPLERS] (this
+module's samplers), and wraps two layer-specific corrections:
 
 * ``nn.Embedding(padding_idx=p)``: autograd never updates row ``p``, Opacus's sampler does; the
   row is zeroed;
 * Opacus's ``SequenceBias`` (inside ``DPMultiheadAttention``) is time-major unless built with
   ``batch_first=True``: its activations and backprops are moved to batch-first first.
 
-:func:`functional_grad_sample` is the fallback for a type with no sampler: ``torch.func``'s
-``vmap`` of ``grad`` of :math:`\langle f_\theta(x_b), g_b\rangle` over the examples ``b``, which is
-example ``b``'s gradient when the module treats examples independently
-(:func:`functional_outputs_match` checks that).
+[`functional_grad_sample()`][sketchcomm.privacy.grad_samplers.functional_grad_sample] is the
+fallback for a type with no sampler: ``torch.func``'s ``vmap`` of ``grad`` of `\langle
+f_\theta(x_b), g_b\rangle` over the examples ``b``, which is example ``b``'s gradient when the
+module treats examples independently
+([`functional_outputs_match()`][sketchcomm.privacy.grad_samplers.functional_outputs_match] checks
+that).
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ def transposed_linear_grad_sample(
     r"""``y = x W + b`` with ``W`` of shape ``[in, out]`` (transformers' GPT-2 ``Conv1D``).
 
     For input ``a`` ``[B, ..., in]`` and output gradient ``g`` ``[B, ..., out]``:
-    :math:`\nabla_W \ell_b = \sum_t a_{b,t} g_{b,t}^\top` (``[in, out]``),
-    :math:`\nabla_b \ell_b = \sum_t g_{b,t}`.
+    `\nabla_W \ell_b = \sum_t a_{b,t} g_{b,t}^\top` (``[in, out]``),
+    `\nabla_b \ell_b = \sum_t g_{b,t}`.
 
     >>> layer = nn.Linear(3, 2)  # any module with weight [in, out] and bias [out]
     >>> layer.weight = nn.Parameter(torch.randn(3, 2))
@@ -155,7 +158,7 @@ def functional_grad_sample(
 ) -> dict[str, Tensor]:
     r"""Per-example gradients ``{name: [B, *shape]}`` of ``module``'s parameters ``params``.
 
-    ``vmap`` over ``b`` of ``grad`` of :math:`\langle f_\theta(x_b), g_b\rangle`; tensor
+    ``vmap`` over ``b`` of ``grad`` of `\langle f_\theta(x_b), g_b\rangle`; tensor
     arguments and ``backprops`` carry the batch in dim 0, ``kwargs`` (no tensors) are passed as
     they are; parameters not in ``params`` (and every
     submodule's) are held fixed.

@@ -1,10 +1,11 @@
 r"""Differentially private sketched gradient communication: ``DPSketchState`` + ``dp_sketch_hook``.
 
 Every step releases, for every bucket, the sum over contributions of clipped Count Sketch tables
-plus Gaussian noise (:mod:`sketchcomm.privacy.mechanism`); everything the ranks compute afterwards
-(recovery, sketch-space error and momentum, the model update) is post-processing of that release.
-The privacy comes from the noise, never from the sketch: sketching alone is not differentially
-private (Song et al., ICML 2023, reconstruct data from sketched gradients).
+plus Gaussian noise ([`sketchcomm.privacy.mechanism`][sketchcomm.privacy.mechanism]); everything the
+ranks compute afterwards (recovery, sketch-space error and momentum, the model update) is
+post-processing of that release. The privacy comes from the noise, never from the sketch: sketching
+alone is not differentially private (Song et al., ICML 2023, reconstruct data from sketched
+gradients).
 
 Two units of privacy:
 
@@ -13,9 +14,10 @@ Two units of privacy:
     clipped to ``C_b``; batches are drawn by Poisson sampling with rate ``q`` from the operating
     system's randomness (the caller's data loader), and the released sum is divided by the
     expected batch size ``q N``. The loss must *sum* over examples (``reduction="sum"``). The
-    model is checked at registration (:mod:`sketchcomm.privacy.model_checks`: no batch
-    statistics, no time-major layers, no changing buffers) and every captured row must be one
-    example (the capture refuses folded or time-major rows in the forward).
+    model is checked at registration
+    ([`sketchcomm.privacy.model_checks`][sketchcomm.privacy.model_checks]: no batch statistics, no
+    time-major layers, no changing buffers) and every captured row must be one example (the capture
+    refuses folded or time-major rows in the forward).
 
 ``unit="rank"`` (client level, cross-silo or federated)
     Neighbouring executions differ in one rank's whole data. Each rank's table of each bucket is
@@ -32,15 +34,14 @@ outside observers and any ``t`` colluding ranks, and ``outsider_epsilon`` (multi
 noise) is refused for ``unit="rank"`` and for ``t >= 1``. A rank sees the aggregate and the
 models, never another rank's table unless it reads the allreduce's messages (which carry partial
 sums: only ``t = W - 1`` holds against that). In ``secure_mode`` every draw comes from the
-operating system's CSPRNG (:func:`~sketchcomm.privacy.mechanism.secure_gaussian`); otherwise
-from a Mersenne Twister seeded from it. The ledger and the state must agree on both.
+operating system's CSPRNG ([`secure_gaussian()`][sketchcomm.privacy.mechanism.secure_gaussian]);
+otherwise from a Mersenne Twister seeded from it. The ledger and the state must agree on both.
 
-The ledger (:class:`~sketchcomm.privacy.PrivacyLedger`) records each step exactly once, at the
-step's first bucket (DDP launches bucket 0 first) and before that bucket's table leaves the
+The ledger ([`PrivacyLedger`][sketchcomm.privacy.PrivacyLedger]) records each step exactly once, at
+the step's first bucket (DDP launches bucket 0 first) and before that bucket's table leaves the
 process, so a backward pass that fails half-way still counts as a step (over-reporting, never
-under-reporting); a step that would exceed the budget, or a model whose buffers changed in the
-first forward, raises on every rank before anything is released, and the raw gradients are
-cleared.
+under-reporting); a step that would exceed the budget, or a model whose buffers changed in the first
+forward, raises on every rank before anything is released, and the raw gradients are cleared.
 """
 
 # No "from __future__ import annotations": DDP checks the hook's ``bucket`` annotation at runtime.
@@ -76,7 +77,8 @@ __all__ = ["DPSketchState", "PrivacyConfig", "dp_sketch_hook"]
 
 
 class DPSketchState(SketchState):
-    r"""State of :func:`dp_sketch_hook`: a :class:`~sketchcomm.SketchState` plus the mechanism.
+    r"""State of [`dp_sketch_hook()`][sketchcomm.privacy.hook.dp_sketch_hook]: a
+    [`SketchState`][sketchcomm.SketchState] plus the mechanism.
 
     Args:
         ledger: the privacy ledger; build it identically on every rank, with ``writer=True``
@@ -95,21 +97,21 @@ class DPSketchState(SketchState):
             draws against floating-point attacks; must equal ``ledger.secure_mode``.
         colluding_ranks: ``t``, the ranks that may pool their noise shares against the others
             (``None``: 0 for ``"example"``, ``W - 1`` for ``"rank"``), resolved at
-            :meth:`register`. Each rank adds ``sigma^2 C^2 / (W - t)`` per cell. A ledger that
+            `register()`. Each rank adds ``sigma^2 C^2 / (W - t)`` per cell. A ledger that
             states ``colluding_ranks`` must state the same ``t``; one that leaves it ``None``
             is accepted (its file then does not record ``t``; pass it to both to record it).
-        **sketch_options: the sketch options of :class:`~sketchcomm.SketchState` (``compression``,
-            ``rows``, ``columns``, ``recovery``, ``topk_fraction``, ``momentum``,
-            ``min_compression_size``, ``seed``, ``log_every``, ``process_group``). Error feedback
-            is ``"sketch"`` (FetchSGD, on the aggregated noised table) or ``"none"``; a rank's own
-            residual, and a second round of exact values, would release unnoised data. Buckets
-            below ``min_compression_size`` are privatised uncompressed (an exact one-row table).
+        **sketch_options: the sketch options of [`SketchState`][sketchcomm.SketchState]
+            (``compression``, ``rows``, ``columns``, ``recovery``, ``topk_fraction``, ``momentum``,
+            ``min_compression_size``, ``seed``, ``log_every``, ``process_group``). Error feedback is
+            ``"sketch"`` (FetchSGD, on the aggregated noised table) or ``"none"``; a rank's own
+            residual, and a second round of exact values, would release unnoised data. Buckets below
+            ``min_compression_size`` are privatised uncompressed (an exact one-row table).
 
-    Call :meth:`register` with the DDP model: it resolves the threat model with the world size,
+    Call `register()` with the DDP model: it resolves the threat model with the world size,
     refuses models that would void the guarantee, binds the parameters, installs per-example
-    gradient capture for ``unit="example"`` and registers :func:`dp_sketch_hook`. The hook asks
-    the state for every bucket's clipping norm (:meth:`bucket_clip_norm`) and noise share
-    (:meth:`noise_std`).
+    gradient capture for ``unit="example"`` and registers
+    [`dp_sketch_hook()`][sketchcomm.privacy.hook.dp_sketch_hook]. The hook asks the state for every
+    bucket's clipping norm (`bucket_clip_norm()`) and noise share (`noise_std()`).
 
     >>> import os, tempfile, torch.distributed as dist
     >>> from sketchcomm.privacy import PrivacyLedger
@@ -250,8 +252,9 @@ class DPSketchState(SketchState):
     def register(self, ddp_model: nn.Module, hook: Any = None) -> None:
         """Resolve the threat model, refuse models that would void the guarantee (batch
         statistics, time-major layers, changing buffers: see
-        :func:`~sketchcomm.privacy.model_checks.validate_private_model`), install the capture
-        and a :class:`~sketchcomm.privacy.model_checks.BufferWatch`, register the hook."""
+        [`validate_private_model()`][sketchcomm.privacy.model_checks.validate_private_model]),
+        install the capture
+        and a [`BufferWatch`][sketchcomm.privacy.model_checks.BufferWatch], register the hook."""
         module = getattr(ddp_model, "module", ddp_model)
         self.broadcast_buffers = bool(getattr(ddp_model, "broadcast_buffers", False))
         validate_private_model(module, self.privacy.unit, self.broadcast_buffers)
@@ -309,7 +312,7 @@ class DPSketchState(SketchState):
 
     def noise_std(self, rank: int, world: int) -> float:
         """This rank's share of the noise: ``sigma C / sqrt(W - t)``, or all of it on rank 0
-        (:func:`~sketchcomm.privacy.mechanism.noise_share_std`)."""
+        ([`noise_share_std()`][sketchcomm.privacy.mechanism.noise_share_std])."""
         p = self.privacy
         t = resolve_colluding_ranks(p.colluding_ranks, p.unit, world)
         return noise_share_std(
@@ -366,7 +369,7 @@ def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futur
     feedback, or dense) and divided by the expected number of contributions. Returns a future
     of one tensor shaped and typed like ``bucket.buffer()``. If the step is refused (budget,
     changed buffers) or fails on any rank, every rank raises, and the step's raw gradients are
-    cleared first (``p.grad = None``, see :mod:`sketchcomm.engine`).
+    cleared first (``p.grad = None``, see [`sketchcomm.engine`][sketchcomm.engine]).
     """
     if state.positions is None:
         raise RuntimeError("register the state with state.register(ddp_model), not directly")

@@ -1,13 +1,14 @@
 r"""A persistent, budget-enforcing record of the privacy spent by a training run.
 
 Each released step is one Poisson subsampled Gaussian mechanism (each unit of privacy in the batch
-with probability :math:`q`, clipped to L2 norm :math:`C`, noise :math:`\sigma C` on the sum).
-:class:`PrivacyLedger` keeps every step's :math:`(\sigma, q)` as Opacus's accountants keep their
-``history`` and obtains :math:`\varepsilon` from a real Opacus accountant, in two histories: the
-*guaranteed* multiplier, which remains after ``t`` colluding ranks remove their own noise shares
-(it holds towards outside observers and any ``t`` colluding ranks; the budget is enforced on it),
-and the multiplier an outside observer of the aggregate faces (all shares in). Sketching or
-compression of the noisy result is post-processing: the ledger claims no privacy from it.
+with probability `q`, clipped to L2 norm `C`, noise `\sigma C` on the sum).
+[`PrivacyLedger`][sketchcomm.privacy.ledger.PrivacyLedger] keeps every step's `(\sigma, q)` as
+Opacus's accountants keep their ``history`` and obtains `\varepsilon` from a real Opacus accountant,
+in two histories: the *guaranteed* multiplier, which remains after ``t`` colluding ranks remove
+their own noise shares (it holds towards outside observers and any ``t`` colluding ranks; the budget
+is enforced on it), and the multiplier an outside observer of the aggregate faces (all shares in).
+Sketching or compression of the noisy result is post-processing: the ledger claims no privacy from
+it.
 """
 
 from __future__ import annotations
@@ -47,28 +48,30 @@ __all__ = ["LedgerError", "PrivacyBudgetExceeded", "PrivacyLedger"]
 
 
 class PrivacyLedger:
-    r"""Records the privacy spent by a run, enforces an :math:`\varepsilon` budget and persists
+    r"""Records the privacy spent by a run, enforces an `\varepsilon` budget and persists
     itself.
 
-    The ledger describes :math:`(\varepsilon, \delta)`-DP with respect to adding or removing one
+    The ledger describes `(\varepsilon, \delta)`-DP with respect to adding or removing one
     ``unit`` (by default one training example) for the Poisson subsampled Gaussian mechanism
-    applied once per recorded step. :math:`\delta` is fixed for the life of the ledger and
-    :math:`\varepsilon` is computed from the history by the named Opacus accountant: ``"rdp"``
+    applied once per recorded step. `\delta` is fixed for the life of the ledger and
+    `\varepsilon` is computed from the history by the named Opacus accountant: ``"rdp"``
     (Rényi DP, an upper bound, fast), ``"prv"`` (privacy loss random variables, its upper bound;
     the tightest, slower on long runs) or ``"gdp"`` (Gaussian DP; experimental, can
     *underestimate*, constant sigma and q only).
 
-    Call :meth:`record_step` exactly once per released step, *before* releasing it. It checks the
-    budget first (raising :class:`PrivacyBudgetExceeded` without recording anything if the step
-    would exceed it), then records the step and, when the ledger writes a file, persists it
-    atomically before returning. A crash after the write but before the release therefore leaves
-    a record that over-reports by at most that step; no order of events makes it under-report.
+    Call `record_step()` exactly once per released step, *before* releasing it. It checks the
+    budget first (raising [`PrivacyBudgetExceeded`][sketchcomm.privacy.ledger.PrivacyBudgetExceeded]
+    without recording anything if the step would exceed it), then records the step and, when the
+    ledger writes a file, persists it atomically before returning. A crash after the write but
+    before the release therefore leaves a record that over-reports by at most that step; no order of
+    events makes it under-report.
 
     With a ``path`` that exists, the ledger is reloaded and continued, never reset; a file that is
     corrupt, of another schema, or written for another accountant, delta, unit, ``secure_mode``
-    or ``colluding_ranks`` raises :class:`LedgerError` and is left untouched. The ``budget``
-    argument replaces the budget stored in the file. In distributed training exactly one process
-    writes a given file: every rank may hold a ledger, and only rank 0 passes ``writer=True``.
+    or ``colluding_ranks`` raises [`LedgerError`][sketchcomm.privacy.ledger.LedgerError] and is left
+    untouched. The ``budget`` argument replaces the budget stored in the file. In distributed
+    training exactly one process writes a given file: every rank may hold a ledger, and only rank 0
+    passes ``writer=True``.
 
     >>> import pathlib, tempfile
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "ledger.json"
@@ -81,14 +84,14 @@ class PrivacyLedger:
 
     Args:
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
-        delta: target :math:`\delta`, in (0, 1); below :math:`1/n` for a dataset of :math:`n` units.
-        budget: :math:`\varepsilon` budget on the guaranteed :attr:`epsilon`; ``None`` for none.
+        delta: target `\delta`, in (0, 1); below `1/n` for a dataset of `n` units.
+        budget: `\varepsilon` budget on the guaranteed `epsilon`; ``None`` for none.
         path: JSON file the ledger is kept in; ``None`` to keep it in memory only.
         secure_mode: whether the noise is drawn from the operating system's cryptographically
-            secure generator (:func:`~sketchcomm.privacy.mechanism.add_noise`). Recorded in the
-            file and reports; the accounting is the same either way.
+            secure generator ([`add_noise()`][sketchcomm.privacy.mechanism.add_noise]). Recorded in
+            the file and reports; the accounting is the same either way.
         colluding_ranks: ``t``, the number of ranks that may pool their noise shares against the
-            others, that the guaranteed :attr:`epsilon` is stated for; ``None`` when not stated
+            others, that the guaranteed `epsilon` is stated for; ``None`` when not stated
             (and for files written before the field existed).
         unit: the unit of privacy, e.g. ``"example"`` or ``"rank"``.
         dataset_size: number of units in the dataset; when given, ``delta`` must be below its
@@ -159,12 +162,12 @@ class PrivacyLedger:
 
     @property
     def delta(self) -> float:
-        r"""The :math:`\delta` that every :math:`\varepsilon` of this ledger is stated for."""
+        r"""The `\delta` that every `\varepsilon` of this ledger is stated for."""
         return self._delta
 
     @property
     def budget(self) -> float | None:
-        r"""The :math:`\varepsilon` budget on :attr:`epsilon`, or ``None``."""
+        r"""The `\varepsilon` budget on `epsilon`, or ``None``."""
         return self._budget
 
     @property
@@ -174,7 +177,7 @@ class PrivacyLedger:
 
     @property
     def writer(self) -> bool:
-        r"""Whether this instance writes :attr:`path`."""
+        r"""Whether this instance writes `path`."""
         return self._writer
 
     @property
@@ -189,7 +192,7 @@ class PrivacyLedger:
 
     @property
     def colluding_ranks(self) -> int | None:
-        r"""``t``, the colluding ranks :attr:`epsilon` holds against (``None``: not stated)."""
+        r"""``t``, the colluding ranks `epsilon` holds against (``None``: not stated)."""
         return self._colluding_ranks
 
     @property
@@ -215,20 +218,20 @@ class PrivacyLedger:
 
     @property
     def epsilon(self) -> float:
-        r"""Guaranteed :math:`\varepsilon` at :attr:`delta` (towards outside observers and any
-        :attr:`colluding_ranks` colluding ranks), as the Opacus accountant computes it for
-        :attr:`history`."""
+        r"""Guaranteed `\varepsilon` at `delta` (towards outside observers and any
+        `colluding_ranks` colluding ranks), as the Opacus accountant computes it for
+        `history`."""
         return cached_epsilon(self._accountant_name, self._delta, self._history)
 
     @property
     def outsider_epsilon(self) -> float:
-        r""":math:`\varepsilon` at :attr:`delta` towards outside observers of the aggregate only,
-        as the Opacus accountant computes it for :attr:`outsider_history`."""
+        r"""`\varepsilon` at `delta` towards outside observers of the aggregate only,
+        as the Opacus accountant computes it for `outsider_history`."""
         return cached_epsilon(self._accountant_name, self._delta, self._outsider_history)
 
     @property
     def budget_remaining(self) -> float | None:
-        r"""Budget minus the guaranteed :math:`\varepsilon` (at least 0), or ``None``."""
+        r"""Budget minus the guaranteed `\varepsilon` (at least 0), or ``None``."""
         return None if self._budget is None else max(0.0, self._budget - self.epsilon)
 
     @property
@@ -246,7 +249,7 @@ class PrivacyLedger:
         )
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
-        r"""Guaranteed :math:`\varepsilon` after ``steps`` more steps with this (guaranteed) noise
+        r"""Guaranteed `\varepsilon` after ``steps`` more steps with this (guaranteed) noise
         multiplier and sample rate. Records nothing.
 
         Raises:
@@ -257,7 +260,7 @@ class PrivacyLedger:
         return cached_epsilon(self._accountant_name, self._delta, history)
 
     def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> bool:
-        r"""Whether ``steps`` more steps would bring the guaranteed :math:`\varepsilon` above the
+        r"""Whether ``steps`` more steps would bring the guaranteed `\varepsilon` above the
         budget (always ``False`` without a budget; invalid arguments still raise)."""
         epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps)
         return self._budget is not None and epsilon > self._budget
@@ -271,21 +274,22 @@ class PrivacyLedger:
     ) -> float:
         r"""Account for one step, before its noisy result is released.
 
-        Checks that the step keeps the guaranteed :math:`\varepsilon` within the budget, records
+        Checks that the step keeps the guaranteed `\varepsilon` within the budget, records
         it and, when this instance writes a file, persists the ledger atomically. Only after this
         returns may the caller release the step; if it raises, nothing was recorded.
 
         Args:
-            noise_multiplier: the guaranteed :math:`\sigma`: noise standard deviation over the
-                clipping norm that remains after :attr:`colluding_ranks` ranks remove their
-                shares (e.g. :func:`~sketchcomm.privacy.mechanism.noise_share_std` shares).
-            sample_rate: :math:`q`, the probability with which each unit was included.
+            noise_multiplier: the guaranteed `\sigma`: noise standard deviation over the
+                clipping norm that remains after `colluding_ranks` ranks remove their
+                shares (e.g. [`noise_share_std()`][sketchcomm.privacy.mechanism.noise_share_std]
+                shares).
+            sample_rate: `q`, the probability with which each unit was included.
             outsider_noise_multiplier: the multiplier an outside observer faces
-                (:func:`~sketchcomm.privacy.mechanism.outsider_noise_multiplier`); default
-                ``noise_multiplier``. Must not be below it.
+                ([`outsider_noise_multiplier()`][sketchcomm.privacy.mechanism.outsider_noise_multiplier]);
+                default ``noise_multiplier``. Must not be below it.
 
         Returns:
-            The guaranteed :math:`\varepsilon` spent including this step.
+            The guaranteed `\varepsilon` spent including this step.
 
         Raises:
             PrivacyBudgetExceeded: the step would exceed the budget.
@@ -319,12 +323,13 @@ class PrivacyLedger:
         )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Continue from ``state_dict`` (as returned by :meth:`state_dict`), then persist.
+        """Continue from ``state_dict`` (as returned by `state_dict()`), then persist.
 
         The ledger never forgets steps: a state whose histories extend the current ones replaces
         them; a state whose histories are a prefix of the current ones (e.g. an older
-        checkpoint) leaves the ledger as it is; any other state raises :class:`LedgerError`.
-        The budget stays the one given to the constructor.
+        checkpoint) leaves the ledger as it is; any other state raises
+        [`LedgerError`][sketchcomm.privacy.ledger.LedgerError]. The budget stays the one given to
+        the constructor.
 
         Raises:
             LedgerError: if the state is malformed, belongs to another accountant, delta, unit,

@@ -1,15 +1,17 @@
 """The privacy ledger file: its JSON layout (schema version 2, version 1 migrated on reading),
 its validation, and atomic persistence.
 
-A ledger file is one JSON object: ``format`` (:data:`LEDGER_FORMAT`), ``schema_version``
-(:data:`LEDGER_SCHEMA_VERSION`), the ledger's ``accountant``, ``delta``, ``budget``, ``unit``,
-``secure_mode``, ``colluding_ranks`` (``t``, or null when not stated) and ``dataset_size``, the
-total ``steps``, the guaranteed ``epsilon`` (towards outside observers and any ``t`` colluding
-ranks) and the ``outsider_epsilon`` (towards outside observers only), both ``"inf"`` when
-unbounded, the ``history`` and ``outsider_history`` of the noise multipliers behind them as lists
-of ``{noise_multiplier, sample_rate, steps}``, and the ``opacus_version``, ``created_at`` and
-``updated_at`` it was written with. A version 1 file (no threat model) reads as
-``colluding_ranks`` null with an outsider history equal to the guaranteed one.
+A ledger file is one JSON object: ``format``
+([`LEDGER_FORMAT`][sketchcomm.privacy.ledger_file.LEDGER_FORMAT]), ``schema_version``
+([`LEDGER_SCHEMA_VERSION`][sketchcomm.privacy.ledger_file.LEDGER_SCHEMA_VERSION]), the ledger's
+``accountant``, ``delta``, ``budget``, ``unit``, ``secure_mode``, ``colluding_ranks`` (``t``, or
+null when not stated) and ``dataset_size``, the total ``steps``, the guaranteed ``epsilon`` (towards
+outside observers and any ``t`` colluding ranks) and the ``outsider_epsilon`` (towards outside
+observers only), both ``"inf"`` when unbounded, the ``history`` and ``outsider_history`` of the
+noise multipliers behind them as lists of ``{noise_multiplier, sample_rate, steps}``, and the
+``opacus_version``, ``created_at`` and ``updated_at`` it was written with. A version 1 file (no
+threat model) reads as ``colluding_ranks`` null with an outsider history equal to the guaranteed
+one.
 
 A file is replaced atomically (temp file in the same directory, fsync, rename, fsync of the
 directory), so a reader or a crash sees the previous content or the new one, never a mix.
@@ -91,7 +93,8 @@ def epsilon_to_json(epsilon: float) -> float | str:
 
 
 def epsilon_from_json(value: float | str) -> float:
-    """The epsilon that :func:`epsilon_to_json` wrote."""
+    """The epsilon that [`epsilon_to_json()`][sketchcomm.privacy.ledger_file.epsilon_to_json]
+    wrote."""
     return math.inf if value == "inf" else float(value)
 
 
@@ -284,7 +287,8 @@ def check_ledger_parameters(
     state: Mapping[str, Any], parameters: Mapping[str, Any], *, source: str
 ) -> tuple[History, History]:
     """The (guaranteed, outsider) histories of a validated ``state``, after checking that it was
-    written with the same :data:`MATCHED_PARAMETERS` as ``parameters``.
+    written with the same [`MATCHED_PARAMETERS`][sketchcomm.privacy.ledger_file.MATCHED_PARAMETERS]
+    as ``parameters``.
 
     Raises:
         LedgerError: naming the field that differs and the remedy.

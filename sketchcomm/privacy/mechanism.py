@@ -158,9 +158,9 @@ def noise_share_std(
 ) -> float:
     r"""This rank's noise standard deviation per cell.
 
-    ``"distributed"``: :math:`\sigma C / \sqrt{W - t}` on every rank, so the ``W - t`` shares
-    left after any ``t`` colluding ranks remove theirs add up to variance :math:`\sigma^2 C^2`.
-    ``"single"``: :math:`\sigma C` on rank 0, 0 elsewhere (``t = 0`` only).
+    ``"distributed"``: `\sigma C / \sqrt{W - t}` on every rank, so the ``W - t`` shares
+    left after any ``t`` colluding ranks remove theirs add up to variance `\sigma^2 C^2`.
+    ``"single"``: `\sigma C` on rank 0, 0 elsewhere (``t = 0`` only).
     """
     sigma = check_float("noise_multiplier", noise_multiplier, 0.0, math.inf, open_low=False)
     clip = check_float("max_grad_norm", max_grad_norm, 0.0, math.inf, open_low=True)
@@ -179,7 +179,7 @@ def outsider_noise_multiplier(
     noise_multiplier: float, world: int, placement: str, colluding_ranks: int
 ) -> float:
     r"""The multiplier an outside observer of the aggregate faces: all ``W`` shares stay in, so
-    :math:`\sigma \sqrt{W / (W - t)}` for ``"distributed"`` and :math:`\sigma` for ``"single"``."""
+    `\sigma \sqrt{W / (W - t)}` for ``"distributed"`` and `\sigma` for ``"single"``."""
     sigma = check_float("noise_multiplier", noise_multiplier, 0.0, math.inf, open_low=False)
     check_choice("noise_placement", placement, NOISE_PLACEMENTS)
     world = check_int("world", world, 1)
@@ -209,8 +209,8 @@ def secure_gaussian(shape: torch.Size | tuple[int, ...], std: float) -> Tensor:
     Uniform bits come from ``os.urandom`` (the kernel's cryptographically secure generator);
     Box-Muller turns pairs of uniforms into pairs of independent standard normals. Against the
     floating-point attacks on Gaussian samplers (Holohan and Braghin 2021, arXiv:2107.10138;
-    Jin et al. 2022, arXiv:2112.05307) each cell is the sum of :data:`SECURE_NOISE_DRAWS` = 4
-    independent draws of :math:`N(0, \text{std}^2)` divided by 2, the construction of Opacus's
+    Jin et al. 2022, arXiv:2112.05307) each cell is the sum of `SECURE_NOISE_DRAWS` = 4
+    independent draws of `N(0, \text{std}^2)` divided by 2, the construction of Opacus's
     secure mode (section 5.1 of the first paper, ``n = 2``). No ``torch.Generator`` is used.
     """
     cells = math.prod(shape)
@@ -232,10 +232,11 @@ def add_noise(
 ) -> Tensor:
     """Add ``N(0, std^2)`` to every cell of ``table`` in place.
 
-    In secure mode the noise comes from :func:`secure_gaussian` (the operating system's CSPRNG,
-    summed draws against floating-point attacks) and ``generator`` is not used; otherwise from
-    ``torch.normal`` with ``generator`` (a :func:`private_generator`: Mersenne Twister seeded
-    from the operating system, fast but not cryptographically secure).
+    In secure mode the noise comes from
+    [`secure_gaussian()`][sketchcomm.privacy.mechanism.secure_gaussian] (the operating system's
+    CSPRNG, summed draws against floating-point attacks) and ``generator`` is not used; otherwise
+    from ``torch.normal`` with ``generator`` (a `private_generator()`: Mersenne Twister seeded from
+    the operating system, fast but not cryptographically secure).
     """
     if std <= 0:
         return table

@@ -11,14 +11,15 @@ depends on the data leaves the process. This module refuses, before anything is 
 * **time-major modules**: any module with ``batch_first=False`` (``nn.RNN``/``LSTM``/``GRU``,
   ``nn.MultiheadAttention``, ``nn.Transformer*`` layers, Opacus's ``DPLSTM``/``DPGRU``/
   ``DPMultiheadAttention``): their rows are time steps;
-* what Opacus's own validator (:class:`opacus.validators.ModuleValidator`) reports on trainable
+* what Opacus's own validator (`opacus.validators.ModuleValidator`) reports on trainable
   modules (e.g. ``nn.LSTM`` must become ``DPLSTM``), with its message;
 * **buffers that change in train mode** (running statistics) when DDP would broadcast them
   (``broadcast_buffers=True``: rank 0's buffers are sent to every rank outside the mechanism), or
   at all under ``unit="example"`` (they are part of every model an observer sees).
 
-Buffers of modules this module does not know are checked at run time by :class:`BufferWatch`.
-Buffers that never change (rotary ``inv_freq``, causal masks, integer or boolean buffers) pass.
+Buffers of modules this module does not know are checked at run time by
+[`BufferWatch`][sketchcomm.privacy.model_checks.BufferWatch]. Buffers that never change (rotary
+``inv_freq``, causal masks, integer or boolean buffers) pass.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def validate_private_model(model: nn.Module, unit: str, broadcast_buffers: bool)
 class BufferWatch:
     """Snapshot of a model's floating-point buffers, to find those that change in training.
 
-    Take it when the model is registered; call :meth:`changed` (or :meth:`refuse_changed`) after
+    Take it when the model is registered; call `changed()` (or `refuse_changed()`) after
     the first training forward and before anything is released. A buffer counts as changed when
     its values differ from the snapshot, or when a floating-point buffer appeared or was removed.
 
