@@ -1,9 +1,9 @@
 r"""Reporting the privacy spent and the bytes communicated, to Weights & Biases and as text.
 
 [`PrivacyReporter`][sketchcomm.report.PrivacyReporter] logs, once per step, what a
-[`PrivacyLedger`][sketchcomm.privacy.PrivacyLedger] has recorded (the guaranteed `\varepsilon`,
-towards outside observers and ``t`` colluding ranks, and the `\varepsilon` towards outside observers
-only, both at the ledger's `\delta`; the step's noise multiplier and sample rate, the number of
+[`PrivacyLedger`][sketchcomm.privacy.PrivacyLedger] has recorded (the guaranteed ε,
+towards outside observers and ``t`` colluding ranks, and the ε towards outside observers
+only, both at the ledger's δ; the step's noise multiplier and sample rate, the number of
 steps, the budget left) together with communication figures supplied by the caller, and at the end a
 summary table and run summary values. Only rank 0 logs; on other ranks every method does nothing, so
 training code can call it unconditionally.
@@ -125,8 +125,8 @@ def _guarantee_line(ledger: PrivacyLedger) -> str:
 def format_privacy_report(ledger: PrivacyLedger, *, comm: Mapping[str, float] | None = None) -> str:
     r"""Return a plain-text report of what ``ledger`` has recorded, to print at the end of a run.
 
-    States the unit of privacy, accountant, `\delta`, the threat model (``t`` colluding
-    ranks), both `\varepsilon` (towards outside observers, and the guaranteed one towards
+    States the unit of privacy, accountant, δ, the threat model (``t`` colluding
+    ranks), both ε (towards outside observers, and the guaranteed one towards
     ``t`` colluding ranks, which the budget applies to), the budget, the history of noise
     multipliers and sample rates, and the guarantee they add up to.
 
@@ -177,7 +177,7 @@ class PrivacyReporter:
     r"""Logs a ledger's privacy figures and the caller's communication figures to wandb.
 
     Per call of `log_step()`, at wandb step ``ledger.steps``: ``privacy/epsilon`` (the
-    guaranteed `\varepsilon` at ``privacy/delta``, towards outside observers and the
+    guaranteed ε at ``privacy/delta``, towards outside observers and the
     ledger's ``t`` colluding ranks, logged in the config as ``privacy/colluding_ranks``),
     ``privacy/outsider_epsilon`` (towards outside observers only), ``privacy/delta``,
     ``privacy/noise_multiplier`` and ``privacy/sample_rate`` (of the latest step),

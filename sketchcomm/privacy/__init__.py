@@ -3,7 +3,7 @@ r"""Differential privacy for sketched DDP communication.
 [`DPSketchState`][sketchcomm.privacy.DPSketchState] with
 [`dp_sketch_hook()`][sketchcomm.privacy.dp_sketch_hook] clips and noises each bucket's Count Sketch
 tables; [`PrivacyLedger`][sketchcomm.privacy.PrivacyLedger] records every noisy step a run releases,
-computes the `(\varepsilon, \delta)` spent with an Opacus accountant (towards outside observers and
+computes the `(ε, δ)` spent with an Opacus accountant (towards outside observers and
 towards ``t`` colluding ranks), enforces an optional budget and keeps itself on disk;
 [`calibrate_noise_multiplier()`][sketchcomm.privacy.calibrate_noise_multiplier],
 [`plan_epsilon()`][sketchcomm.privacy.plan_epsilon] and

@@ -1,10 +1,10 @@
-r"""Privacy parameters and their accounting by Opacus: checks of `(\varepsilon, \delta)`,
-noise multiplier and sample rate, and the `\varepsilon` of a history of steps.
+r"""Privacy parameters and their accounting by Opacus: checks of `(ε, δ)`,
+noise multiplier and sample rate, and the ε of a history of steps.
 
-A history is the sequence of `(\sigma, q, n)` triples that Opacus's accountants keep (noise
+A history is the sequence of `(σ, q, n)` triples that Opacus's accountants keep (noise
 multiplier, sample rate and number of consecutive identical steps of the Poisson subsampled
 Gaussian mechanism). [`epsilon_for_history()`][sketchcomm.privacy.accounting.epsilon_for_history]
-hands a history to a real Opacus accountant and returns its `\varepsilon` at a fixed `\delta`;
+hands a history to a real Opacus accountant and returns its ε at a fixed δ;
 nothing here computes privacy loss itself.
 """
 
@@ -55,7 +55,7 @@ History = tuple[HistoryEntry, ...]
 
 
 class PrivacyBudgetExceeded(RuntimeError):
-    r"""Recording a step would make the spent `\varepsilon` exceed the budget.
+    r"""Recording a step would make the spent ε exceed the budget.
 
     Raised by [`PrivacyLedger.record_step()`][sketchcomm.privacy.PrivacyLedger.record_step] before
     anything is recorded or written: the caller must not release the step's noisy result.
@@ -69,10 +69,10 @@ class PrivacyBudgetExceeded(RuntimeError):
     0.0 True 0
 
     Attributes:
-        spent: `\varepsilon` spent before the refused step.
-        budget: the `\varepsilon` budget.
-        would_be: `\varepsilon` the refused step would have brought.
-        delta: the `\delta` all three values are stated for.
+        spent: ε spent before the refused step.
+        budget: the ε budget.
+        would_be: ε the refused step would have brought.
+        delta: the δ all three values are stated for.
         accountant: name of the accountant that computed them.
     """
 
@@ -99,7 +99,7 @@ def check_accountant(accountant: Any) -> str:
 
 
 def check_delta(delta: Any, dataset_size: int | None = None) -> float:
-    r"""Return ``delta`` as a float if `0 < \delta < 1` (and `\delta < 1/n` when the
+    r"""Return ``delta`` as a float if `0 < δ < 1` (and `δ < 1/n` when the
     dataset size `n` is given), else raise ValueError."""
     value = check_number("delta", delta)
     if not 0.0 < value < 1.0:
@@ -197,8 +197,8 @@ def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 def _rdp_epsilon(delta: float, history: History) -> float:
     r"""``RDPAccountant(history).get_epsilon(delta)``, computed the way Opacus does it (RDP is
     additive: ``compute_rdp(q, sigma, steps=n) = n * compute_rdp(q, sigma, steps=1)``, summed over
-    the history, then converted to `(\varepsilon, \delta)`), with the per-step RDP cached
-    per `(\sigma, q)`: the ledger asks for epsilon at every step, and recomputing the RDP
+    the history, then converted to `(ε, δ)`), with the per-step RDP cached
+    per `(σ, q)`: the ledger asks for epsilon at every step, and recomputing the RDP
     of every order costs tens of milliseconds.
     """
     rdp = sum(steps * _rdp_of_one_step(sigma, q) for sigma, q, steps in history)
@@ -231,18 +231,18 @@ def cached_epsilon(accountant: str, delta: float, history: History) -> float:
 def epsilon_for_history(
     accountant: str, history: Sequence[tuple[float, float, int]], delta: float
 ) -> float:
-    r"""Return `\varepsilon` spent by ``history`` at ``delta``, as computed by Opacus.
+    r"""Return ε spent by ``history`` at ``delta``, as computed by Opacus.
 
     Builds the Opacus accountant named ``accountant``, gives it ``history`` (a sequence of
     ``(noise_multiplier, sample_rate, num_steps)``, the layout of Opacus's ``history``) and
     returns its ``get_epsilon(delta)``. An empty history has spent nothing (`0`); a history
-    with a noise multiplier of 0 has no finite `\varepsilon` (`\infty`). Results are
+    with a noise multiplier of 0 has no finite ε (∞). Results are
     cached per (accountant, delta, history), as the PRV accountant can take seconds on long runs.
 
     Args:
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
         history: the steps, as ``(noise_multiplier, sample_rate, num_steps)``.
-        delta: target `\delta`.
+        delta: target δ.
 
     Raises:
         ValueError: on invalid arguments, or when the accountant's numerics fail for them.

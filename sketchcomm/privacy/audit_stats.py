@@ -1,7 +1,7 @@
 r"""Statistics of an empirical privacy audit: from the scores of a distinguishing test to a lower
 bound on epsilon with a stated confidence.
 
-An `(\varepsilon, \delta)`-DP mechanism ``M`` constrains every test that tries to tell
+An `(ε, δ)`-DP mechanism ``M`` constrains every test that tries to tell
 ``M(D)`` from ``M(D')`` for neighbouring ``D``, ``D'`` (Kairouz, Oh and Viswanath 2015): with
 false-positive rate ``FPR`` (the test says ``D'`` on ``D``) and false-negative rate ``FNR``,
 
@@ -10,7 +10,7 @@ false-positive rate ``FPR`` (the test says ``D'`` on ``D``) and false-negative r
     FPR + e^{\varepsilon} FNR \ge 1 - \delta, \qquad FNR + e^{\varepsilon} FPR \ge 1 - \delta.
 
 Given upper confidence bounds ``FPR_hi`` and ``FNR_hi`` that hold together with probability at
-least ``1 - alpha``, the mechanism can only be `(\varepsilon, \delta)`-DP if
+least ``1 - alpha``, the mechanism can only be `(ε, δ)`-DP if
 
 .. math::
 
@@ -18,7 +18,7 @@ least ``1 - alpha``, the mechanism can only be `(\varepsilon, \delta)`-DP if
         \log\frac{1 - \delta - FPR_{hi}}{FNR_{hi}},
         \log\frac{1 - \delta - FNR_{hi}}{FPR_{hi}}, 0\Big),
 
-so a run whose claimed epsilon is below `\varepsilon_{lb}` is refuted at confidence
+so a run whose claimed epsilon is below `ε_{lb}` is refuted at confidence
 ``1 - alpha`` (Jagielski, Ullman and Oprea, NeurIPS 2020; Nasr et al., IEEE S&P 2021). The two
 rates are bounded with one-sided Clopper-Pearson bounds at level ``alpha / 2`` each (a union bound
 over the two). The test is a threshold on a score; choosing the threshold on the same trials that
@@ -82,7 +82,7 @@ def epsilon_lower_bound(
     delta: float,
     confidence: float,
 ) -> np.ndarray:
-    r"""`\varepsilon_{lb}` (module docstring) from the error counts of one or more tests.
+    r"""`ε_{lb}` (module docstring) from the error counts of one or more tests.
 
     Args:
         false_positives: trials without the canary that the test flagged, out of ``negatives``.
@@ -162,7 +162,7 @@ def evaluate_threshold(
     delta: float,
     confidence: float,
 ) -> ThresholdTest:
-    """Error counts, Clopper-Pearson upper bounds and `\\varepsilon_{lb}` of one threshold
+    """Error counts, Clopper-Pearson upper bounds and `ε_lb` of one threshold
     on trials not used to choose it."""
     if len(scores_out) < 1 or len(scores_in) < 1:
         raise ValueError("need at least one trial with and one without the canary")

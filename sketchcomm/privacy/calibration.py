@@ -1,11 +1,11 @@
 r"""Choosing the noise multiplier before training, and stating the plan.
 
-A plan is a noise multiplier `\sigma`, a sample rate `q` and a number of steps
-`T` of the Poisson subsampled Gaussian mechanism. For a fixed `\delta`, an Opacus
-accountant maps the plan to the `\varepsilon` of the `(\varepsilon, \delta)`-DP
+A plan is a noise multiplier σ, a sample rate `q` and a number of steps
+`T` of the Poisson subsampled Gaussian mechanism. For a fixed δ, an Opacus
+accountant maps the plan to the ε of the `(ε, δ)`-DP
 guarantee that the whole run gives each unit of privacy (add/remove-one adjacency).
 [`calibrate_noise_multiplier()`][sketchcomm.privacy.calibration.calibrate_noise_multiplier] inverts
-that map with Opacus's ``get_noise_multiplier``: it returns the `\sigma` whose `\varepsilon` is at
+that map with Opacus's ``get_noise_multiplier``: it returns the σ whose ε is at
 most the target and within the tolerance of it.
 """
 
@@ -36,7 +36,7 @@ __all__ = ["calibrate_noise_multiplier", "describe_plan", "plan_epsilon", "steps
 
 def steps_for_epochs(epochs: float, sample_rate: float) -> int:
     r"""Number of steps in ``epochs`` passes at sample rate `q`:
-    `\lfloor \text{epochs} / q \rfloor`, as Opacus counts them."""
+    `⌊epochs / q⌋`, as Opacus counts them."""
     q = check_sample_rate(sample_rate)
     passes = check_positive_float("epochs", epochs)
     return check_positive_int("steps (epochs / sample_rate)", int(passes / q))
@@ -57,14 +57,14 @@ def plan_epsilon(
     delta: float,
     accountant: str = "prv",
 ) -> float:
-    r"""Return `\varepsilon` of ``steps`` steps with noise multiplier `\sigma` and
+    r"""Return ε of ``steps`` steps with noise multiplier σ and
     sample rate `q`, at ``delta``, as the named Opacus accountant computes it.
 
     Args:
-        noise_multiplier: `\sigma`, noise standard deviation over the clipping norm.
+        noise_multiplier: σ, noise standard deviation over the clipping norm.
         sample_rate: `q`, the probability that a unit is in a step's batch.
         steps: number of steps `T`.
-        delta: target `\delta`.
+        delta: target δ.
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
     """
     return epsilon_for_history(
@@ -83,17 +83,17 @@ def calibrate_noise_multiplier(
     accountant: str = "prv",
     epsilon_tolerance: float = 0.01,
 ) -> float:
-    r"""Return the noise multiplier `\sigma` for which ``steps`` steps (or ``epochs``
-    epochs) at sample rate `q` are `(\varepsilon, \delta)`-DP with
-    `\text{target} - \text{tolerance} \le \varepsilon \le \text{target}`.
+    r"""Return the noise multiplier σ for which ``steps`` steps (or ``epochs``
+    epochs) at sample rate `q` are `(ε, δ)`-DP with
+    `target - tolerance ≤ ε ≤ target`.
 
     Binary search by Opacus's ``get_noise_multiplier``; use the same accountant here as for the
     run's [`PrivacyLedger`][sketchcomm.privacy.PrivacyLedger], or the ledger may find the plan over
     budget.
 
     Args:
-        target_epsilon: the `\varepsilon` the whole run may spend.
-        delta: target `\delta`.
+        target_epsilon: the ε the whole run may spend.
+        delta: target δ.
         sample_rate: `q`, the probability that a unit is in a step's batch.
         steps: number of steps; give this or ``epochs``.
         epochs: number of passes over the data, i.e. ``int(epochs / sample_rate)`` steps.
@@ -185,15 +185,15 @@ def describe_plan(
 ) -> str:
     r"""Return a human-readable statement of a privacy plan, to print before training.
 
-    States the unit of privacy, adjacency, accountant, `\delta`, `\sigma`, `q`,
-    the number of steps, the threat model, and the `\varepsilon` the accountant expects at
+    States the unit of privacy, adjacency, accountant, δ, σ, `q`,
+    the number of steps, the threat model, and the ε the accountant expects at
     the end towards outside observers (who face the multiplier of all noise shares,
     [`outsider_noise_multiplier()`][sketchcomm.privacy.mechanism.outsider_noise_multiplier]) and
-    towards ``t`` colluding ranks (who remove their own shares and face `\sigma`). With the expected
+    towards ``t`` colluding ranks (who remove their own shares and face σ). With the expected
     number of contributions per step (`qN` from ``dataset_size``, or `qW` for ``unit="rank"``) it
-    also states the expected signal-to-noise of one step, `qN / \sigma_{out}`: the norm of the
+    also states the expected signal-to-noise of one step, `qN / σ_{out}`: the norm of the
     summed update when all contributions agree (each clipped to `C`) over the noise standard
-    deviation `\sigma_{out} C` along that direction; below 1 the noise swamps even a unanimous
+    deviation `σ_{out} C` along that direction; below 1 the noise swamps even a unanimous
     gradient, and the printout says so.
 
     >>> print(describe_plan(2.0, 0.5, 10, 1e-5, "rdp", unit="rank", world_size=2))
@@ -204,15 +204,15 @@ def describe_plan(
     warning: the noise will swamp the signal...
 
     Args:
-        noise_multiplier: the guaranteed `\sigma` (what remains after ``t`` colluding ranks
+        noise_multiplier: the guaranteed σ (what remains after ``t`` colluding ranks
             remove their shares).
         sample_rate: `q`.
         steps: number of steps `T`.
-        delta: target `\delta`.
+        delta: target δ.
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
         unit: the unit of privacy, e.g. ``"example"`` or ``"rank"``.
-        budget: the `\varepsilon` budget the run will enforce, if any.
-        dataset_size: number of units `n`; checks `\delta < 1/n`.
+        budget: the ε budget the run will enforce, if any.
+        dataset_size: number of units `n`; checks `δ < 1/n`.
         secure_mode: whether the noise comes from the operating system's CSPRNG.
         world_size: number of ranks `W`.
         colluding_ranks: ``t``; ``None`` for the unit's default (0 for examples, ``W - 1`` for

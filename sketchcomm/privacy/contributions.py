@@ -24,11 +24,11 @@ reached the bucket, so the mechanism clips each example once and the step is rel
 in the ledger) once. A failed or refused step clears them.
 
 Check. Every release checks, by linearity, that the unclipped tables add up to the sketch of the
-bucket's own gradient, `\|\sum_b S(g_b) - S(g)\| \le \tau \|S(g)\| + 10^{-6}`, which catches
+bucket's own gradient, `‖Σ_b S(g_b) - S(g)‖ ≤ τ \|S(g)‖ + 10^{-6}`, which catches
 gradients accumulated outside the capture (not zeroed before the first micro-batch, or zeroed
 between micro-batches). The tolerance follows the lowest precision that produced the gradient
 (the autocast dtype during the forward, or the gradient's own dtype):
-`\tau = \max(10^{-3}, 8 \epsilon)` with `\epsilon` its machine epsilon (``1e-3`` for
+`τ = max(1e-3, 8 ε)` with ε its machine epsilon (``1e-3`` for
 float32, ``0.0625`` for bfloat16, ``0.0078`` for float16). Rows and tables are float32 throughout.
 """
 

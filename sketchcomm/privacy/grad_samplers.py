@@ -50,8 +50,8 @@ def transposed_linear_grad_sample(
     r"""``y = x W + b`` with ``W`` of shape ``[in, out]`` (transformers' GPT-2 ``Conv1D``).
 
     For input ``a`` ``[B, ..., in]`` and output gradient ``g`` ``[B, ..., out]``:
-    `\nabla_W \ell_b = \sum_t a_{b,t} g_{b,t}^\top` (``[in, out]``),
-    `\nabla_b \ell_b = \sum_t g_{b,t}`.
+    `∇_W ℓ_b = Σ_t a_{b,t} g_{b,t}^ᵀ` (``[in, out]``),
+    `∇_b ℓ_b = Σ_t g_{b,t}`.
 
     >>> layer = nn.Linear(3, 2)  # any module with weight [in, out] and bias [out]
     >>> layer.weight = nn.Parameter(torch.randn(3, 2))
@@ -158,7 +158,7 @@ def functional_grad_sample(
 ) -> dict[str, Tensor]:
     r"""Per-example gradients ``{name: [B, *shape]}`` of ``module``'s parameters ``params``.
 
-    ``vmap`` over ``b`` of ``grad`` of `\langle f_\theta(x_b), g_b\rangle`; tensor
+    ``vmap`` over ``b`` of ``grad`` of `⟨f_θ(x_b), g_b⟩`; tensor
     arguments and ``backprops`` carry the batch in dim 0, ``kwargs`` (no tensors) are passed as
     they are; parameters not in ``params`` (and every
     submodule's) are held fixed.

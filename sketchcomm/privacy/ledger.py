@@ -1,14 +1,13 @@
 r"""A persistent, budget-enforcing record of the privacy spent by a training run.
 
 Each released step is one Poisson subsampled Gaussian mechanism (each unit of privacy in the batch
-with probability `q`, clipped to L2 norm `C`, noise `\sigma C` on the sum).
-[`PrivacyLedger`][sketchcomm.privacy.ledger.PrivacyLedger] keeps every step's `(\sigma, q)` as
-Opacus's accountants keep their ``history`` and obtains `\varepsilon` from a real Opacus accountant,
-in two histories: the *guaranteed* multiplier, which remains after ``t`` colluding ranks remove
-their own noise shares (it holds towards outside observers and any ``t`` colluding ranks; the budget
-is enforced on it), and the multiplier an outside observer of the aggregate faces (all shares in).
-Sketching or compression of the noisy result is post-processing: the ledger claims no privacy from
-it.
+with probability `q`, clipped to L2 norm `C`, noise `σ C` on the sum).
+[`PrivacyLedger`][sketchcomm.privacy.ledger.PrivacyLedger] keeps every step's `(σ, q)` as Opacus's
+accountants keep their ``history`` and obtains ε from a real Opacus accountant, in two histories:
+the *guaranteed* multiplier, which remains after ``t`` colluding ranks remove their own noise shares
+(it holds towards outside observers and any ``t`` colluding ranks; the budget is enforced on it),
+and the multiplier an outside observer of the aggregate faces (all shares in). Sketching or
+compression of the noisy result is post-processing: the ledger claims no privacy from it.
 """
 
 from __future__ import annotations
@@ -48,27 +47,25 @@ __all__ = ["LedgerError", "PrivacyBudgetExceeded", "PrivacyLedger"]
 
 
 class PrivacyLedger:
-    r"""Records the privacy spent by a run, enforces an `\varepsilon` budget and persists
-    itself.
+    r"""Records the privacy spent by a run, enforces an ε budget and persists itself.
 
-    The ledger describes `(\varepsilon, \delta)`-DP with respect to adding or removing one
-    ``unit`` (by default one training example) for the Poisson subsampled Gaussian mechanism
-    applied once per recorded step. `\delta` is fixed for the life of the ledger and
-    `\varepsilon` is computed from the history by the named Opacus accountant: ``"rdp"``
-    (Rényi DP, an upper bound, fast), ``"prv"`` (privacy loss random variables, its upper bound;
-    the tightest, slower on long runs) or ``"gdp"`` (Gaussian DP; experimental, can
-    *underestimate*, constant sigma and q only).
+    The ledger describes `(ε, δ)`-DP with respect to adding or removing one ``unit`` (by default one
+    training example) for the Poisson subsampled Gaussian mechanism applied once per recorded step.
+    δ is fixed for the life of the ledger and ε is computed from the history by the named Opacus
+    accountant: ``"rdp"`` (Rényi DP, an upper bound, fast), ``"prv"`` (privacy loss random
+    variables, its upper bound; the tightest, slower on long runs) or ``"gdp"`` (Gaussian DP;
+    experimental, can *underestimate*, constant sigma and q only).
 
-    Call `record_step()` exactly once per released step, *before* releasing it. It checks the
-    budget first (raising [`PrivacyBudgetExceeded`][sketchcomm.privacy.ledger.PrivacyBudgetExceeded]
+    Call `record_step()` exactly once per released step, *before* releasing it. It checks the budget
+    first (raising [`PrivacyBudgetExceeded`][sketchcomm.privacy.ledger.PrivacyBudgetExceeded]
     without recording anything if the step would exceed it), then records the step and, when the
     ledger writes a file, persists it atomically before returning. A crash after the write but
     before the release therefore leaves a record that over-reports by at most that step; no order of
     events makes it under-report.
 
     With a ``path`` that exists, the ledger is reloaded and continued, never reset; a file that is
-    corrupt, of another schema, or written for another accountant, delta, unit, ``secure_mode``
-    or ``colluding_ranks`` raises [`LedgerError`][sketchcomm.privacy.ledger.LedgerError] and is left
+    corrupt, of another schema, or written for another accountant, delta, unit, ``secure_mode`` or
+    ``colluding_ranks`` raises [`LedgerError`][sketchcomm.privacy.ledger.LedgerError] and is left
     untouched. The ``budget`` argument replaces the budget stored in the file. In distributed
     training exactly one process writes a given file: every rank may hold a ledger, and only rank 0
     passes ``writer=True``.
@@ -84,18 +81,16 @@ class PrivacyLedger:
 
     Args:
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
-        delta: target `\delta`, in (0, 1); below `1/n` for a dataset of `n` units.
-        budget: `\varepsilon` budget on the guaranteed `epsilon`; ``None`` for none.
+        delta: target δ, in (0, 1); below `1/n` for a dataset of `n` units.
+        budget: ε budget on the guaranteed `epsilon`; ``None`` for none.
         path: JSON file the ledger is kept in; ``None`` to keep it in memory only.
         secure_mode: whether the noise is drawn from the operating system's cryptographically
             secure generator ([`add_noise()`][sketchcomm.privacy.mechanism.add_noise]). Recorded in
             the file and reports; the accounting is the same either way.
-        colluding_ranks: ``t``, the number of ranks that may pool their noise shares against the
-            others, that the guaranteed `epsilon` is stated for; ``None`` when not stated
-            (and for files written before the field existed).
+        colluding_ranks: ``t``, the ranks that may pool their noise shares against the others,
+            that the guaranteed `epsilon` is stated for; ``None`` when not stated (older files).
         unit: the unit of privacy, e.g. ``"example"`` or ``"rank"``.
-        dataset_size: number of units in the dataset; when given, ``delta`` must be below its
-            inverse.
+        dataset_size: number of units; when given, ``delta`` must be below ``1 / dataset_size``.
         writer: whether this instance writes ``path``.
 
     Raises:
@@ -162,12 +157,12 @@ class PrivacyLedger:
 
     @property
     def delta(self) -> float:
-        r"""The `\delta` that every `\varepsilon` of this ledger is stated for."""
+        r"""The δ that every ε of this ledger is stated for."""
         return self._delta
 
     @property
     def budget(self) -> float | None:
-        r"""The `\varepsilon` budget on `epsilon`, or ``None``."""
+        r"""The ε budget on `epsilon`, or ``None``."""
         return self._budget
 
     @property
@@ -218,20 +213,20 @@ class PrivacyLedger:
 
     @property
     def epsilon(self) -> float:
-        r"""Guaranteed `\varepsilon` at `delta` (towards outside observers and any
+        r"""Guaranteed ε at `delta` (towards outside observers and any
         `colluding_ranks` colluding ranks), as the Opacus accountant computes it for
         `history`."""
         return cached_epsilon(self._accountant_name, self._delta, self._history)
 
     @property
     def outsider_epsilon(self) -> float:
-        r"""`\varepsilon` at `delta` towards outside observers of the aggregate only,
+        r"""ε at `delta` towards outside observers of the aggregate only,
         as the Opacus accountant computes it for `outsider_history`."""
         return cached_epsilon(self._accountant_name, self._delta, self._outsider_history)
 
     @property
     def budget_remaining(self) -> float | None:
-        r"""Budget minus the guaranteed `\varepsilon` (at least 0), or ``None``."""
+        r"""Budget minus the guaranteed ε (at least 0), or ``None``."""
         return None if self._budget is None else max(0.0, self._budget - self.epsilon)
 
     @property
@@ -249,7 +244,7 @@ class PrivacyLedger:
         )
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
-        r"""Guaranteed `\varepsilon` after ``steps`` more steps with this (guaranteed) noise
+        r"""Guaranteed ε after ``steps`` more steps with this (guaranteed) noise
         multiplier and sample rate. Records nothing.
 
         Raises:
@@ -260,7 +255,7 @@ class PrivacyLedger:
         return cached_epsilon(self._accountant_name, self._delta, history)
 
     def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> bool:
-        r"""Whether ``steps`` more steps would bring the guaranteed `\varepsilon` above the
+        r"""Whether ``steps`` more steps would bring the guaranteed ε above the
         budget (always ``False`` without a budget; invalid arguments still raise)."""
         epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps)
         return self._budget is not None and epsilon > self._budget
@@ -274,12 +269,12 @@ class PrivacyLedger:
     ) -> float:
         r"""Account for one step, before its noisy result is released.
 
-        Checks that the step keeps the guaranteed `\varepsilon` within the budget, records
+        Checks that the step keeps the guaranteed ε within the budget, records
         it and, when this instance writes a file, persists the ledger atomically. Only after this
         returns may the caller release the step; if it raises, nothing was recorded.
 
         Args:
-            noise_multiplier: the guaranteed `\sigma`: noise standard deviation over the
+            noise_multiplier: the guaranteed σ: noise standard deviation over the
                 clipping norm that remains after `colluding_ranks` ranks remove their
                 shares (e.g. [`noise_share_std()`][sketchcomm.privacy.mechanism.noise_share_std]
                 shares).
@@ -289,7 +284,7 @@ class PrivacyLedger:
                 default ``noise_multiplier``. Must not be below it.
 
         Returns:
-            The guaranteed `\varepsilon` spent including this step.
+            The guaranteed ε spent including this step.
 
         Raises:
             PrivacyBudgetExceeded: the step would exceed the budget.

@@ -158,9 +158,9 @@ def noise_share_std(
 ) -> float:
     r"""This rank's noise standard deviation per cell.
 
-    ``"distributed"``: `\sigma C / \sqrt{W - t}` on every rank, so the ``W - t`` shares
-    left after any ``t`` colluding ranks remove theirs add up to variance `\sigma^2 C^2`.
-    ``"single"``: `\sigma C` on rank 0, 0 elsewhere (``t = 0`` only).
+    ``"distributed"``: `σ C / √(W - t)` on every rank, so the ``W - t`` shares
+    left after any ``t`` colluding ranks remove theirs add up to variance `σ^2 C^2`.
+    ``"single"``: `σ C` on rank 0, 0 elsewhere (``t = 0`` only).
     """
     sigma = check_float("noise_multiplier", noise_multiplier, 0.0, math.inf, open_low=False)
     clip = check_float("max_grad_norm", max_grad_norm, 0.0, math.inf, open_low=True)
@@ -179,7 +179,7 @@ def outsider_noise_multiplier(
     noise_multiplier: float, world: int, placement: str, colluding_ranks: int
 ) -> float:
     r"""The multiplier an outside observer of the aggregate faces: all ``W`` shares stay in, so
-    `\sigma \sqrt{W / (W - t)}` for ``"distributed"`` and `\sigma` for ``"single"``."""
+    `σ √(W / (W - t))` for ``"distributed"`` and σ for ``"single"``."""
     sigma = check_float("noise_multiplier", noise_multiplier, 0.0, math.inf, open_low=False)
     check_choice("noise_placement", placement, NOISE_PLACEMENTS)
     world = check_int("world", world, 1)
@@ -210,7 +210,7 @@ def secure_gaussian(shape: torch.Size | tuple[int, ...], std: float) -> Tensor:
     Box-Muller turns pairs of uniforms into pairs of independent standard normals. Against the
     floating-point attacks on Gaussian samplers (Holohan and Braghin 2021, arXiv:2107.10138;
     Jin et al. 2022, arXiv:2112.05307) each cell is the sum of `SECURE_NOISE_DRAWS` = 4
-    independent draws of `N(0, \text{std}^2)` divided by 2, the construction of Opacus's
+    independent draws of `N(0, std²)` divided by 2, the construction of Opacus's
     secure mode (section 5.1 of the first paper, ``n = 2``). No ``torch.Generator`` is used.
     """
     cells = math.prod(shape)
