@@ -31,12 +31,13 @@ a detection needs.
 Claim. The epsilon claimed for one trial is the ledger's: a
 [`PrivacyLedger`][sketchcomm.privacy.PrivacyLedger] with the chosen Opacus accountant and ``delta``,
 asked for one step at noise multiplier ``sigma`` and sample rate 1, per example (per rank for the
-``rank`` variant). To check that the audit catches a faulty mechanism, ``noise_scale``
-configures the hook with ``noise_scale * sigma`` (a misconfiguration, which the hook's own ledger
-records), and ``fault`` plants an implementation error the ledger cannot see
-([`audit_faults`][sketchcomm.privacy.audit_faults]: no noise, half the noise, every bucket clipped
-to the full ``C``); the claim stays the one for ``sigma``. Honest, the lower bound must stay at or
-below the claim; a bound above it refutes the claim at the stated confidence.
+``rank`` variant), towards an outside observer of the aggregate with the ranks trusted
+(``colluding_ranks=0``, the shares ``sigma^2 C^2 / W`` each). To check that the audit catches a
+faulty mechanism, ``noise_scale`` configures the hook with ``noise_scale * sigma`` (a
+misconfiguration, which the hook's own ledger records), and ``fault`` plants an implementation error
+the ledger cannot see ([`audit_faults`][sketchcomm.privacy.audit_faults]: no noise, half the noise,
+every bucket clipped to the full ``C``); the claim stays the one for ``sigma``. Honest, the lower
+bound must stay at or below the claim; a bound above it refutes the claim at the stated confidence.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def _rank_trials(config: AuditConfig, rank: int, world: int) -> dict[str, Any]:
         recovery="dense",
         min_compression_size=1 if compressed else 1 << 62,
         seed=config.seed,
+        colluding_ranks=0,  # the game is an outside observer's: it sees the aggregate only
     )
     state.register(model)
     parameters = list(model.module.parameters())

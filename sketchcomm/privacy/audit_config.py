@@ -135,7 +135,11 @@ class AuditConfig:
 
 def audit_ledger(config: AuditConfig) -> PrivacyLedger:
     return PrivacyLedger(
-        config.accountant, config.delta, unit=config.unit, dataset_size=config.dataset_size
+        config.accountant,
+        config.delta,
+        unit=config.unit,
+        dataset_size=config.dataset_size,
+        colluding_ranks=0,
     )
 
 
