@@ -78,9 +78,14 @@ def decode(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:
 
 def decode_or_exact(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:
     """[`decode()`][sketchcomm.recovery.decode], or the table itself read back when it holds the
-    vector without collisions
-    (a one-row table at least as wide as the bucket,
-    [`CountSketch.is_exact`][sketchcomm.CountSketch.is_exact])."""
-    if bucket.sketch.is_exact:
-        return bucket.sketch.estimate(summed)
-    return decode(config, bucket, summed)
+    vector without collisions (a one-row table at least as wide as the bucket,
+    [`CountSketch.is_exact`][sketchcomm.CountSketch.is_exact]). An exact table keeps the same
+    momentum as a sketched one, ``m <- rho m + summed``, and is read back whole (every coordinate
+    is recovered, so no error is left to accumulate): the update is heavy-ball momentum SGD's."""
+    if not bucket.sketch.is_exact:
+        return decode(config, bucket, summed)
+    if config.error_feedback == "sketch" and config.momentum:
+        if bucket.momentum_table is None:
+            bucket.momentum_table = torch.zeros_like(summed)
+        summed = bucket.momentum_table.mul_(config.momentum).add_(summed)
+    return bucket.sketch.estimate(summed)

@@ -181,6 +181,28 @@ def budget_worker(rank: int, world: int, path: str) -> dict:
     return {"released": released}
 
 
+def momentum_worker(rank: int, world: int) -> dict:
+    """Exact one-row tables (every bucket below min_compression_size), no noise: the released
+    update of step k is heavy-ball momentum over the released sums, sum_j rho^(k-j) g_j."""
+    dim = 16
+    model = DDP(Target(dim))
+    state = DPSketchState(
+        _ledger(unit="rank"),
+        max_grad_norm=10.0,
+        unit="rank",
+        noise_multiplier=0.0,
+        momentum=0.9,
+        min_compression_size=10**9,
+    )
+    state.register(model)
+    updates = []
+    for _ in range(3):
+        model.zero_grad()
+        model(torch.full((1, dim), (rank + 1) / 10)).backward()
+        updates.append(model.module.layer.weight.grad.flatten().clone())
+    return {"updates": updates, "exact": all(b.sketch.is_exact for b in state.buckets.values())}
+
+
 # ---------------------------------------------------------------------------- tests
 @pytest.mark.parametrize(
     ("world", "noise", "unit", "colluding", "factor"),
@@ -239,6 +261,15 @@ def test_step_over_budget_is_refused_before_release(tmp_path) -> None:
     assert results[0]["released"] == results[1]["released"] > 0
     reloaded = PrivacyLedger(accountant="rdp", delta=1e-5, path=path)
     assert reloaded.steps == results[0]["released"]
+
+
+def test_exact_buckets_keep_the_sketch_momentum() -> None:
+    released = (0.1 + 0.2) / 2  # the clipped sum over q W
+    expected = [released, released * 1.9, released * (1 + 0.9 + 0.81)]
+    for result in run_ranks(momentum_worker, 2):
+        assert result["exact"]
+        for update, value in zip(result["updates"], expected, strict=True):
+            torch.testing.assert_close(update, torch.full_like(update, value))
 
 
 def test_unsupported_layer_is_refused_when_registered() -> None:
