@@ -82,9 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, steps: int, batch: int, lr
 
 
 def poisson_rate(n: int, batch_size: int) -> float:
-    """``q = 1 / ceil(N / batch)``: the rate Opacus's ``make_private(poisson_sampling=True)`` gives a
-    ``DataLoader(batch_size=batch)`` (one over its length), used by every mode so that the three
-    sample alike and account alike."""
+    """``q = 1 / ceil(N / batch)``: the rate that Opacus's ``make_private(poisson_sampling=True)``
+    gives a ``DataLoader(batch_size=batch)`` (one over its length), used by every mode so that the
+    three sample alike and account alike."""
     return 1.0 / math.ceil(n / batch_size)
 
 
@@ -120,7 +120,9 @@ def _distributed_run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
         optimizer = torch.optim.SGD(ddp_model.parameters(), lr=args.lr)
     else:
         optimizer = torch.optim.SGD(ddp_model.parameters(), lr=args.lr, momentum=args.momentum)
-    batches = poisson_batches(n, sample_rate, rank, world, args.seed, args.steps, args.sampling_seed)
+    batches = poisson_batches(
+        n, sample_rate, rank, world, args.seed, args.steps, args.sampling_seed
+    )
     times = []
     for index in batches:
         start = time.perf_counter()

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import private_run
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-import private_run
 from sketchcomm.demo.digits import load_digits
 
 

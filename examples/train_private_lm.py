@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-import torch
 from pydoc_data.topics import topics
-from torch import nn
-from torch.nn import functional as F
 
 import private_run
+import torch
+from torch import nn
+from torch.nn import functional as F
 
 HELD_OUT = 0.1
 EVAL_SEQUENCES = 256  # held-out sequences the eval loss is measured on
