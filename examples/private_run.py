@@ -203,6 +203,7 @@ def main(args: argparse.Namespace, task_for: Callable[[argparse.Namespace], Task
         result = _distributed_run(args, task)
         if dist.get_rank() == 0:
             _report(args, result)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
