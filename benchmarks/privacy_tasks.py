@@ -1,7 +1,8 @@
 r"""The learning tasks of the privacy benchmark: their data, their models and their test metrics.
 
-Per-example capture (:mod:`sketchcomm.privacy.capture`) supports ``nn.Linear`` layers only, so
-both models train nothing but ``nn.Linear`` layers.
+Both models train nothing but ``nn.Linear`` layers, so that every method of the benchmark (the
+separate-noise baselines clip ``[B, d]`` rows of per-example gradients directly) trains the same
+model; per-example capture itself covers every common layer (:mod:`sketchcomm.privacy.capture`).
 
 ``"digits"``
     scikit-learn's handwritten digits (:func:`sketchcomm.demo.digits.load_digits`): ``N = 1,437``

@@ -112,11 +112,14 @@ class HookState:
 
     # ------------------------------------------------------------------ the protocol
     def open(self, bucket: dist.GradBucket, *, with_state: bool = True) -> BucketContext:
-        """Start the protocol for ``bucket``: resolve the group, read the layout and (with
-        ``with_state``) find or make the bucket's state, checked across ranks when new."""
+        """Start the protocol for ``bucket``: read the layout and (with ``with_state``) find or
+        make the bucket's state, checked across ranks when new."""
         if bucket.index() == 0:  # DDP launches buckets in index order: a new step
             self.step = StepGuard(self.lock, self.discard_step)
-        group = resolve_group(self.process_group)
+        # The context keeps the group as given (None for the default group), never the resolved
+        # world group: its callbacks run on the backend's threads, and holding the last reference
+        # to a destroyed group there would make the group join its own thread.
+        group = self.process_group
         layout = BucketLayout.of(bucket, self.positions)
         bucket_state = self._bucket_state(bucket, layout, group) if with_state else None
         self.step.buffers.append(bucket.buffer())
@@ -124,7 +127,7 @@ class HookState:
         return BucketContext(self, bucket, group, layout, bucket_state)
 
     def _bucket_state(
-        self, bucket: dist.GradBucket, layout: BucketLayout, group: dist.ProcessGroup
+        self, bucket: dist.GradBucket, layout: BucketLayout, group: dist.ProcessGroup | None
     ) -> BucketState:
         device = bucket.buffer().device
         index = bucket.index()
@@ -145,7 +148,9 @@ class HookState:
         self.buckets[index] = state
         return state
 
-    def _check_agreement(self, index: int, state: BucketState, group: dist.ProcessGroup) -> None:
+    def _check_agreement(
+        self, index: int, state: BucketState, group: dist.ProcessGroup | None
+    ) -> None:
         """One MAX allreduce of a small fingerprint: every rank learns the min and max of each
         field, so every rank raises the same error when they disagree (no rank is left hanging)."""
         fields = self.agreement_fields(state)
@@ -169,7 +174,8 @@ class HookState:
 class BucketContext:
     """One bucket going through the protocol of a :class:`HookState`, made by
     :meth:`HookState.open`: the ``bucket`` and its ``buffer``, ``layout`` and ``bucket_state``
-    (None when opened without), the process ``group`` with this ``rank`` and ``world`` size.
+    (None when opened without), the process ``group`` (None for the default group) with this
+    ``rank`` and ``world`` size.
 
     >>> from sketchcomm.sketch import CountSketch
     >>> BucketContext.sketch.__doc__
@@ -180,7 +186,7 @@ class BucketContext:
         self,
         state: HookState,
         bucket: dist.GradBucket,
-        group: dist.ProcessGroup,
+        group: dist.ProcessGroup | None,
         layout: BucketLayout,
         bucket_state: BucketState | None,
     ) -> None:

@@ -101,13 +101,16 @@ class StepGuard:
             return
         if self.failed:
             self._discard()
-        for gate, outcome in self.outcomes:
-            if self.failed:
-                outcome[0] = self.error()
-            gate.set_result(torch.empty(0))
+        # Drop the step's references before waking DDP: once a gate is set, the training loop
+        # may run on while this callback thread is still here.
+        outcomes = list(self.outcomes)
         self.outcomes.clear()
         self.buffers.clear()
         self.parameters.clear()
+        for gate, outcome in outcomes:
+            if self.failed:
+                outcome[0] = self.error()
+            gate.set_result(torch.empty(0))
 
     def discard(self) -> None:
         """Clear the step's raw gradients now (a failing rank, before it raises)."""

@@ -33,7 +33,7 @@ from sketchcomm.privacy import (
     PrivacyLedger,
     dp_sketch_hook,
 )
-from sketchcomm.privacy.capture import PerExampleGradients
+from sketchcomm.privacy.model_checks import validate_private_model
 from sketchcomm.sketch import CountSketch
 
 DIM = 50  # elements of the Target model's single parameter
@@ -444,9 +444,9 @@ CASES = [
         "dpstate-unsupported-layer",
         _error(
             ValueError,
-            "supports only Linear .* BatchNorm1d, LayerNorm",
-            lambda: PerExampleGradients(
-                nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.BatchNorm1d(4))
+            r"cannot be trained privately with unit=.example.:\n- 2 \(BatchNorm1d\) uses batch statistics.*GroupNorm",
+            lambda: validate_private_model(
+                nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.BatchNorm1d(4)), "example", False
             ),
         ),
     ),

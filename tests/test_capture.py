@@ -15,7 +15,7 @@ from torch.futures import Future
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from sketchcomm.privacy.capture import PerExampleGradients
+from sketchcomm.privacy.capture import PerExampleGradients, compute_dtype
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -293,3 +293,20 @@ def test_frozen_layers_are_not_captured() -> None:
     assert capture.pop(model[1].weight).shape == (3, 8)
     with pytest.raises(RuntimeError, match="no per-example gradient"):
         capture.pop(model[0].weight)
+
+
+def test_a_receiver_gets_each_use_with_its_forward_and_autocast_dtype() -> None:
+    """With a receiver nothing is kept: every use's rows go to it, tagged with their forward
+    pass (micro-batches stay apart) and the lowest precision that produced them."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    received = []
+    capture = PerExampleGradients(model, receiver=lambda p, rows, i, d: received.append((i, d)))
+    model(torch.randn(4, 6)).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(3, 6))
+    out.float().sum().backward()
+    assert capture.held_bytes() == 0
+    assert sorted(received, key=str) == sorted(
+        [(0, torch.float32)] * 4 + [(1, torch.bfloat16)] * 4, key=str
+    )
+    assert compute_dtype(torch.zeros(2, dtype=torch.float16)) == torch.float16

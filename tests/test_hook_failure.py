@@ -51,9 +51,10 @@ def _step_changes_nothing(model: nn.Module) -> bool:
 
 
 def bad_input_worker(rank: int, world: int, bucket_view: bool) -> dict:
-    """After one good step, rank 1 alone accumulates a batch under no_sync, so its per-example
-    gradients do not add up to a bucket not checked before (a later one of the rebuilt buckets):
-    its hook raises ValueError in the middle of the step, rank 0's hook runs fine."""
+    """After one good step, rank 1 alone runs a micro-batch under no_sync and zeroes the
+    gradients before the next, so its per-example gradients do not add up to the rebuilt
+    buckets' gradients: its hook raises ValueError in the middle of the step, rank 0's hook runs
+    fine."""
     data = load_digits()
     model = DDP(make_mlp(hidden=64), bucket_cap_mb=0.01, gradient_as_bucket_view=bucket_view)
     state = _private_state()
@@ -64,6 +65,7 @@ def bad_input_worker(rank: int, world: int, bucket_view: bool) -> dict:
     if rank == 1:
         with model.no_sync():
             loss(model(data.x_train[:8]), data.y_train[:8]).backward()
+        model.zero_grad()
     rows = slice(8 + 8 * rank, 16 + 8 * rank)
     result = _outcome(lambda: loss(model(data.x_train[rows]), data.y_train[rows]).backward())
     return {

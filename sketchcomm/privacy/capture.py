@@ -33,6 +33,7 @@ batched output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,7 +47,11 @@ from sketchcomm.privacy.grad_samplers import (
 )
 from sketchcomm.privacy.model_checks import example_mixing_problems
 
-__all__ = ["PerExampleGradients"]
+__all__ = ["PerExampleGradients", "Receiver", "compute_dtype"]
+
+#: ``receiver(param, rows, forward, dtype)``: a use's per-example gradients ``[B, numel]`` of
+#: ``param`` (float32) from the ``forward``-th forward pass, computed by a forward in ``dtype``.
+Receiver = Callable[[Tensor, Tensor, int, torch.dtype], None]
 
 BATCH_KEYWORDS = ("input_ids", "inputs_embeds")
 ROWS_FIX = (
@@ -61,6 +66,15 @@ def _at_least_fp32(tensor: Any) -> Any:
     if isinstance(tensor, Tensor) and tensor.is_floating_point():
         return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
     return tensor
+
+
+def compute_dtype(output: Tensor) -> torch.dtype:
+    """The lowest precision that produced ``output``: the autocast dtype when autocast is on for
+    its device during the forward, else its own dtype (whichever has the larger epsilon)."""
+    dtypes = [output.dtype if output.is_floating_point() else torch.float32]
+    if torch.is_autocast_enabled(output.device.type):
+        dtypes.append(torch.get_autocast_dtype(output.device.type))
+    return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps)
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -78,7 +92,10 @@ class PerExampleGradients:
     module whose leading dimension is not the batch's or whose per-example gradients neither an
     Opacus grad sampler nor ``torch.func`` can compute (naming the module). After a backward
     pass, :meth:`pop` returns a parameter's per-example gradients as ``[B, numel]`` (``B`` may be
-    0 for an empty batch).
+    0 for an empty batch), summed over its uses; a new forward pass drops what was not popped.
+    With a ``receiver`` (see :data:`Receiver`) nothing is kept: every use's rows are handed to it
+    as soon as they are computed, tagged with the index of their forward pass (counted from 0 over
+    the forward passes run with gradients enabled), so that micro-batches stay apart.
 
     >>> model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 3))
     >>> capture = PerExampleGradients(model)
@@ -87,7 +104,7 @@ class PerExampleGradients:
     torch.Size([5, 40])
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, receiver: Receiver | None = None) -> None:
         problems = example_mixing_problems(model)
         if problems:
             raise ValueError(
@@ -96,8 +113,11 @@ class PerExampleGradients:
         self._names = {module: name or "<model>" for name, module in model.named_modules()}
         self._samples: dict[Tensor, Tensor] = {}
         self._batch: int | None = None
+        self.receiver = receiver
+        self.forwards = 0  # forward passes with gradients enabled
         self._replaying = False  # torch.func re-runs a module: its submodules' hooks stand by
-        # A new forward pass starts a new set of samples, even if the last backward failed.
+        # Without a receiver, a new forward pass starts a new set of samples, even if the last
+        # backward failed.
         self._handles = [model.register_forward_pre_hook(self._start_forward, with_kwargs=True)]
         # A module's own parameters: not also a submodule's (Opacus's DP RNNs re-register
         # their cells' parameters under their own names).
@@ -116,6 +136,8 @@ class PerExampleGradients:
         if not self._replaying:
             self._samples.clear()
             self._batch = _batch_size(args, kwargs)
+            if torch.is_grad_enabled():
+                self.forwards += 1
 
     def _label(self, module: nn.Module) -> str:
         return f"{self._names.get(module, '<unregistered>')} ({type(module).__name__})"
@@ -159,12 +181,12 @@ class PerExampleGradients:
         inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in inputs)
         if sampler is None and self._batch:
             self._probe(module, params, inputs, kwargs, output)
-        batch = self._batch
+        batch, forward, dtype = self._batch, self.forwards - 1, compute_dtype(output)
 
         def capture(grad_output: Tensor) -> None:
             if batch == 0:
                 for p in params.values():
-                    self._store(p, grad_output.new_zeros(0, p.numel()))
+                    self._store(p, grad_output.new_zeros(0, p.numel()), forward, dtype)
                 return
             g = _at_least_fp32(grad_output.detach())
             activations = [_at_least_fp32(a) for a in inputs]
@@ -181,7 +203,7 @@ class PerExampleGradients:
                         self._replaying = False
                     samples = {params[n]: s for n, s in by_name.items()}
             for p in params.values():
-                self._store(p, samples[p].reshape(batch, -1))
+                self._store(p, samples[p].reshape(batch, -1), forward, dtype)
 
         output.register_hook(capture)
 
@@ -221,7 +243,10 @@ class PerExampleGradients:
                 "freeze its parameters"
             )
 
-    def _store(self, param: Tensor, sample: Tensor) -> None:
+    def _store(self, param: Tensor, sample: Tensor, forward: int, dtype: torch.dtype) -> None:
+        if self.receiver is not None:
+            self.receiver(param, sample.float(), forward, dtype)
+            return
         previous = self._samples.get(param)
         self._samples[param] = sample if previous is None else previous + sample
 

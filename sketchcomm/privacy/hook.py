@@ -10,32 +10,43 @@ Two units of privacy:
 
 ``unit="example"`` (DP-SGD semantics)
     Neighbouring datasets differ in one training example. Each example's table of each bucket is
-    clipped to ``C_b``; batches are drawn by Poisson sampling with rate ``q`` (Opacus's
-    ``DistributedUniformWithReplacementSampler``), and the released sum is divided by the expected
-    batch size ``q N``. The loss must *sum* over examples (``reduction="sum"``). Threat model: the
-    adversary sees the released tables (and every model) but not a rank's local data, its
-    per-example tables or its share of the noise; ranks are trusted to run the hook.
+    clipped to ``C_b``; batches are drawn by Poisson sampling with rate ``q`` from the operating
+    system's randomness (the caller's data loader), and the released sum is divided by the
+    expected batch size ``q N``. The loss must *sum* over examples (``reduction="sum"``). The
+    model is checked at registration (:mod:`sketchcomm.privacy.model_checks`: no batch
+    statistics, no time-major layers, no changing buffers) and every captured row must be one
+    example (the capture refuses folded or time-major rows in the forward).
 
 ``unit="rank"`` (client level, cross-silo or federated)
     Neighbouring executions differ in one rank's whole data. Each rank's table of each bucket is
-    clipped to ``C_b``; ``q`` is the probability that a rank takes part in a step (1 when all do).
-    The released sum is divided by ``q W``. Threat model: the adversary sees the aggregate (the
-    summed tables and the models), not individual ranks' messages, as under secure aggregation.
+    clipped to ``C_b``. With ``q < 1`` each rank takes part in a step with secret probability
+    ``q``, drawn at the step's first bucket from its own operating-system randomness; a rank
+    that sits out sends a table of its noise share only. The released sum is divided by ``q W``.
 
-Noise placement (``noise_placement``): ``"distributed"`` has every rank add ``N(0, sigma^2 C^2 /
-W)`` per cell from a private generator seeded by the operating system, so the sum carries ``N(0,
-sigma^2 C^2)`` once; ``"single"`` has rank 0 add all of it. The ledger
-(:class:`~sketchcomm.privacy.PrivacyLedger`) records each step exactly once, at the step's first
-bucket (DDP launches bucket 0 first) and before that bucket's table leaves the process, so a
-backward pass that fails half-way still counts as a step (over-reporting, never under-reporting); a
-step that would exceed the budget raises :class:`~sketchcomm.privacy.PrivacyBudgetExceeded` on every
-rank before anything is released.
+Threat model: ``colluding_ranks = t`` ranks may pool their own noise shares against the others
+(default 0 for ``"example"``, ``W - 1`` for ``"rank"``). With ``noise_placement="distributed"``
+each rank adds ``N(0, sigma^2 C^2 / (W - t))`` per cell from a private generator, so after any
+``t`` shares are removed ``N(0, sigma^2 C^2)`` remains: the ledger's ``epsilon`` holds towards
+outside observers and any ``t`` colluding ranks, and ``outsider_epsilon`` (multiplier
+``sigma sqrt(W / (W - t))``) towards outside observers only. ``"single"`` (rank 0 adds all the
+noise) is refused for ``unit="rank"`` and for ``t >= 1``. A rank sees the aggregate and the
+models, never another rank's table unless it reads the allreduce's messages (which carry partial
+sums: only ``t = W - 1`` holds against that). In ``secure_mode`` every draw comes from the
+operating system's CSPRNG (:func:`~sketchcomm.privacy.mechanism.secure_gaussian`); otherwise
+from a Mersenne Twister seeded from it. The ledger and the state must agree on both.
+
+The ledger (:class:`~sketchcomm.privacy.PrivacyLedger`) records each step exactly once, at the
+step's first bucket (DDP launches bucket 0 first) and before that bucket's table leaves the
+process, so a backward pass that fails half-way still counts as a step (over-reporting, never
+under-reporting); a step that would exceed the budget, or a model whose buffers changed in the
+first forward, raises on every rank before anything is released, and the raw gradients are
+cleared.
 """
 
 # No "from __future__ import annotations": DDP checks the hook's ``bucket`` annotation at runtime.
 
-import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -45,70 +56,23 @@ from torch import Tensor, nn
 from sketchcomm.engine import BucketContext, resolve_group
 from sketchcomm.hooks import SketchState
 from sketchcomm.privacy.calibration import calibrate_noise_multiplier, describe_plan
+from sketchcomm.privacy.config import UNITS, PrivacyConfig
 from sketchcomm.privacy.contributions import ExampleContributions
 from sketchcomm.privacy.ledger import PrivacyLedger
 from sketchcomm.privacy.mechanism import (
-    NOISE_PLACEMENTS,
     add_noise,
     bucket_clip_norm,
     clip_and_sum,
+    noise_share_std,
+    outsider_noise_multiplier,
     private_generator,
+    resolve_colluding_ranks,
 )
+from sketchcomm.privacy.model_checks import BufferWatch, validate_private_model
 from sketchcomm.recovery import decode_or_exact
 from sketchcomm.validation import check_choice, check_float
 
 __all__ = ["DPSketchState", "PrivacyConfig", "dp_sketch_hook"]
-
-UNITS = ("example", "rank")
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """The mechanism of :func:`dp_sketch_hook`, validated and frozen (see :class:`DPSketchState`
-    for what each field means; ``noise_multiplier`` is already calibrated).
-
-    >>> PrivacyConfig(max_grad_norm=1.0, unit="rank", sample_rate=1.0, dataset_size=None,
-    ...               noise_multiplier=0.8).noise_placement
-    'distributed'
-    """
-
-    max_grad_norm: float
-    unit: str
-    sample_rate: float
-    dataset_size: int | None
-    noise_multiplier: float
-    noise_placement: str = "distributed"
-    secure_mode: bool = False
-
-    def __post_init__(self) -> None:
-        check_float("max_grad_norm", self.max_grad_norm, 0.0, math.inf, open_low=True)
-        check_choice("unit", self.unit, UNITS)
-        check_choice("noise_placement", self.noise_placement, NOISE_PLACEMENTS)
-        if self.unit == "example":
-            if self.dataset_size is None:
-                raise ValueError("unit='example' needs sample_rate and dataset_size")
-            if not isinstance(self.dataset_size, int) or self.dataset_size < 1:
-                raise ValueError(
-                    f"dataset_size must be a positive integer, got {self.dataset_size!r}"
-                )
-        elif self.dataset_size is not None:
-            raise ValueError("dataset_size is for unit='example' only")
-        check_float("sample_rate", self.sample_rate, 0.0, 1.0, open_low=True)
-        check_float("noise_multiplier", self.noise_multiplier, 0.0, math.inf, open_low=False)
-        if not isinstance(self.secure_mode, bool):
-            raise ValueError(f"secure_mode must be a bool, got {self.secure_mode!r}")
-        for name in ("max_grad_norm", "sample_rate", "noise_multiplier"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-
-    def agreement_fields(self) -> dict[str, float]:
-        """The mechanism as numbers, for the cross-rank agreement check."""
-        return {
-            "max_grad_norm": self.max_grad_norm,
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "unit": float(UNITS.index(self.unit)),
-            "noise_placement": float(NOISE_PLACEMENTS.index(self.noise_placement)),
-        }
 
 
 class DPSketchState(SketchState):
@@ -125,9 +89,15 @@ class DPSketchState(SketchState):
             ``q N``.
         noise_multiplier: ``sigma``; or leave it out and give ``target_epsilon`` with ``steps`` or
             ``epochs`` to calibrate it with the ledger's accountant and delta.
-        noise_placement: ``"distributed"`` or ``"single"``.
-        secure_mode: draw noise with Opacus's floating-point-attack-resistant sampler from a
-            generator reseeded from the operating system every step.
+        noise_placement: ``"distributed"`` or ``"single"`` (refused for ``unit="rank"`` and
+            for ``colluding_ranks >= 1``).
+        secure_mode: draw every noise cell from the operating system's CSPRNG, as a sum of
+            draws against floating-point attacks; must equal ``ledger.secure_mode``.
+        colluding_ranks: ``t``, the ranks that may pool their noise shares against the others
+            (``None``: 0 for ``"example"``, ``W - 1`` for ``"rank"``), resolved at
+            :meth:`register`. Each rank adds ``sigma^2 C^2 / (W - t)`` per cell. A ledger that
+            states ``colluding_ranks`` must state the same ``t``; one that leaves it ``None``
+            is accepted (its file then does not record ``t``; pass it to both to record it).
         **sketch_options: the sketch options of :class:`~sketchcomm.SketchState` (``compression``,
             ``rows``, ``columns``, ``recovery``, ``topk_fraction``, ``momentum``,
             ``min_compression_size``, ``seed``, ``log_every``, ``process_group``). Error feedback
@@ -135,7 +105,8 @@ class DPSketchState(SketchState):
             residual, and a second round of exact values, would release unnoised data. Buckets
             below ``min_compression_size`` are privatised uncompressed (an exact one-row table).
 
-    Call :meth:`register` with the DDP model: it binds the parameters, installs per-example
+    Call :meth:`register` with the DDP model: it resolves the threat model with the world size,
+    refuses models that would void the guarantee, binds the parameters, installs per-example
     gradient capture for ``unit="example"`` and registers :func:`dp_sketch_hook`. The hook asks
     the state for every bucket's clipping norm (:meth:`bucket_clip_norm`) and noise share
     (:meth:`noise_std`).
@@ -152,6 +123,8 @@ class DPSketchState(SketchState):
     >>> model(torch.randn(4, 8)).sum().backward()
     >>> ledger.steps, state.bucket_clip_norm(18), state.noise_std(rank=0, world=1)
     (1, 1.0, 1.0)
+    >>> state.privacy.colluding_ranks
+    0
     >>> dist.destroy_process_group()
     """
 
@@ -168,6 +141,7 @@ class DPSketchState(SketchState):
         epochs: float | None = None,
         noise_placement: str = "distributed",
         secure_mode: bool = False,
+        colluding_ranks: int | None = None,
         **sketch_options: Any,
     ) -> None:
         if "noise" in sketch_options:
@@ -183,6 +157,11 @@ class DPSketchState(SketchState):
         check_choice("unit", unit, UNITS)
         if ledger.unit != unit:
             raise ValueError(f"the ledger accounts for unit={ledger.unit!r}, this state {unit!r}")
+        if ledger.secure_mode != secure_mode:
+            raise ValueError(
+                f"the ledger declares secure_mode={ledger.secure_mode}, this state "
+                f"secure_mode={secure_mode}: build both with the same secure_mode"
+            )
         if unit == "example" and (sample_rate is None or dataset_size is None):
             raise ValueError("unit='example' needs sample_rate and dataset_size")
         positive_size = isinstance(dataset_size, int) and dataset_size >= 1
@@ -213,6 +192,7 @@ class DPSketchState(SketchState):
             noise_multiplier,
             noise_placement,
             secure_mode,
+            colluding_ranks,
         )
         self.ledger = ledger
         self._init_runtime()
@@ -221,6 +201,10 @@ class DPSketchState(SketchState):
         self.contributions: ExampleContributions | None = None
         self.total_elements = 0
         self.generator: torch.Generator | None = None
+        self.buffer_watch: BufferWatch | None = None
+        self.broadcast_buffers = False
+        self.world_size: int | None = None
+        self.participating = True
 
     @property
     def max_grad_norm(self) -> float:
@@ -251,6 +235,9 @@ class DPSketchState(SketchState):
             budget=self.ledger.budget,
             dataset_size=p.dataset_size,
             secure_mode=p.secure_mode,
+            world_size=self.world_size,
+            colluding_ranks=p.colluding_ranks,
+            noise_placement=p.noise_placement,
         )
 
     @property
@@ -261,33 +248,73 @@ class DPSketchState(SketchState):
         return self.privacy.sample_rate * dist.get_world_size(resolve_group(self.process_group))
 
     def register(self, ddp_model: nn.Module, hook: Any = None) -> None:
+        """Resolve the threat model, refuse models that would void the guarantee (batch
+        statistics, time-major layers, changing buffers: see
+        :func:`~sketchcomm.privacy.model_checks.validate_private_model`), install the capture
+        and a :class:`~sketchcomm.privacy.model_checks.BufferWatch`, register the hook."""
         module = getattr(ddp_model, "module", ddp_model)
+        self.broadcast_buffers = bool(getattr(ddp_model, "broadcast_buffers", False))
+        validate_private_model(module, self.privacy.unit, self.broadcast_buffers)
+        world = dist.get_world_size(resolve_group(self.process_group))
+        privacy = self.privacy.resolved(world)
+        ledger_t = self.ledger.colluding_ranks if self.ledger is not None else None
+        if ledger_t is not None and ledger_t != privacy.colluding_ranks:
+            raise ValueError(
+                f"the ledger states colluding_ranks={ledger_t}, this state resolves "
+                f"colluding_ranks={privacy.colluding_ranks} at world size {world}: build both "
+                "with the same colluding_ranks"
+            )
+        self.privacy, self.world_size = privacy, world
         self.total_elements = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        if self.contributions is not None:
+            self.contributions.remove()
+            self.contributions = None
         if self.privacy.unit == "example":
-            if self.contributions is not None:
-                self.contributions.remove()
             self.contributions = ExampleContributions(module)
+        self.buffer_watch = BufferWatch(module)
         super().register(ddp_model, dp_sketch_hook if hook is None else hook)
 
     def agreement_fields(self, bucket: Any) -> dict[str, float]:
         return {**super().agreement_fields(bucket), **self.privacy.agreement_fields()}
 
     def open_step(self, device: torch.device) -> None:
-        """Record the step in the ledger (persisted before it returns), before any release."""
-        self.ledger.record_step(self.privacy.noise_multiplier, self.privacy.sample_rate)
-        if self.generator is None or self.privacy.secure_mode or self.generator.device != device:
+        """Start a step, before any release: at the first step refuse buffers that changed in
+        the forward; record the step in the ledger (persisted before it returns); for
+        ``unit="rank"`` with ``q < 1`` draw this rank's secret participation."""
+        p = self.privacy
+        if self.world_size is None or p.colluding_ranks is None:
+            raise RuntimeError("register the state with state.register(ddp_model), not directly")
+        if self.buffer_watch is not None:
+            self.buffer_watch.refuse_changed(p.unit, self.broadcast_buffers)
+            self.buffer_watch = None
+        outsider = outsider_noise_multiplier(
+            p.noise_multiplier, self.world_size, p.noise_placement, p.colluding_ranks
+        )
+        self.ledger.record_step(
+            p.noise_multiplier, p.sample_rate, outsider_noise_multiplier=outsider
+        )
+        if not p.secure_mode and (self.generator is None or self.generator.device != device):
             self.generator = private_generator(device)
+        self.participating = p.unit == "example" or self.draw_participation()
+
+    def draw_participation(self) -> bool:
+        """Bernoulli(``q``) from the operating system's randomness (never a shared seed)."""
+        if self.privacy.sample_rate >= 1.0:
+            return True
+        return int.from_bytes(os.urandom(8), "little") < self.privacy.sample_rate * 2.0**64
 
     def bucket_clip_norm(self, numel: int) -> float:
         """The clipping norm ``C_b = C sqrt(d_b / D)`` of a bucket of ``numel`` elements."""
         return bucket_clip_norm(self.privacy.max_grad_norm, numel, self.total_elements)
 
     def noise_std(self, rank: int, world: int) -> float:
-        """This rank's share of the noise: ``sigma C / sqrt(W)``, or all of it on rank 0."""
-        total = self.privacy.noise_multiplier * self.privacy.max_grad_norm
-        if self.privacy.noise_placement == "distributed":
-            return total / math.sqrt(world)
-        return total if rank == 0 else 0.0
+        """This rank's share of the noise: ``sigma C / sqrt(W - t)``, or all of it on rank 0
+        (:func:`~sketchcomm.privacy.mechanism.noise_share_std`)."""
+        p = self.privacy
+        t = resolve_colluding_ranks(p.colluding_ranks, p.unit, world)
+        return noise_share_std(
+            p.noise_multiplier, p.max_grad_norm, rank, world, p.noise_placement, t
+        )
 
     def add_noise(self, values: Tensor, std: float) -> Tensor:
         """Add ``N(0, std^2)`` to ``values`` in place from this rank's private generator."""
@@ -306,6 +333,7 @@ class DPSketchState(SketchState):
         if "noise" in saved:  # checkpoints before the rename of noise to noise_placement
             saved.setdefault("noise_placement", saved.pop("noise"))
         saved.setdefault("exact_small_buckets", True)
+        saved.setdefault("colluding_ranks", 0)  # older checkpoints: shares sigma^2 C^2 / W
         return super().migrate_config(saved)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -321,7 +349,8 @@ class DPSketchState(SketchState):
 def private_tables(state: DPSketchState, context: BucketContext) -> Tensor:
     """``[n, r, c]`` tables of this rank's contributions to the bucket: its examples, or itself."""
     if state.privacy.unit == "rank":
-        return context.sketch.sketch(context.canonical())[None]
+        own = context.sketch.sketch(context.canonical())[None]
+        return own if state.participating else own[:0]  # sitting out: noise only
     if state.contributions is None:
         raise RuntimeError("register the state with state.register(ddp_model), not directly")
     return state.contributions.tables(context)
@@ -331,12 +360,13 @@ def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futur
     r"""DDP communication hook: clip in sketch space, add Gaussian noise, allreduce, recover.
 
     For each bucket ``b`` with ``d_b`` elements, every rank computes the tables of its
-    contributions (its examples, or itself), clips each to ``C_b = C sqrt(d_b / D)``, sums them,
-    adds its share of ``N(0, sigma^2 C^2)`` per cell, and allreduces. The summed noisy table is
-    decoded (top-k with sketch-space error feedback, or dense) and divided by the expected number
-    of contributions. Returns a future of one tensor shaped and typed like ``bucket.buffer()``.
-    If the step is refused (budget) or fails on any rank, every rank raises, and the step's raw
-    gradients are cleared first (``p.grad = None``, see :mod:`sketchcomm.engine`).
+    contributions (its examples, or itself; nothing when it sits out a step), clips each to
+    ``C_b = C sqrt(d_b / D)``, sums them, adds its share ``N(0, sigma^2 C^2 / (W - t))`` per
+    cell, and allreduces. The summed noisy table is decoded (top-k with sketch-space error
+    feedback, or dense) and divided by the expected number of contributions. Returns a future
+    of one tensor shaped and typed like ``bucket.buffer()``. If the step is refused (budget,
+    changed buffers) or fails on any rank, every rank raises, and the step's raw gradients are
+    cleared first (``p.grad = None``, see :mod:`sketchcomm.engine`).
     """
     if state.positions is None:
         raise RuntimeError("register the state with state.register(ddp_model), not directly")
