@@ -288,10 +288,14 @@ def run_ranks(
                 if link:
                     argv = link.ends[rank].command([*argv, "--interface", interface])
                 env = os.environ | {
-                    "MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(rank),
-                    "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": interface, "OMP_NUM_THREADS": "1",
+                    "MASTER_ADDR": master,
+                    "MASTER_PORT": str(port),
+                    "RANK": str(rank),
+                    "WORLD_SIZE": "2",
+                    "GLOO_SOCKET_IFNAME": interface,
+                    "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": pythonpath,
-                }  # fmt: skip
+                }
                 with open(logs[rank], "w") as log:
                     procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log))
             _wait(procs, logs, config.hook, timeout)
@@ -430,9 +434,15 @@ def markdown_report(report: dict[str, Any]) -> str:
         runs = [r for r in report["runs"] if r["rate"] == rate]
         target = runs[0]["target_loss"]
         target_text = "no allreduce run" if target is None else f"{target:.3f}"
-        lines += ["", f"### {rate}", "",
-                  f"Target loss {target_text}; wire bytes: {wire_note}.", "", header,
-                  "|---" * 10 + "|"]  # fmt: skip
+        lines += [
+            "",
+            f"### {rate}",
+            "",
+            f"Target loss {target_text}; wire bytes: {wire_note}.",
+            "",
+            header,
+            "|---" * 10 + "|",
+        ]
         for r in runs:
             wire, hook = r["wire_bytes_per_step"], r["hook_bytes_per_step"]
             ratio = f"{wire / hook:.3f}" if wire is not None and hook else "-"

@@ -46,9 +46,17 @@ __all__ = ["HOOKS", "WorkerConfig", "check_hook", "hook_bytes"]
 
 # Every hook the benchmark knows, in report order.
 HOOKS = (
-    "allreduce", "fp16", "powersgd-r1", "powersgd-r4", "sketch-10x", "sketch-20x", "sketch-50x",
-    "sketch-100x", "private-sketch-20x", "noop",
-)  # fmt: skip
+    "allreduce",
+    "fp16",
+    "powersgd-r1",
+    "powersgd-r4",
+    "sketch-10x",
+    "sketch-20x",
+    "sketch-50x",
+    "sketch-100x",
+    "private-sketch-20x",
+    "noop",
+)
 MODELS = {"bench": BENCH_LM, "tiny": TINY_LM}
 _PATTERN = re.compile(r"^(allreduce|fp16|noop|powersgd-r(\d+)|(private-)?sketch-(\d+)x)$")
 
@@ -107,18 +115,22 @@ def kind_and_options(config: WorkerConfig, rank: int) -> tuple[str, dict[str, An
     if not match.group(4):
         return config.hook, {}
     sketch = {
-        "compression": float(match.group(4)), "momentum": config.momentum, "seed": config.seed,
+        "compression": float(match.group(4)),
+        "momentum": config.momentum,
+        "seed": config.seed,
         "topk_fraction": config.topk_fraction,
-    }  # fmt: skip
+    }
     if not match.group(3):
         return "sketch", sketch
     from sketchcomm.privacy import PrivacyLedger
 
     ledger = PrivacyLedger("rdp", config.delta, unit="rank", writer=rank == 0)
     private = {
-        "ledger": ledger, "max_grad_norm": config.max_grad_norm, "unit": "rank",
+        "ledger": ledger,
+        "max_grad_norm": config.max_grad_norm,
+        "unit": "rank",
         "noise_multiplier": config.noise_multiplier,
-    }  # fmt: skip
+    }
     return "private", {**private, **sketch}
 
 
@@ -202,10 +214,14 @@ def train(config: WorkerConfig, interface: str | None) -> dict[str, Any]:
     ledger = getattr(state, "ledger", None)
     if ledger is not None:
         result["privacy"] = {
-            "unit": ledger.unit, "epsilon": ledger.epsilon, "delta": ledger.delta,
-            "accountant": ledger.accountant, "steps": ledger.steps,
-            "noise_multiplier": config.noise_multiplier, "max_grad_norm": config.max_grad_norm,
-        }  # fmt: skip
+            "unit": ledger.unit,
+            "epsilon": ledger.epsilon,
+            "delta": ledger.delta,
+            "accountant": ledger.accountant,
+            "steps": ledger.steps,
+            "noise_multiplier": config.noise_multiplier,
+            "max_grad_norm": config.max_grad_norm,
+        }
     return result
 
 

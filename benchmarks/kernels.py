@@ -206,9 +206,15 @@ def run_benchmark(
         for size in sizes:
             for r in rows:
                 case = measure_case(
-                    size, r, compression, device, repeats=repeats, warmup=warmup,
-                    min_time=min_time, topk_fraction=topk_fraction,
-                )  # fmt: skip
+                    size,
+                    r,
+                    compression,
+                    device,
+                    repeats=repeats,
+                    warmup=warmup,
+                    min_time=min_time,
+                    topk_fraction=topk_fraction,
+                )
                 cases.append(case)
                 if progress is not None:
                     progress(case)
@@ -247,9 +253,15 @@ def markdown_table(report: dict[str, Any]) -> str:
     whether ``sketch + unsketch`` is within :data:`TARGET_RATIO` copies."""
     round_trip, selection = ("sketch", "unsketch", "sketch+unsketch"), ("heavy_hitters", "topk")
     header = [
-        "device", "d", "rows", "columns", "copy", *(f"{name} / copy" for name in round_trip),
-        f"within {TARGET_RATIO:g}x", *(f"{name} / copy" for name in selection),
-    ]  # fmt: skip
+        "device",
+        "d",
+        "rows",
+        "columns",
+        "copy",
+        *(f"{name} / copy" for name in round_trip),
+        f"within {TARGET_RATIO:g}x",
+        *(f"{name} / copy" for name in selection),
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for case in report["cases"]:
         r = case["ratios"]

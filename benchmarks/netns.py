@@ -110,9 +110,19 @@ class ShapedLink:
         for end in self.ends:
             _ip("netns", "add", end.namespace)
         _ip(
-            "link", "add", first.interface, "netns", first.namespace, "type", "veth",
-            "peer", "name", second.interface, "netns", second.namespace,
-        )  # fmt: skip
+            "link",
+            "add",
+            first.interface,
+            "netns",
+            first.namespace,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            second.interface,
+            "netns",
+            second.namespace,
+        )
         for end in self.ends:
             _ip("-n", end.namespace, "addr", "add", f"{end.address}/24", "dev", end.interface)
             _ip("-n", end.namespace, "link", "set", end.interface, "up")
@@ -123,10 +133,26 @@ class ShapedLink:
         check_rate(rate)
         for end in self.ends:
             done = subprocess.run(
-                end.command(["tc", "qdisc", "replace", "dev", end.interface, "root", "tbf",
-                             "rate", rate, "burst", "64kb", "latency", "50ms"]),
-                capture_output=True, text=True,
-            )  # fmt: skip
+                end.command(
+                    [
+                        "tc",
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        end.interface,
+                        "root",
+                        "tbf",
+                        "rate",
+                        rate,
+                        "burst",
+                        "64kb",
+                        "latency",
+                        "50ms",
+                    ]
+                ),
+                capture_output=True,
+                text=True,
+            )
             if done.returncode:
                 raise OSError(f"tc on {end.interface} failed: {done.stderr.strip()}")
         self.rate = rate

@@ -77,6 +77,7 @@ _OPTION_HELP = {
     "compression": "bucket elements per sketch table element (also the baselines' byte budget)",
     "topk_fraction": "coordinates recovered per step by FetchSGD, fraction of the bucket",
     "delta": "delta of every epsilon",
+    "colluding_ranks": "ranks that may pool their noise shares; the epsilons hold towards them",
 }
 
 
@@ -91,9 +92,11 @@ def _default_help(name: str) -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare the options of the ``privacy`` benchmark command."""
     parser.add_argument(
-        "--task", choices=list(TASKS), default="digits",
+        "--task",
+        choices=list(TASKS),
+        default="digits",
         help="digits images or next-character text (default digits); sets the defaults below",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0], help="target epsilons"
     )
@@ -105,34 +108,42 @@ def configure(parser: argparse.ArgumentParser) -> None:
     digits = BenchConfig()
     for name, help_text in _OPTION_HELP.items():
         parser.add_argument(
-            f"--{name.replace('_', '-')}", type=type(getattr(digits, name)),
+            f"--{name.replace('_', '-')}",
+            type=type(getattr(digits, name)),
             help=f"{help_text} ({_default_help(name)})",
-        )  # fmt: skip
+        )
     for name in ("lr", "momentum"):
         parser.add_argument(
-            f"--{name}", type=float,
+            f"--{name}",
+            type=float,
             help=f"SGD {name} of every method (default: each method's own, see TUNED)",
-        )  # fmt: skip
+        )
     parser.add_argument(
-        "--accountant", choices=("rdp", "prv", "gdp"), default=digits.accountant,
+        "--accountant",
+        choices=("rdp", "prv", "gdp"),
+        default=digits.accountant,
         help="Opacus accountant for calibration and the ledgers (default rdp)",
-    )  # fmt: skip
+    )
     parser.add_argument("--world", type=int, default=digits.world, help="ranks (default 2)")
     parser.add_argument(
-        "--sampling-seed", type=int, default=None,
+        "--sampling-seed",
+        type=int,
+        default=None,
         help="seed the Poisson sampling, for a reproducible run that is NOT private (marked so in "
         "the JSON and the tables); by default every sampler is seeded from the operating system",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help=f"a smoke run in under two minutes: epsilon {QUICK_EPSILON:g}, one seed, "
         f"{QUICK_STEPS} steps",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--sweep", action="store_true",
+        "--sweep",
+        action="store_true",
         help="instead of the benchmark, the sweep at the first epsilon: every method on the "
         "lr x momentum GRID, then the sketch and DP-SGD under one-at-a-time variations (SWEEP)",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", metavar="PATH", help="write config, rows and summary as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the Markdown tables")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of accuracy against epsilon")
@@ -156,8 +167,13 @@ def _machine() -> str:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark (or the sweep), print the tables and write the requested files."""
     config = _config(args)
-    counts = {"--seeds": args.seeds, "--world": config.world, "--steps": config.steps,
-              "--batch-size": config.batch_size, "--hidden": config.hidden}  # fmt: skip
+    counts = {
+        "--seeds": args.seeds,
+        "--world": config.world,
+        "--steps": config.steps,
+        "--batch-size": config.batch_size,
+        "--hidden": config.hidden,
+    }
     bad = [f"{name} must be at least 1" for name, value in counts.items() if value < 1]
     bad += [f"--epsilons must be positive, got {e:g}" for e in args.epsilons if not e > 0]
     if bad:
@@ -177,17 +193,23 @@ def run(args: argparse.Namespace) -> int:
     )
     print(tables)
     report = {
-        "config": asdict(config), "tuned": TUNED[config.task],
-        "task_defaults": TASK_DEFAULTS[config.task], "epsilons": epsilons, "seeds": seeds,
+        "config": asdict(config),
+        "tuned": TUNED[config.task],
+        "task_defaults": TASK_DEFAULTS[config.task],
+        "epsilons": epsilons,
+        "seeds": seeds,
         "noise_multipliers": {
             f"{r['epsilon_target']:g}": r["noise_multiplier"]
             for r in rows
             if r["epsilon_target"] is not None and r["label"] in ("", "base")
         },
-        "private": config.private, "sampling": config.sampling(),
-        "machine": _machine(), "seconds": time.perf_counter() - start, "rows": rows,
+        "private": config.private,
+        "sampling": config.sampling(),
+        "machine": _machine(),
+        "seconds": time.perf_counter() - start,
+        "rows": rows,
         "summary": summary,
-    }  # fmt: skip
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if args.markdown:

@@ -79,6 +79,9 @@ class BenchConfig:
         delta: the ``delta`` of every epsilon; below ``1 / N``.
         accountant: Opacus accountant for calibration and ledgers: ``"rdp"``, ``"prv"``, ``"gdp"``.
         world: number of ranks (gloo processes).
+        colluding_ranks: ``t``, the ranks that may pool their noise shares against the others:
+            every rank of the hook methods adds ``sigma^2 C^2 / (W - t)`` per cell, so that the
+            stated epsilon holds towards them too (``opacus`` runs in one process: no ranks).
         sampling_seed: seed of the Poisson sampling, for reproducible runs only. ``None`` (the
             default) draws every sampler's seed from the operating system's randomness, as the
             demo does: the amplification by subsampling behind every epsilon assumes that no one
@@ -98,6 +101,7 @@ class BenchConfig:
     delta: float = 1e-5
     accountant: str = "rdp"
     world: int = 2
+    colluding_ranks: int = 0
     sampling_seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -31,10 +31,13 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (label, method, target), members in groups.items():
         spent = [r["epsilon"] for r in members if r["epsilon"] is not None]
         entry = {
-            "label": label, "method": method, "epsilon_target": target,
-            "epsilon_max": max(spent) if spent else None, "runs": len(members),
+            "label": label,
+            "method": method,
+            "epsilon_target": target,
+            "epsilon_max": max(spent) if spent else None,
+            "runs": len(members),
             "bytes_per_step": members[0]["bytes_per_step"],
-        }  # fmt: skip
+        }
         for metric in METRICS:
             values = [r[metric] for r in members]
             entry[f"{metric}_mean"] = statistics.fmean(values)
@@ -86,10 +89,16 @@ def markdown_table(
             f"{t:g} → {max(s['epsilon_max'] for s in summary if s['epsilon_target'] == t):.3f}"
             for t in targets
         ]
+        t = config.colluding_ranks
+        towards = (
+            "towards outside observers, ranks trusted (t = 0)"
+            if t == 0
+            else f"towards outside observers and any {t} colluding rank(s) of the hook methods"
+        )
         lines[-1] += (
             f" Privacy: (ε, δ = {config.delta:g})-DP per training example, add/remove-one "
-            f"adjacency, Poisson sampling, {config.accountant} accountant; largest ε spent per "
-            "target: " + ", ".join(spent) + "."
+            f"adjacency, Poisson sampling, {config.accountant} accountant, {towards}; largest ε "
+            "spent per target: " + ", ".join(spent) + "."
         )
     if not config.private:
         lines.append(f"**{config.sampling()}.**")
@@ -120,9 +129,13 @@ def plot_accuracy(
         ceiling = [s for s in summary if s["method"] == method and s["epsilon_target"] is None]
         if entries:
             ax.errorbar(
-                [s["epsilon_target"] for s in entries], [s["test_accuracy_mean"] for s in entries],
-                yerr=[s["test_accuracy_std"] for s in entries], marker="o", capsize=3, label=method,
-            )  # fmt: skip
+                [s["epsilon_target"] for s in entries],
+                [s["test_accuracy_mean"] for s in entries],
+                yerr=[s["test_accuracy_std"] for s in entries],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
         for s in ceiling:
             ax.axhline(
                 s["test_accuracy_mean"], color="black", linestyle="--", label="no privacy (ceiling)"

@@ -122,14 +122,25 @@ def _hook_state(job: _Job, ddp_model: DDP, n: int, q: float) -> DPSketchState | 
     cfg = job.config
     _, momentum = cfg.optimizer(job.method)
     assert job.epsilon is not None and job.noise_multiplier is not None
-    ledger = PrivacyLedger(cfg.accountant, cfg.delta, budget=job.epsilon, dataset_size=n)
+    ledger = PrivacyLedger(
+        cfg.accountant,
+        cfg.delta,
+        budget=job.epsilon,
+        dataset_size=n,
+        colluding_ranks=cfg.colluding_ranks,
+    )
     common: dict[str, Any] = {
-        "unit": "example", "sample_rate": q, "dataset_size": n,
-        "noise_multiplier": job.noise_multiplier, "compression": cfg.compression,
-        "topk_fraction": cfg.topk_fraction, "seed": job.seed,
+        "unit": "example",
+        "sample_rate": q,
+        "dataset_size": n,
+        "noise_multiplier": job.noise_multiplier,
+        "compression": cfg.compression,
+        "topk_fraction": cfg.topk_fraction,
+        "seed": job.seed,
         "min_compression_size": _MIN_COMPRESSION_SIZE,
         "momentum": momentum if job.method in _HOOK_MOMENTUM else 0.0,
-    }  # fmt: skip
+        "colluding_ranks": cfg.colluding_ranks,
+    }
     if job.method == "dpsgd":
         common["min_compression_size"] = 1 << 62
     kind = "private" if job.method in ("sketch", "dpsgd") else job.method
@@ -158,10 +169,13 @@ def _train_rank(job: _Job, data: TaskData) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     return _row(
-        job, model, data, seconds,
+        job,
+        model,
+        data,
+        seconds,
         epsilon=state.ledger.epsilon if state is not None else None,
         bytes_per_step=state.stats.step_bytes_sent if state is not None else 4 * params,
-    )  # fmt: skip
+    )
 
 
 def _row(
@@ -175,12 +189,20 @@ def _row(
 ) -> dict[str, Any]:
     test_accuracy, test_loss = evaluate(model, data.x_test, data.y_test)
     return {
-        "task": job.config.task, "method": job.method, "label": job.label, "seed": job.seed,
-        "epsilon_target": job.epsilon, "epsilon": epsilon,
-        "noise_multiplier": job.noise_multiplier, "test_accuracy": test_accuracy,
-        "test_loss": test_loss, "bytes_per_step": bytes_per_step, "steps": job.config.steps,
-        "sample_rate": job.config.batch_size / data.train_size, "seconds": seconds,
-    }  # fmt: skip
+        "task": job.config.task,
+        "method": job.method,
+        "label": job.label,
+        "seed": job.seed,
+        "epsilon_target": job.epsilon,
+        "epsilon": epsilon,
+        "noise_multiplier": job.noise_multiplier,
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "bytes_per_step": bytes_per_step,
+        "steps": job.config.steps,
+        "sample_rate": job.config.batch_size / data.train_size,
+        "seconds": seconds,
+    }
 
 
 def _rank_main(
@@ -226,9 +248,11 @@ def _opacus_row(job: _Job, data: TaskData) -> dict[str, Any]:
     model = GradSampleModule(make_model(cfg.task, cfg.hidden, job.seed), loss_reduction="mean")
     optimizer = DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
-        noise_multiplier=job.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-        expected_batch_size=cfg.batch_size, loss_reduction="mean",
-    )  # fmt: skip
+        noise_multiplier=job.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        expected_batch_size=cfg.batch_size,
+        loss_reduction="mean",
+    )
     accountant = create_accountant(mechanism=cfg.accountant)
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
     generator = torch.Generator().manual_seed(sampler_seed(cfg, job.seed, "opacus"))
@@ -247,9 +271,13 @@ def _opacus_row(job: _Job, data: TaskData) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     return _row(
-        job, model, data, seconds,
-        epsilon=accountant.get_epsilon(cfg.delta), bytes_per_step=4 * params,
-    )  # fmt: skip
+        job,
+        model,
+        data,
+        seconds,
+        epsilon=accountant.get_epsilon(cfg.delta),
+        bytes_per_step=4 * params,
+    )
 
 
 def describe_row(row: dict[str, Any]) -> str:

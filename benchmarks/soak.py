@@ -149,18 +149,25 @@ def state_tensor_bytes(root: object) -> int:
 def _hook_state(hook: str, model: DDP, config: SoakConfig, n: int, q: float) -> Any:
     """Attach the :mod:`sketchcomm.hook_kinds` kind ``hook`` with the soak's settings."""
     sketch = {
-        "compression": config.compression, "topk_fraction": 0.1, "momentum": _OPTIMIZER[hook][1],
-        "min_compression_size": _MIN_COMPRESSION_SIZE, "seed": config.seed,
-    }  # fmt: skip
+        "compression": config.compression,
+        "topk_fraction": 0.1,
+        "momentum": _OPTIMIZER[hook][1],
+        "min_compression_size": _MIN_COMPRESSION_SIZE,
+        "seed": config.seed,
+    }
     options = {
         "allreduce": {},
         "sketch": sketch,
         "private": {
-            "ledger": PrivacyLedger("rdp", 1e-5, dataset_size=n), "max_grad_norm": 1.0,
-            "unit": "example", "sample_rate": q, "dataset_size": n, "noise_multiplier": 1.0,
+            "ledger": PrivacyLedger("rdp", 1e-5, dataset_size=n),
+            "max_grad_norm": 1.0,
+            "unit": "example",
+            "sample_rate": q,
+            "dataset_size": n,
+            "noise_multiplier": 1.0,
             **sketch,
         },
-    }[hook]  # fmt: skip
+    }[hook]
     return attach_hook(model, hook, **options)
 
 
@@ -185,9 +192,12 @@ def _rank_soak(rank: int, world: int, folder: str, config: SoakConfig, hook: str
         from tqdm import tqdm
 
         steps = tqdm(
-            range(1, config.steps + 1), desc=f"soak {hook}", unit="step", disable=rank != 0,
+            range(1, config.steps + 1),
+            desc=f"soak {hook}",
+            unit="step",
+            disable=rank != 0,
             mininterval=1.0,
-        )  # fmt: skip
+        )
         for step in steps:
             start = time.perf_counter()
             index = shard[torch.rand(len(shard), generator=sampler) < q]
@@ -198,11 +208,14 @@ def _rank_soak(rank: int, world: int, folder: str, config: SoakConfig, hook: str
             optimizer.step()
             elapsed += time.perf_counter() - start
             if step % config.every == 0:
-                records.append({
-                    "step": step, "rss_bytes": rss_bytes(),
-                    "state_bytes": 0 if state is None else state_tensor_bytes(state),
-                    "step_seconds": elapsed / config.every,
-                })  # fmt: skip
+                records.append(
+                    {
+                        "step": step,
+                        "rss_bytes": rss_bytes(),
+                        "state_bytes": 0 if state is None else state_tensor_bytes(state),
+                        "step_seconds": elapsed / config.every,
+                    }
+                )
                 elapsed = 0.0
         result = {
             "records": records,
@@ -254,19 +267,25 @@ def summarize(config: SoakConfig, results: dict[str, list[dict]]) -> list[dict[s
         steps, rss, seconds = steps[kept], rss[kept], seconds[kept]
         half = len(steps) // 2
         first, second = slice(0, half), slice(half, None)
-        summary.append({
-            "hook": hook, "warmup_steps": warmup,
-            "rss_start_bytes": float(rss[0]), "rss_end_bytes": float(rss[-1]),
-            "rss_growth_bytes": float(rss[-1] - rss[0]),
-            "rss_slope_first_half": _slope_per_1000(steps[first], rss[first]),
-            "rss_slope_second_half": _slope_per_1000(steps[second], rss[second]),
-            "step_seconds_first_half": float(seconds[first].mean()),
-            "step_seconds_second_half": float(seconds[second].mean()),
-            "step_time_slope_second_half": _slope_per_1000(steps[second], seconds[second]),
-            "state_bytes_constant": len(state) == 1, "state_bytes": max(state),
-            "leak_reference_bytes": 4 * ranks[0]["parameters"] * int(steps[-1] - steps[0]),
-            "test_accuracy": ranks[0]["test_accuracy"], "ledger_steps": ranks[0]["ledger_steps"],
-        })  # fmt: skip
+        summary.append(
+            {
+                "hook": hook,
+                "warmup_steps": warmup,
+                "rss_start_bytes": float(rss[0]),
+                "rss_end_bytes": float(rss[-1]),
+                "rss_growth_bytes": float(rss[-1] - rss[0]),
+                "rss_slope_first_half": _slope_per_1000(steps[first], rss[first]),
+                "rss_slope_second_half": _slope_per_1000(steps[second], rss[second]),
+                "step_seconds_first_half": float(seconds[first].mean()),
+                "step_seconds_second_half": float(seconds[second].mean()),
+                "step_time_slope_second_half": _slope_per_1000(steps[second], seconds[second]),
+                "state_bytes_constant": len(state) == 1,
+                "state_bytes": max(state),
+                "leak_reference_bytes": 4 * ranks[0]["parameters"] * int(steps[-1] - steps[0]),
+                "test_accuracy": ranks[0]["test_accuracy"],
+                "ledger_steps": ranks[0]["ledger_steps"],
+            }
+        )
     return summary
 
 
@@ -274,10 +293,14 @@ def markdown_table(summary: list[dict[str, Any]], config: SoakConfig) -> str:
     """The summary as a Markdown table (MiB, milliseconds), with a line on the setup."""
     mib = 1 << 20
     head = [
-        "hook", "state bytes (constant)", "RSS start → end (MiB)", "RSS slope 1st / 2nd half "
-        "(MiB per 1000 steps)", "step ms 1st / 2nd half", "step-time slope 2nd half "
-        "(ms per 1000 steps)", "test acc.",
-    ]  # fmt: skip
+        "hook",
+        "state bytes (constant)",
+        "RSS start → end (MiB)",
+        "RSS slope 1st / 2nd half (MiB per 1000 steps)",
+        "step ms 1st / 2nd half",
+        "step-time slope 2nd half (ms per 1000 steps)",
+        "test acc.",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         constant = "yes" if s["state_bytes_constant"] else "NO"
@@ -339,34 +362,49 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Declare the options of ``sketchcomm bench soak``."""
     defaults = SoakConfig()
     parser.add_argument(
-        "--steps", type=positive_int, default=defaults.steps, help="SGD steps per hook (default "
-        "%(default)s)",
-    )  # fmt: skip
+        "--steps",
+        type=positive_int,
+        default=defaults.steps,
+        help="SGD steps per hook (default %(default)s)",
+    )
     parser.add_argument(
-        "--every", type=positive_int, default=defaults.every,
+        "--every",
+        type=positive_int,
+        default=defaults.every,
         help="steps between records of RSS, state bytes and step time (default %(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--hidden", type=positive_int, default=defaults.hidden, help="hidden width of the MLP "
-        "(default %(default)s)",
-    )  # fmt: skip
+        "--hidden",
+        type=positive_int,
+        default=defaults.hidden,
+        help="hidden width of the MLP (default %(default)s)",
+    )
     parser.add_argument(
-        "--batch-size", type=positive_int, default=defaults.batch_size,
+        "--batch-size",
+        type=positive_int,
+        default=defaults.batch_size,
         help="expected Poisson batch per rank (default %(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--compression", type=float, default=defaults.compression,
+        "--compression",
+        type=float,
+        default=defaults.compression,
         help="bucket elements per sketch table element (default %(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--world", type=positive_int, default=defaults.world, help="gloo ranks (default "
-        "%(default)s)",
-    )  # fmt: skip
+        "--world",
+        type=positive_int,
+        default=defaults.world,
+        help="gloo ranks (default %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (default 0)")
     parser.add_argument(
-        "--hooks", nargs="+", choices=HOOKS, default=list(HOOKS), help="hooks to soak (default: "
-        "all)",
-    )  # fmt: skip
+        "--hooks",
+        nargs="+",
+        choices=HOOKS,
+        default=list(HOOKS),
+        help="hooks to soak (default: all)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="200 steps, a record every 10: a CI smoke run"
     )
@@ -379,9 +417,14 @@ def run(args: argparse.Namespace) -> int:
     """Run the soak, print the table and write the requested files."""
     steps, every = (200, 10) if args.quick else (args.steps, args.every)
     config = SoakConfig(
-        steps=steps, every=every, hidden=args.hidden, batch_size=args.batch_size,
-        compression=args.compression, world=args.world, seed=args.seed,
-    )  # fmt: skip
+        steps=steps,
+        every=every,
+        hidden=args.hidden,
+        batch_size=args.batch_size,
+        compression=args.compression,
+        world=args.world,
+        seed=args.seed,
+    )
     start = time.perf_counter()
     results = run_soak(config, tuple(args.hooks))
     summary = summarize(config, results)
@@ -389,9 +432,12 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     if args.json:
         report = {
-            "config": asdict(config), "machine": _machine(),
-            "seconds": time.perf_counter() - start, "summary": summary, "results": results,
-        }  # fmt: skip
+            "config": asdict(config),
+            "machine": _machine(),
+            "seconds": time.perf_counter() - start,
+            "summary": summary,
+            "results": results,
+        }
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

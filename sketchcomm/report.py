@@ -101,15 +101,23 @@ def _threat_text(ledger: PrivacyLedger) -> str:
 
 def _guarantee_line(ledger: PrivacyLedger) -> str:
     t = ledger.colluding_ranks
-    towards = "unknown t" if t is None else f"any {t} colluding rank(s)"
+    epsilon = f"({_epsilon_text(ledger.epsilon, 4)}, {ledger.delta:g})-DP"
+    outsiders = f"({_epsilon_text(ledger.outsider_epsilon, 4)}, {ledger.delta:g})-DP"
+    if t == 0:
+        towards = f"{epsilon} for each {ledger.unit} (add/remove-one adjacency) towards outside "
+        towards += "observers of the models and the summed tables, with the ranks trusted (t = 0)"
+    else:
+        who = "an unrecorded number of" if t is None else f"any {t}"
+        towards = (
+            f"{epsilon} for each {ledger.unit} (add/remove-one adjacency) towards outside "
+            f"observers and {who} colluding rank(s), and {outsiders} towards outside observers "
+            "of the models and the summed tables only"
+        )
     return (
-        f"The {ledger.steps} recorded steps are ({_epsilon_text(ledger.epsilon, 4)}, "
-        f"{ledger.delta:g})-DP for each {ledger.unit} (add/remove-one adjacency) towards "
-        f"outside observers and {towards}, and ({_epsilon_text(ledger.outsider_epsilon, 4)}, "
-        f"{ledger.delta:g})-DP towards outside observers of the models and the summed tables "
-        f"only, under the {ledger.accountant} accountant, provided each released step is the "
-        "clipped, noised update recorded here. Sketching or compression of the noised update is "
-        "post-processing and adds no privacy of its own."
+        f"The {ledger.steps} recorded steps are {towards}, under the {ledger.accountant} "
+        "accountant, provided each released step is the clipped, noised update recorded here. "
+        "Sketching or compression of the noised update is post-processing and adds no privacy "
+        "of its own."
     )
 
 

@@ -90,9 +90,12 @@ def _nccl_checks() -> dict[str, float]:
     model = DDP(nn.Linear(dim, 1, bias=False).to(device), device_ids=[0])
     nn.init.zeros_(model.module.weight)
     private = DPSketchState(
-        PrivacyLedger(accountant="rdp", delta=1e-5, unit="rank"), max_grad_norm=clip,
-        unit="rank", noise_multiplier=sigma, min_compression_size=10**9,
-    )  # fmt: skip
+        PrivacyLedger(accountant="rdp", delta=1e-5, unit="rank"),
+        max_grad_norm=clip,
+        unit="rank",
+        noise_multiplier=sigma,
+        min_compression_size=10**9,
+    )
     private.register(model)
     model(torch.zeros(1, dim, device=device)).sum().backward()
     noise = model.module.weight.grad.flatten() * private.normalizer
@@ -196,10 +199,16 @@ def test_gear_cache_on_cuda_follows_the_uncompressed_cache() -> None:
     from sketchcomm.gear.memory import float16_nbytes
 
     config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        pad_token_id=0, eos_token_id=None,
-    )  # fmt: skip
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to("cuda", torch.float16).eval()
     prompt = torch.randint(1, 512, (2, 300), device="cuda")

@@ -183,20 +183,21 @@ def budget_worker(rank: int, world: int, path: str) -> dict:
 
 # ---------------------------------------------------------------------------- tests
 @pytest.mark.parametrize(
-    ("noise", "unit", "colluding", "factor"),
+    ("world", "noise", "unit", "colluding", "factor"),
     [
-        ("distributed", "rank", 0, 1.0),
-        ("distributed", "rank", None, math.sqrt(2.0)),  # t = W - 1 = 1: shares sigma^2 C^2 / 1
-        ("single", "example", None, 1.0),
+        (2, "distributed", "rank", 0, 1.0),
+        (2, "distributed", "rank", None, math.sqrt(2.0)),  # t = W - 1: shares sigma^2 C^2 / 1
+        (3, "distributed", "rank", 1, math.sqrt(1.5)),  # shares sigma^2 C^2 / 2
+        (2, "single", "example", None, 1.0),
     ],
 )
 def test_aggregate_noise_has_std_sigma_c(
-    noise: str, unit: str, colluding: int | None, factor: float
+    world: int, noise: str, unit: str, colluding: int | None, factor: float
 ) -> None:
     """60,000 cells: the sample std of a Gaussian has relative standard error 1/sqrt(2n), about
-    0.3%; the tolerance is 3%. The aggregate carries sigma C sqrt(W / (W - t)); shared seeds
-    would give another factor sqrt(2) with two ranks."""
-    for result in run_ranks(noise_worker, 2, noise, unit, colluding):
+    0.3%; the tolerance is 3%. The aggregate carries sigma C sqrt(W / (W - t)), so that any t
+    shares removed leave sigma C; shared seeds would give another factor sqrt(W)."""
+    for result in run_ranks(noise_worker, world, noise, unit, colluding):
         assert abs(result["std"] / (factor * result["expected"]) - 1) < 0.03, result
         assert result["shares_differ"]
         assert result["steps"] == 3
@@ -273,6 +274,8 @@ def test_unsupported_layer_is_refused_when_registered() -> None:
         ({"start_iter": 3}, "start_iter"),
         ({"compression": 0.5}, "compression"),
         ({"secure_mode": 1}, "secure_mode"),
+        ({"secure_mode": True}, "ledger declares secure_mode=False"),
+        ({"colluding_ranks": -1}, "colluding_ranks"),
     ],
 )
 def test_invalid_private_configuration(kwargs: dict, message: str) -> None:

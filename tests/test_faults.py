@@ -37,11 +37,21 @@ FAULT_JOB = Path(__file__).with_name("fault_job.py")
 
 def _torchrun(run_dir: Path, fault: str, max_restarts: int) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        f"--max-restarts={max_restarts}", str(FAULT_JOB), f"--run-dir={run_dir / 'run'}",
-        f"--steps={STEPS}", f"--checkpoint-every={CHECKPOINT_EVERY}",
-        f"--batch-size={BATCH_SIZE}", f"--delta={DELTA}", "--target-epsilon=8", "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        f"--max-restarts={max_restarts}",
+        str(FAULT_JOB),
+        f"--run-dir={run_dir / 'run'}",
+        f"--steps={STEPS}",
+        f"--checkpoint-every={CHECKPOINT_EVERY}",
+        f"--batch-size={BATCH_SIZE}",
+        f"--delta={DELTA}",
+        "--target-epsilon=8",
+        "--no-progress",
+    ]
     env = {
         **os.environ,
         "FAULT_DIR": str(run_dir),

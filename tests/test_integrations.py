@@ -34,9 +34,13 @@ def finish(process: subprocess.Popen, timeout: float = 180) -> str:
 
 def start(*command: str, launcher: list[str] = TORCHRUN) -> subprocess.Popen:
     return subprocess.Popen(
-        [*launcher, *command], cwd=REPO, env={**ENV, "PYTHON": sys.executable}, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [*launcher, *command],
+        cwd=REPO,
+        env={**ENV, "PYTHON": sys.executable},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def free_port() -> int:
@@ -52,10 +56,18 @@ def test_lightning_ddp_with_sketch_hook_trains_like_allreduce(tmp_path: Path) ->
     figures = {}
     for hook in ("allreduce", "sketch"):
         path = tmp_path / f"{hook}.json"
-        finish(start(
-            "--standalone", "--nproc_per_node=2", "examples/lightning_ddp.py",
-            "--hook", hook, "--json", str(path), *common,
-        ))  # fmt: skip
+        finish(
+            start(
+                "--standalone",
+                "--nproc_per_node=2",
+                "examples/lightning_ddp.py",
+                "--hook",
+                hook,
+                "--json",
+                str(path),
+                *common,
+            )
+        )
         figures[hook] = json.loads(path.read_text())
 
     reference, sketched = figures["allreduce"], figures["sketch"]

@@ -37,8 +37,11 @@ def test_python_m_sketchcomm_is_the_command() -> None:
     assert done.returncode == 0, done.stderr
     commands = done.stdout.split("positional arguments:")[1].split("options:")[0]
     assert [line.split()[0] for line in commands.splitlines()[2:] if line.strip()] == [
-        "demo", "privacy", "audit", "bench",
-    ]  # fmt: skip
+        "demo",
+        "privacy",
+        "audit",
+        "bench",
+    ]
     done = python("-m", "sketchcomm", "bench", "kernels", "--help", cwd=REPO, pythonpath=REPO)
     assert done.returncode == 0 and "--sizes" in done.stdout, done.stderr
 
@@ -49,9 +52,14 @@ def test_bench_without_a_checkout_says_how_to_run_the_benchmarks(tmp_path: Path)
     shutil.copytree(REPO / "sketchcomm", tmp_path / "site" / "sketchcomm")
     (tmp_path / "elsewhere").mkdir()
     done = python(
-        "-m", "sketchcomm", "bench", "kernels", "--quick",
-        cwd=tmp_path / "elsewhere", pythonpath=tmp_path / "site",
-    )  # fmt: skip
+        "-m",
+        "sketchcomm",
+        "bench",
+        "kernels",
+        "--quick",
+        cwd=tmp_path / "elsewhere",
+        pythonpath=tmp_path / "site",
+    )
     assert done.returncode == 2
     assert "benchmarks/ folder of the source repository" in done.stderr
     assert "python -m benchmarks BENCHMARK" in done.stderr
@@ -70,9 +78,14 @@ def test_the_library_imports_nothing_from_benchmarks() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["sketchcomm.hook_kinds", "sketchcomm.gear.config", "sketchcomm.gear.compression",
-               "sketchcomm.gear.cache"],
-)  # fmt: skip
+    "module",
+    [
+        "sketchcomm.hook_kinds",
+        "sketchcomm.gear.config",
+        "sketchcomm.gear.compression",
+        "sketchcomm.gear.cache",
+    ],
+)
 def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
@@ -87,10 +100,17 @@ def _grads_with_each_kind(rank: int, world: int) -> dict[str, list[float] | str]
         ("allreduce", {}),
         ("fp16", {}),
         ("sketch", {"compression": 4.0}),
-        ("private", {"ledger": PrivacyLedger("rdp", 1e-5, unit="rank"), "max_grad_norm": 1.0,
-                     "unit": "rank", "noise_multiplier": 1.0}),
+        (
+            "private",
+            {
+                "ledger": PrivacyLedger("rdp", 1e-5, unit="rank"),
+                "max_grad_norm": 1.0,
+                "unit": "rank",
+                "noise_multiplier": 1.0,
+            },
+        ),
         ("powersgd", {"rank": 1}),
-    ]:  # fmt: skip
+    ]:
         torch.manual_seed(0)
         model = DDP(nn.Linear(16, 4))
         state = attach_hook(model, kind, **options)

@@ -20,11 +20,30 @@ EXAMPLE = REPO / "examples" / "train_lm.py"
 @pytest.mark.slow
 def test_lm_example_trains_and_checks_generation_with_a_gear_cache() -> None:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(EXAMPLE), "--tiny", "--hook", "sketch", "--steps", "20", "--log-every", "1",
-        "--gear-every", "10", "--prompts", "2", "--prompt-len", "128", "--new-tokens", "16",
-        "--gear-group-size", "16",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(EXAMPLE),
+        "--tiny",
+        "--hook",
+        "sketch",
+        "--steps",
+        "20",
+        "--log-every",
+        "1",
+        "--gear-every",
+        "10",
+        "--prompts",
+        "2",
+        "--prompt-len",
+        "128",
+        "--new-tokens",
+        "16",
+        "--gear-group-size",
+        "16",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
     assert done.returncode == 0, f"exit code {done.returncode}\n{done.stdout}\n{done.stderr}"

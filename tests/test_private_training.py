@@ -17,10 +17,20 @@ from sketchcomm.privacy import PrivacyLedger
 
 def _torchrun(run_dir: Path, steps: int) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "sketchcomm.demo.private_training", f"--run-dir={run_dir}", f"--steps={steps}",
-        "--target-epsilon=8", "--checkpoint-every=5", "--no-progress", "--hidden=128",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "sketchcomm.demo.private_training",
+        f"--run-dir={run_dir}",
+        f"--steps={steps}",
+        "--target-epsilon=8",
+        "--checkpoint-every=5",
+        "--no-progress",
+        "--hidden=128",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
@@ -32,7 +42,7 @@ def test_private_job_ledger_restart_budget_and_wandb(tmp_path: Path) -> None:
     first = _torchrun(run_dir, steps=10)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "test accuracy" in first.stdout and "Privacy report" in first.stdout
-    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, path=run_dir / "ledger.json")
+    ledger = PrivacyLedger.open(run_dir / "ledger.json")
     assert ledger.steps == 10 and ledger.epsilon <= 8.0
     saved = json.loads((run_dir / "ledger.json").read_text())
     assert saved["accountant"] == "rdp"
@@ -49,10 +59,10 @@ def test_private_job_ledger_restart_budget_and_wandb(tmp_path: Path) -> None:
     second = _torchrun(run_dir, steps=10)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming at step 10" in second.stdout
-    assert PrivacyLedger(accountant="rdp", delta=1e-5, path=run_dir / "ledger.json").steps == 10
+    assert PrivacyLedger.open(run_dir / "ledger.json").steps == 10
 
     # Asking for more steps on the same budget is refused before any further release.
     third = _torchrun(run_dir, steps=14)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "stopped:" in third.stdout and "budget" in third.stdout
-    assert PrivacyLedger(accountant="rdp", delta=1e-5, path=run_dir / "ledger.json").steps == 10
+    assert PrivacyLedger.open(run_dir / "ledger.json").steps == 10

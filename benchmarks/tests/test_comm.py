@@ -83,10 +83,20 @@ def test_quick_run_bytes_losses_and_cleanup(tmp_path: Path, capsys: pytest.Captu
 def test_sigterm_removes_the_namespaces(tmp_path: Path) -> None:
     prefix = "skcs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.comm", "--quick", "--hooks", "allreduce",
-         "--netns-prefix", prefix],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.comm",
+            "--quick",
+            "--hooks",
+            "allreduce",
+            "--netns-prefix",
+            prefix,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not any(name.startswith(f"{prefix}{proc.pid}") for name in _leftovers(prefix)):
@@ -134,14 +144,25 @@ def test_overhead_removed_and_time_to_target() -> None:
     def run(hook: str, step_time: float, losses: list[float]) -> dict:
         times = [step_time] * len(losses)
         return {
-            "hook": hook, "rate": "r", "step_times": times, "losses": losses,
-            "median_step_time": step_time, "parameters": 10, "final_loss": losses[-1],
-            "eval_loss": losses[-1], "hook_bytes_per_step": 40, "wire_bytes_per_step": None,
-        }  # fmt: skip
+            "hook": hook,
+            "rate": "r",
+            "step_times": times,
+            "losses": losses,
+            "median_step_time": step_time,
+            "parameters": 10,
+            "final_loss": losses[-1],
+            "eval_loss": losses[-1],
+            "hook_bytes_per_step": 40,
+            "wire_bytes_per_step": None,
+        }
 
     falling = [5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
-    runs = [run("allreduce", 5.0, falling), run("sketch", 1.4, falling),
-            run("flat", 1.2, [5.0] * 10), run("noop", 1.0, falling)]  # fmt: skip
+    runs = [
+        run("allreduce", 5.0, falling),
+        run("sketch", 1.4, falling),
+        run("flat", 1.2, [5.0] * 10),
+        run("noop", 1.0, falling),
+    ]
     comm.add_comparisons(runs)
     by_hook = {r["hook"]: r for r in runs}
     # Target: allreduce's trailing mean of 5 at step ceil(0.65 * 10) = 7: mean(3, 2, 1, 1, 1).
@@ -151,10 +172,22 @@ def test_overhead_removed_and_time_to_target() -> None:
     assert by_hook["sketch"]["time_to_target"] == pytest.approx(7 * 1.4)
     assert by_hook["flat"]["time_to_target"] is None
     assert "not reached" in comm.markdown_report(
-        {"commands": ["c"], "machine": "m", "network": "loopback", "runs": runs,
-         "config": {"model": "tiny", "steps": 10, "warmup": 0, "batch_size": 1, "seq_len": 2,
-                    "lr": 0.1, "momentum": 0.9}}
-    )  # fmt: skip
+        {
+            "commands": ["c"],
+            "machine": "m",
+            "network": "loopback",
+            "runs": runs,
+            "config": {
+                "model": "tiny",
+                "steps": 10,
+                "warmup": 0,
+                "batch_size": 1,
+                "seq_len": 2,
+                "lr": 0.1,
+                "momentum": 0.9,
+            },
+        }
+    )
 
 
 def test_invalid_parameters_are_named() -> None:

@@ -46,15 +46,27 @@ def baseline_worker(rank: int, world: int) -> dict:
     data = load_digits()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     results = {}
-    runs = [("sketch", 0.0, False), ("topk", 0.0, False), ("randk", 0.0, False),
-            ("randk", 2.0, False), ("randk", 2.0, True)]  # fmt: skip
+    runs = [
+        ("sketch", 0.0, False),
+        ("topk", 0.0, False),
+        ("randk", 0.0, False),
+        ("randk", 2.0, False),
+        ("randk", 2.0, True),
+    ]
     for compressor, sigma, per_message in runs:
         model = DDP(make_mlp(hidden=32, seed=3))
         state = SeparateNoiseState(
-            PrivacyLedger("rdp", 1e-5), CLIP, compressor, per_message_noise=per_message,
-            sample_rate=Q, dataset_size=N, noise_multiplier=sigma, compression=5,
-            min_compression_size=1000, topk_fraction=0.05,
-        )  # fmt: skip
+            PrivacyLedger("rdp", 1e-5),
+            CLIP,
+            compressor,
+            per_message_noise=per_message,
+            sample_rate=Q,
+            dataset_size=N,
+            noise_multiplier=sigma,
+            compression=5,
+            min_compression_size=1000,
+            topk_fraction=0.05,
+        )
         state.register(model)
         loss = nn.functional.cross_entropy(
             model(data.x_train[rows]), data.y_train[rows], reduction="sum"
@@ -62,10 +74,15 @@ def baseline_worker(rank: int, world: int) -> dict:
         loss.backward()
         bs = state.buckets[0]
         results[(compressor, sigma, per_message)] = {
-            "update": _canonical_grad(model.module), "key": bs.layout, "k": bs.topk,
-            "sketch": bs.sketch, "normalizer": state.normalizer, "steps": state.ledger.steps,
-            "bytes": state.stats.step_bytes_sent, "buckets": len(state.buckets),
-        }  # fmt: skip
+            "update": _canonical_grad(model.module),
+            "key": bs.layout,
+            "k": bs.topk,
+            "sketch": bs.sketch,
+            "normalizer": state.normalizer,
+            "steps": state.ledger.steps,
+            "bytes": state.stats.step_bytes_sent,
+            "buckets": len(state.buckets),
+        }
     return results
 
 
@@ -175,8 +192,16 @@ def test_bad_configuration() -> None:
 def test_quick_benchmark(tmp_path) -> None:
     parser = argparse.ArgumentParser()
     configure(parser)
-    argv = ["--quick", "--quiet", "--hidden", "64", "--json", str(tmp_path / "bench.json"),
-            "--markdown", str(tmp_path / "bench.md")]  # fmt: skip
+    argv = [
+        "--quick",
+        "--quiet",
+        "--hidden",
+        "64",
+        "--json",
+        str(tmp_path / "bench.json"),
+        "--markdown",
+        str(tmp_path / "bench.md"),
+    ]
     if importlib.util.find_spec("matplotlib") is not None:
         argv += ["--plot", str(tmp_path / "bench.png")]
     assert run(parser.parse_args(argv)) == 0
@@ -274,9 +299,21 @@ def test_quick_text_benchmark(tmp_path) -> None:
     parser = argparse.ArgumentParser()
     configure(parser)
     args = parser.parse_args(
-        ["--task", "text", "--quick", "--quiet", "--methods", "nonprivate", "sketch", "sep-topk",
-         "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md")]
-    )  # fmt: skip
+        [
+            "--task",
+            "text",
+            "--quick",
+            "--quiet",
+            "--methods",
+            "nonprivate",
+            "sketch",
+            "sep-topk",
+            "--json",
+            str(tmp_path / "bench.json"),
+            "--markdown",
+            str(tmp_path / "bench.md"),
+        ]
+    )
     assert run(args) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     config, rows = report["config"], report["rows"]
@@ -318,8 +355,15 @@ def test_poisson_sampling_is_secret_unless_seeded() -> None:
     seeded = BenchConfig(sampling_seed=7)
     assert sampler_seed(seeded, 0, 1) == sampler_seed(seeded, 0, 1) != sampler_seed(seeded, 0, 0)
     assert BenchConfig().private and not seeded.private
-    row = {"label": "", "method": "sketch", "epsilon_target": 4.0, "epsilon": 3.9,
-           "bytes_per_step": 8, "test_accuracy": 0.5, "test_loss": 1.0}  # fmt: skip
+    row = {
+        "label": "",
+        "method": "sketch",
+        "epsilon_target": 4.0,
+        "epsilon": 3.9,
+        "bytes_per_step": 8,
+        "test_accuracy": 0.5,
+        "test_loss": 1.0,
+    }
     summary = summarize([row])
     assert "NOT PRIVATE" not in markdown_table(summary, BenchConfig())
     assert markdown_table(summary, seeded).endswith(f"**{seeded.sampling()}.**")
@@ -329,8 +373,23 @@ def test_poisson_sampling_is_secret_unless_seeded() -> None:
 def test_a_seeded_run_is_marked_not_private(tmp_path, capsys) -> None:
     parser = argparse.ArgumentParser()
     configure(parser)
-    argv = ["--quiet", "--methods", "sketch", "--epsilons", "4", "--seeds", "1", "--steps", "3",
-            "--hidden", "16", "--json", str(tmp_path / "bench.json"), "--sampling-seed", "7"]
+    argv = [
+        "--quiet",
+        "--methods",
+        "sketch",
+        "--epsilons",
+        "4",
+        "--seeds",
+        "1",
+        "--steps",
+        "3",
+        "--hidden",
+        "16",
+        "--json",
+        str(tmp_path / "bench.json"),
+        "--sampling-seed",
+        "7",
+    ]
     assert run(parser.parse_args(argv)) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["private"] is False and report["config"]["sampling_seed"] == 7

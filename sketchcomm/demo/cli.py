@@ -29,7 +29,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compression", type=float, default=20.0, help="bucket / table elements (default 20)"
     )
-    parser.add_argument("--runs", default="runs", help="output folder (default runs)")  # fmt: skip
+    parser.add_argument(
+        "--colluding-ranks",
+        type=int,
+        default=0,
+        help="ranks that may pool their noise shares against the others (default 0)",
+    )
+    parser.add_argument("--runs", default="runs", help="output folder (default runs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,11 +44,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
     run_dir = Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={args.nproc}", "-m", "sketchcomm.demo.private_training",
-        f"--target-epsilon={args.target_epsilon}", f"--steps={args.steps}",
-        f"--compression={args.compression}", f"--run-dir={run_dir}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "sketchcomm.demo.private_training",
+        f"--target-epsilon={args.target_epsilon}",
+        f"--steps={args.steps}",
+        f"--compression={args.compression}",
+        f"--colluding-ranks={args.colluding_ranks}",
+        f"--run-dir={run_dir}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env.setdefault("WANDB_SILENT", "true")
     print(f"run folder: {run_dir}", flush=True)

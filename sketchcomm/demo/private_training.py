@@ -92,7 +92,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint-every", type=int, default=50, help="steps between checkpoints"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+    parser.add_argument(
+        "--colluding-ranks",
+        type=int,
+        default=0,
+        help="t, the ranks that may pool their noise shares against the others' examples: the "
+        "noise is calibrated so that the target epsilon holds towards them too (default 0: "
+        "ranks trusted)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def poisson_batches(
@@ -151,8 +159,11 @@ def resume_step(checkpoint_step: int, ledger_steps: int) -> int:
 def train(args: argparse.Namespace) -> dict[str, float]:
     """The training loop of one rank; returns the final figures (on every rank)."""
     rank = dist.get_rank()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if torch.cuda.is_available() \
-        else torch.device("cpu")  # fmt: skip
+    device = (
+        torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_digits()
@@ -162,9 +173,14 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     model = make_mlp(args.hidden, args.seed).to(device)
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     ledger = PrivacyLedger(
-        accountant=args.accountant, delta=args.delta, budget=args.target_epsilon,
-        path=run_dir / "ledger.json", writer=rank == 0, dataset_size=n,
-    )  # fmt: skip
+        accountant=args.accountant,
+        delta=args.delta,
+        budget=args.target_epsilon,
+        path=run_dir / "ledger.json",
+        writer=rank == 0,
+        dataset_size=n,
+        colluding_ranks=args.colluding_ranks,
+    )
     # A resumed run keeps the noise multiplier it was planned with: running past the plan then
     # spends beyond the budget, which the ledger refuses.
     checkpoint_path = run_dir / "checkpoint.pt"
@@ -179,10 +195,18 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         else {"target_epsilon": args.target_epsilon, "steps": args.steps}
     )
     state = DPSketchState(
-        ledger, max_grad_norm=args.max_grad_norm, unit="example", sample_rate=sample_rate,
-        dataset_size=n, compression=args.compression, topk_fraction=args.topk_fraction,
-        momentum=args.momentum, seed=args.seed, **noise,
-    )  # fmt: skip
+        ledger,
+        max_grad_norm=args.max_grad_norm,
+        unit="example",
+        sample_rate=sample_rate,
+        dataset_size=n,
+        compression=args.compression,
+        topk_fraction=args.topk_fraction,
+        momentum=args.momentum,
+        colluding_ranks=args.colluding_ranks,
+        seed=args.seed,
+        **noise,
+    )
     state.register(ddp_model)
     optimizer = torch.optim.SGD(ddp_model.parameters(), lr=args.lr)
 
@@ -196,9 +220,11 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     if rank == 0:
         print(state.describe(args.steps), flush=True)
         if start:
-            print(f"resuming at step {start} from the checkpoint of step {checkpoint_step}; "
-                  f"ledger already holds {ledger.steps} steps (epsilon {ledger.epsilon:.3f})",
-                  flush=True)  # fmt: skip
+            print(
+                f"resuming at step {start} from the checkpoint of step {checkpoint_step}; "
+                f"ledger already holds {ledger.steps} steps (epsilon {ledger.epsilon:.3f})",
+                flush=True,
+            )
 
     batches = poisson_batches(
         n, sample_rate, rank, dist.get_world_size(), args.seed, args.steps, args.sampling_seed
@@ -221,10 +247,12 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             stopped = str(error)
             break
         optimizer.step()
-        reporter.log_step({
-            "bytes_sent": state.stats.step_bytes_sent,
-            "compression_ratio": state.stats.compression_ratio,
-        })  # fmt: skip
+        reporter.log_step(
+            {
+                "bytes_sent": state.stats.step_bytes_sent,
+                "compression_ratio": state.stats.compression_ratio,
+            }
+        )
         if (step + 1) % args.checkpoint_every == 0 and rank == 0:
             _save(checkpoint_path, model, optimizer, state, step + 1)
     else:
@@ -236,11 +264,16 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         if stopped:
             print(f"stopped: {stopped}")
         print(f"test accuracy: {test_accuracy:.4f}")
-        print(format_privacy_report(ledger, comm={
-            "bytes_sent_per_step": state.stats.step_bytes_sent,
-            "bytes_allreduce_per_step": state.stats.step_bytes_uncompressed,
-            "compression_ratio": state.stats.compression_ratio,
-        }))  # fmt: skip
+        print(
+            format_privacy_report(
+                ledger,
+                comm={
+                    "bytes_sent_per_step": state.stats.step_bytes_sent,
+                    "bytes_allreduce_per_step": state.stats.step_bytes_uncompressed,
+                    "compression_ratio": state.stats.compression_ratio,
+                },
+            )
+        )
     reporter.finish()
     return {"test_accuracy": test_accuracy, "epsilon": ledger.epsilon, "steps": ledger.steps}
 
@@ -248,8 +281,15 @@ def train(args: argparse.Namespace) -> dict[str, float]:
 def _save(path: Path, model: nn.Module, optimizer, state: DPSketchState, step: int) -> None:
     """Write the checkpoint atomically (a crash never leaves a half-written file)."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "hook": state.state_dict(), "step": step}, tmp)  # fmt: skip
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "hook": state.state_dict(),
+            "step": step,
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
