@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.arguments import positive_int
+from sketchcomm.config import SketchConfig
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 EXAMPLES = {"gpt2": "train_private_lm.py", "cnn": "train_private_cnn.py"}
@@ -39,11 +40,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Declare the options of ``bench private-models``."""
     add = parser.add_argument
     add("--tasks", nargs="+", choices=tuple(EXAMPLES), default=list(EXAMPLES), help="models")
-    add("--gpt2-steps", type=positive_int, default=200, help="steps of the GPT-2 runs")
+    add("--gpt2-steps", type=positive_int, default=300, help="steps of the GPT-2 runs")
     add("--cnn-steps", type=positive_int, default=300, help="steps of the CNN runs")
+    add("--gpt2-batch", type=positive_int, default=128, help="expected batch of the GPT-2 runs")
+    add("--cnn-batch", type=positive_int, default=64, help="expected batch of the CNN runs")
     add("--target-epsilon", type=float, default=8.0, help="epsilon of each private run")
     add("--delta", type=float, default=1e-5, help="delta")
     add("--compression", type=float, default=20.0, help="sketch compression of the private run")
+    add(
+        "--min-compression-size",
+        type=positive_int,
+        default=SketchConfig.min_compression_size,
+        help="buckets with fewer elements are privatised uncompressed (the CNN's one bucket is)",
+    )
     add("--quick", action="store_true", help="tiny models, 4 steps (tests, smoke runs)")
     add("--sampling-seed", type=int, default=None, help="seed of the Poisson sampling")
     add("--json", type=Path, default=None, help="also write the JSON report here")
@@ -57,9 +66,22 @@ def _command(task: str, run: str, args: argparse.Namespace, steps: int) -> list[
         if run == "opacus"
         else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     )
-    options = ["--mode", MODE[run], "--steps", str(steps), "--target-epsilon",
-               str(args.target_epsilon), "--delta", str(args.delta),
-               "--compression", str(args.compression)]  # fmt: skip
+    options = [
+        "--mode",
+        MODE[run],
+        "--steps",
+        str(steps),
+        "--target-epsilon",
+        str(args.target_epsilon),
+        "--delta",
+        str(args.delta),
+        "--compression",
+        str(args.compression),
+        "--min-compression-size",
+        str(args.min_compression_size),
+    ]
+    if not args.quick:  # --quick keeps the tiny examples' own batch
+        options += ["--batch-size", str({"gpt2": args.gpt2_batch, "cnn": args.cnn_batch}[task])]
     if args.sampling_seed is not None:
         options += ["--sampling-seed", str(args.sampling_seed)]
     return [*launcher, script, *options, *(["--tiny"] if args.quick else [])]
@@ -69,8 +91,15 @@ def run_one(task: str, run: str, args: argparse.Namespace, steps: int) -> dict[s
     """One run's ``RESULT`` line, parsed; raises ``RuntimeError`` with its output if it failed."""
     command = _command(task, run, args, steps)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(CHECKOUT)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=CHECKOUT,
-                          timeout=args.timeout, check=False)  # fmt: skip
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=CHECKOUT,
+        timeout=args.timeout,
+        check=False,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(

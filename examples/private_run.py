@@ -11,7 +11,8 @@
   the same ``q``, the same noise multiplier, clipping norm and steps, mean loss (Opacus divides the
   noisy sum by the expected batch ``q N``, as the hook does), SGD with the same momentum.
 * ``allreduce`` — DDP's own allreduce, no privacy, the same Poisson batches and update
-  ``sum / (q N)``.
+  ``sum / (q N)``, whose norm is clipped to ``max_grad_norm`` (``clip_grad_norm_``, as ordinary
+  training loops do; without it SGD at the private runs' learning rate diverges on GPT-2).
 
 Every mode builds the model from the same seed and reads the same data; rank 0 prints one line
 ``RESULT {json}`` at the end (eval loss before and after, the task's metric, epsilon, bytes per step
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sketchcomm.config import SketchConfig
 from sketchcomm.demo.private_training import poisson_batches
 from sketchcomm.privacy import DPSketchState, PrivacyLedger
 from sketchcomm.privacy.calibration import calibrate_noise_multiplier
@@ -64,8 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, steps: int, batch: int, lr
     add = parser.add_argument
     add("--mode", choices=MODES, default="private", help="how to train (see the module's doc)")
     add("--steps", type=int, default=steps, help="optimizer steps")
-    add("--batch-size", type=int, default=batch,
-        help="expected global batch; q = 1 / ceil(N / batch)")  # fmt: skip
+    add(
+        "--batch-size",
+        type=int,
+        default=batch,
+        help="expected global batch; q = 1 / ceil(N / batch)",
+    )
     add("--target-epsilon", type=float, default=8.0, help="epsilon of the whole run")
     add("--delta", type=float, default=1e-5, help="delta (below 1/N)")
     add("--max-grad-norm", type=float, default=1.0, help="per-example clipping norm C")
@@ -73,10 +79,20 @@ def add_arguments(parser: argparse.ArgumentParser, *, steps: int, batch: int, lr
     add("--momentum", type=float, default=0.9, help="momentum (in sketch space for private)")
     add("--compression", type=float, default=20.0, help="bucket elements per table element")
     add("--topk-fraction", type=float, default=0.1, help="coordinates recovered per step")
+    add(
+        "--min-compression-size",
+        type=int,
+        default=SketchConfig.min_compression_size,
+        help="buckets with fewer elements are privatised uncompressed (an exact table)",
+    )
     add("--seed", type=int, default=0, help="seed of the model, the data split and the hashes")
-    add("--sampling-seed", type=int, default=None,
+    add(
+        "--sampling-seed",
+        type=int,
+        default=None,
         help="seed of the Poisson sampling (reproducible runs; secret for the guarantee to hold); "
-        "by default drawn from the operating system")  # fmt: skip
+        "by default drawn from the operating system",
+    )
     add("--tiny", action="store_true", help="a tiny model and data (tests)")
     add("--json", type=Path, default=None, help="write the result here (rank 0)")
 
@@ -108,14 +124,27 @@ def _distributed_run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
     ddp_model = DDP(model)
     state = None
     if args.mode == "private":
-        ledger = PrivacyLedger(accountant=ACCOUNTANT, delta=args.delta, budget=args.target_epsilon,
-                               writer=False, dataset_size=n)  # fmt: skip
+        ledger = PrivacyLedger(
+            accountant=ACCOUNTANT,
+            delta=args.delta,
+            budget=args.target_epsilon,
+            writer=False,
+            dataset_size=n,
+        )
         state = DPSketchState(
-            ledger, max_grad_norm=args.max_grad_norm, unit="example", sample_rate=sample_rate,
-            dataset_size=n, target_epsilon=args.target_epsilon, steps=args.steps,
+            ledger,
+            max_grad_norm=args.max_grad_norm,
+            unit="example",
+            sample_rate=sample_rate,
+            dataset_size=n,
+            target_epsilon=args.target_epsilon,
+            steps=args.steps,
             compression=args.compression,
-            topk_fraction=args.topk_fraction, momentum=args.momentum, seed=args.seed,
-        )  # fmt: skip
+            min_compression_size=args.min_compression_size,
+            topk_fraction=args.topk_fraction,
+            momentum=args.momentum,
+            seed=args.seed,
+        )
         state.register(ddp_model)
         optimizer = torch.optim.SGD(ddp_model.parameters(), lr=args.lr)
     else:
@@ -131,19 +160,31 @@ def _distributed_run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
         if state is None:  # DDP averages over ranks: world * sum / (q N) is the global sum / (q N)
             loss = loss * (world / (sample_rate * n))
         loss.backward()
+        if state is None:  # the plain run clips the batch's gradient norm, as LM training does
+            nn.utils.clip_grad_norm_(ddp_model.parameters(), args.max_grad_norm)
         optimizer.step()
         times.append(time.perf_counter() - start)
     numel = sum(p.numel() for p in model.parameters())
     result = {
-        "mode": args.mode, "world": world, "steps": args.steps, "batch_size": args.batch_size,
-        "dataset_size": n, "parameters": numel, "initial_eval_loss": initial["eval_loss"],
-        **task.metrics(model), "step_time_s": _median_step_time(times),
+        "mode": args.mode,
+        "world": world,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "dataset_size": n,
+        "parameters": numel,
+        "initial_eval_loss": initial["eval_loss"],
+        **task.metrics(model),
+        "step_time_s": _median_step_time(times),
         "bytes_per_step": state.stats.step_bytes_sent if state else numel * 4,
-    }  # fmt: skip
+    }
     if state is not None:
-        result |= {"epsilon": ledger.epsilon, "delta": args.delta,
-                   "noise_multiplier": state.noise_multiplier, "ledger_history": ledger.history,
-                   "compression_ratio": state.stats.compression_ratio}  # fmt: skip
+        result |= {
+            "epsilon": ledger.epsilon,
+            "delta": args.delta,
+            "noise_multiplier": state.noise_multiplier,
+            "ledger_history": ledger.history,
+            "compression_ratio": state.stats.compression_ratio,
+        }
     else:
         result |= {"epsilon": None, "delta": None}  # not private
     return result
@@ -163,13 +204,19 @@ def _opacus_run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     loader = DataLoader(TensorDataset(task.x_train, task.y_train), batch_size=args.batch_size)
     engine = PrivacyEngine(accountant=ACCOUNTANT, secure_mode=False)
-    generator = None if args.sampling_seed is None else \
-        torch.Generator().manual_seed(args.sampling_seed)  # fmt: skip
+    generator = (
+        None if args.sampling_seed is None else torch.Generator().manual_seed(args.sampling_seed)
+    )
     private_model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-        max_grad_norm=args.max_grad_norm, poisson_sampling=True, loss_reduction="mean",
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=args.max_grad_norm,
+        poisson_sampling=True,
+        loss_reduction="mean",
         noise_generator=generator,
-    )  # fmt: skip
+    )
     times: list[float] = []
     while len(times) < args.steps:
         for x, y in loader:
@@ -181,13 +228,21 @@ def _opacus_run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
             optimizer.step()
             times.append(time.perf_counter() - start)
     return {
-        "mode": "opacus", "world": 1, "steps": args.steps, "batch_size": args.batch_size,
-        "dataset_size": n, "parameters": sum(p.numel() for p in model.parameters()),
-        "initial_eval_loss": initial["eval_loss"], **task.metrics(model),
-        "step_time_s": _median_step_time(times), "bytes_per_step": 0,
-        "epsilon": engine.get_epsilon(args.delta), "delta": args.delta,
-        "noise_multiplier": sigma, "accountant_history": engine.accountant.history,
-    }  # fmt: skip
+        "mode": "opacus",
+        "world": 1,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "dataset_size": n,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "initial_eval_loss": initial["eval_loss"],
+        **task.metrics(model),
+        "step_time_s": _median_step_time(times),
+        "bytes_per_step": 0,
+        "epsilon": engine.get_epsilon(args.delta),
+        "delta": args.delta,
+        "noise_multiplier": sigma,
+        "accountant_history": engine.accountant.history,
+    }
 
 
 def main(args: argparse.Namespace, task_for: Callable[[argparse.Namespace], Task]) -> int:

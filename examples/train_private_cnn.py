@@ -36,11 +36,15 @@ def make_cnn(channels: int, seed: int) -> nn.Sequential:
     """The seeded CNN ``[B, 1, 8, 8] -> [B, 10]``."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, channels, 3, padding=1), nn.GroupNorm(4, channels), nn.ReLU(),
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.GroupNorm(4, channels),
+        nn.ReLU(),
         nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1),
-        nn.GroupNorm(4, 2 * channels), nn.ReLU(), nn.Flatten(),
+        nn.GroupNorm(4, 2 * channels),
+        nn.ReLU(),
+        nn.Flatten(),
         nn.Linear(2 * channels * 16, 10),
-    )  # fmt: skip
+    )
 
 
 def build_task(args: argparse.Namespace) -> private_run.Task:

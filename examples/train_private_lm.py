@@ -32,7 +32,7 @@ EVAL_SEQUENCES = 256  # held-out sequences the eval loss is measured on
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    private_run.add_arguments(parser, steps=200, batch=32, lr=0.5)
+    private_run.add_arguments(parser, steps=300, batch=128, lr=0.5)
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
     parser.add_argument("--width", type=int, default=128, help="embedding width")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
@@ -60,10 +60,18 @@ def build_task(args: argparse.Namespace) -> private_run.Task:
     if args.tiny:
         train = train[:2048]
     config = GPT2Config(
-        vocab_size=256, n_positions=args.context, n_embd=args.width, n_layer=args.layers,
-        n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=256,
+        n_positions=args.context,
+        n_embd=args.width,
+        n_layer=args.layers,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+    )
 
     def build_model() -> nn.Module:
         torch.manual_seed(args.seed)

@@ -21,9 +21,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run_example(script: str) -> dict:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(REPO / "examples" / script), "--tiny", "--steps", "3", "--sampling-seed", "0",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "examples" / script),
+        "--tiny",
+        "--steps",
+        "3",
+        "--sampling-seed",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert done.returncode == 0, f"exit code {done.returncode}\n{done.stdout}\n{done.stderr}"
