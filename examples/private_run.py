@@ -6,7 +6,9 @@
   batch (:func:`~sketchcomm.demo.private_training.poisson_batches`), the loss is the *sum* of the
   per-example losses, and the hook clips each example's gradient in sketch space, adds the noise
   calibrated for ``(target_epsilon, delta)`` over ``steps`` steps at ``q = batch / N`` (RDP
-  accountant) and divides the released sum by ``q N``. Momentum lives in the hook (sketch space).
+  accountant) and divides the released sum by ``q N``. Momentum lives in the hook (sketch space),
+  and applies to sketched buckets only: a bucket below ``--min-compression-size`` is privatised as
+  an exact table and read back without it (plain SGD).
 * ``opacus`` — Opacus DP-SGD in one process: ``PrivacyEngine.make_private`` with Poisson sampling at
   the same ``q``, the same noise multiplier, clipping norm and steps, mean loss (Opacus divides the
   noisy sum by the expected batch ``q N``, as the hook does), SGD with the same momentum.
