@@ -5,7 +5,7 @@
   (:class:`~sketchcomm.privacy.DPSketchState`, ``unit="example"``): each rank draws its own Poisson
   batch (:func:`~sketchcomm.demo.private_training.poisson_batches`), the loss is the *sum* of the
   per-example losses, and the hook clips each example's gradient in sketch space, adds the noise
-  calibrated for ``(target_epsilon, delta)`` over ``steps`` steps at ``q = batch / N`` (RDP
+  calibrated for ``(target_epsilon, delta)`` over ``steps`` at ``q`` (:func:`poisson_rate`, RDP
   accountant) and divides the released sum by ``q N``. Momentum lives in the hook (sketch space),
   and applies to sketched buckets only: a bucket below ``--min-compression-size`` is privatised as
   an exact table and read back without it (plain SGD).
