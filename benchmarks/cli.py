@@ -16,6 +16,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "gear": ("benchmarks.gear", "GEAR KV-cache compression against its baselines"),
     "comm": ("benchmarks.comm", "wall-clock time of DDP hooks on a bandwidth-limited link"),
     "soak": ("benchmarks.soak", "memory and step time over thousands of steps"),
+    "private-models": (
+        "benchmarks.private_models",
+        "private GPT-2 and CNN training against Opacus and allreduce",
+    ),
 }
 
 
