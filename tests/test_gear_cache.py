@@ -112,7 +112,7 @@ def test_generate_matches_a_hand_written_greedy_loop(model, tokens) -> None:
             loop.append(out.logits[:, -1].argmax(-1))
     assert torch.equal(generated, torch.stack(loop, 1))
     assert cache.get_seq_length() == 40 + 23
-    assert all(layer.compressed_keys.shape[2] == 3 for layer in cache.layers)
+    assert all(layer.streams[0].compressed_blocks == 3 for layer in cache.layers)
 
 
 @pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
@@ -129,7 +129,7 @@ def test_generate_accepts_past_key_values(model, tokens) -> None:
     )
     assert out.shape == (2, 40)
     assert cache.get_seq_length() == 39
-    assert isinstance(cache.layers[0], GEARLayer) and cache.layers[0].compressed_keys is not None
+    assert isinstance(cache.layers[0], GEARLayer) and cache.layers[0].streams[0].compressed_blocks
 
 
 def test_layer_returns_decompressed_blocks_then_exact_tokens() -> None:
@@ -139,7 +139,8 @@ def test_layer_returns_decompressed_blocks_then_exact_tokens() -> None:
     layer = GEARLayer(config)
     keys, values = layer.update(first_k, first_v)
     assert torch.equal(keys, first_k) and torch.equal(values, first_v)
-    assert layer.keys.shape[-2] == 8 and layer.compressed_keys.shape == (2, 3, 2, 16, 8)
+    (stream,) = layer.streams
+    assert stream.keys.shape[-2] == 40 and stream.compressed_blocks == 0  # compressed next call
 
     new_k, new_v = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 3, 1, 8, generator=g)
     keys, values = layer.update(new_k, new_v)
@@ -149,6 +150,7 @@ def test_layer_returns_decompressed_blocks_then_exact_tokens() -> None:
         assert torch.equal(got[..., :32, :], expected_old)
         assert torch.equal(got[..., 32:40, :], first[..., 32:, :])
         assert torch.equal(got[..., 40:, :], new)
+    assert stream.keys.shape[-2] == 9 and stream.compressed_keys.shape == (2, 3, 2, 16, 8)
     assert layer.get_seq_length() == 41
 
 
@@ -167,12 +169,13 @@ def test_nbytes_is_what_the_layers_hold(model, tokens) -> None:
     decode_logits(model, cache, tokens, prefill=40)
     held = 0
     for layer in cache.layers:
-        held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-        for stored in (layer.compressed_keys, layer.compressed_values):
+        (stream,) = layer.streams
+        held += sum(t.numel() * t.element_size() for t in (stream.keys, stream.values))
+        for stored in (stream.compressed_keys, stream.compressed_values):
             held += sum(t.numel() * t.element_size() for t in stored.tensors())
     assert cache.nbytes == held
     # 72 tokens cached: 64 in four compressed blocks, 8 in the float32 buffer.
-    assert all(layer.keys.shape[-2] == 8 for layer in cache.layers)
+    assert all(layer.streams[0].keys.shape[-2] == 8 for layer in cache.layers)
     float32_bytes = 2 * 2 * 2 * 72 * 2 * 16 * 4  # layers, (K, V), batch, tokens, heads, head_dim
     assert cache.nbytes < float32_bytes / 2
 
@@ -213,8 +216,8 @@ def test_unsupported_uses_raise_clear_errors(model) -> None:
     with pytest.raises(ValueError, match="GEARConfig"):
         GEARCache({"bits": 4})
     layer = GEARLayer(GEARConfig())
-    with pytest.raises(NotImplementedError, match="cropped"):
-        layer.crop(-1)
+    with pytest.raises(ValueError, match="negative count"):
+        layer.crop(3)
     with pytest.raises(ValueError, match="equal shape"):
         layer.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5))
     with pytest.raises(ValueError, match="compresses"):

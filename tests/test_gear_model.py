@@ -29,19 +29,20 @@ def smollm2():
 def test_four_bit_gear_keeps_the_greedy_continuation_and_compresses(smollm2) -> None:
     model, tokenizer = smollm2
     # A prompt long enough for most of it to be compressed before the first new token: 309
-    # tokens are four blocks of 64 plus 53 buffered; the 11 tokens fed back during generation
-    # complete the fifth block, so the cache ends as five compressed blocks and no buffer.
+    # tokens are four blocks of 64 plus 53 buffered; the 12 tokens fed back during generation
+    # complete the fifth block, compressed by the last call, which leaves one token buffered.
     prompt = text_segments(tokenizer, default_text(), batch=1, length=309, offset=2000)
     mask = torch.ones_like(prompt)
     reference_cache = DynamicCache(config=model.config)
-    reference = greedy_tokens(model, prompt, mask, reference_cache, 12, tokenizer.eos_token_id)
+    reference = greedy_tokens(model, prompt, mask, reference_cache, 13, tokenizer.eos_token_id)
 
     cache = GEARCache(GEARConfig(bits=4, rank=1, outlier_ratio=0.01), config=model.config)
-    tokens = greedy_tokens(model, prompt, mask, cache, 12, tokenizer.eos_token_id)
+    tokens = greedy_tokens(model, prompt, mask, cache, 13, tokenizer.eos_token_id)
     assert torch.equal(tokens[:, :8], reference[:, :8])
 
     layer = cache.layers[0]
-    assert layer.compressed_keys.shape[2] == 5 and layer.keys.shape[-2] == 0
+    (stream,) = layer.streams
+    assert stream.compressed_blocks == 5 and stream.keys.shape[-2] == 1
     assert cache_nbytes(cache) < float16_nbytes(reference_cache) / 3
 
 
