@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes
+from sketchcomm.gear.cache import GEARLayer
 from sketchcomm.gear.generation import greedy_tokens
 from sketchcomm.gear.loading import default_text, load_model, smollm2_folder, text_segments
 from sketchcomm.gear.memory import float16_nbytes
@@ -59,3 +62,89 @@ def test_decompressed_states_are_in_the_model_dtype(smollm2) -> None:
     assert keys.dtype == values.dtype == torch.float16
     assert keys.shape == (2, 3, 72, 64)
     assert torch.isfinite(logits).all()
+
+
+# Eight bits, groups and blocks of 16: a 50-token prompt is three compressed blocks before the
+# first new token, and the compression is fine enough to keep the greedy tokens of DynamicCache.
+FINE = GEARConfig(bits=8, group_size=16, buffer_size=16)
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm2) -> torch.Tensor:
+    _, tokenizer = smollm2
+    return text_segments(tokenizer, default_text(), batch=1, length=50, offset=3000)
+
+
+def generate(model, prompt: torch.Tensor, cache, new: int = 8, **options) -> torch.Tensor:
+    torch.manual_seed(0)  # for the sampling path
+    options = {"do_sample": False, **options}
+    return model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        cache=cache,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        pad_token_id=0,
+        **options,
+    )
+
+
+PATHS = {
+    "prompt lookup": {"prompt_lookup_num_tokens": 3},
+    "beam search": {"num_beams": 3},
+    "beams, two returned": {"num_beams": 3, "num_return_sequences": 2},
+    "sampling, two returned": {"do_sample": True, "num_return_sequences": 2, "top_k": 20},
+}
+
+
+@pytest.mark.parametrize("options", list(PATHS.values()), ids=list(PATHS))
+def test_generate_paths_give_the_tokens_of_a_dynamic_cache(smollm2, prompt, options) -> None:
+    model, _ = smollm2
+    reference = generate(model, prompt, DynamicCache(config=model.config), **options)
+    tokens = generate(model, prompt, GEARCache(FINE, config=model.config), **options)
+    assert torch.equal(tokens, reference)
+
+
+def test_assisted_decoding_crops_compressed_caches(smollm2, prompt, monkeypatch) -> None:
+    model, _ = smollm2
+    removed: list[int] = []
+    crop = GEARLayer.crop
+    monkeypatch.setattr(GEARLayer, "crop", lambda self, n: (removed.append(-n), crop(self, n))[1])
+    reference = generate(model, prompt, DynamicCache(config=model.config), new=10)
+    options = {"assistant_model": model}
+    cache = GEARCache(FINE, config=model.config)
+    assert torch.equal(generate(model, prompt, cache, new=10, **options), reference)
+    cache = GEARCache(FINE, config=model.config)
+    assert torch.equal(
+        generate(model, prompt, cache, new=10, prompt_lookup_num_tokens=3), reference
+    )
+    assert max(removed) > 0  # candidates were rejected and cropped
+    assert cache.get_seq_length() == prompt.shape[1] + 9
+
+
+def test_generation_continues_from_a_returned_cache(smollm2, prompt) -> None:
+    model, _ = smollm2
+    results = []
+    for cache in (DynamicCache(config=model.config), GEARCache(FINE, config=model.config)):
+        first = generate(model, prompt, cache, new=4)
+        results.append(generate(model, first, cache, new=4))
+    assert torch.equal(results[1], results[0])
+
+
+def test_reset_cache_generates_as_a_new_one(smollm2, prompt) -> None:
+    model, _ = smollm2
+    config = GEARConfig(bits=2, group_size=16, buffer_size=16)
+    cache = GEARCache(config, config=model.config)
+    first = generate(model, prompt, cache, new=4)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert torch.equal(generate(model, prompt, cache, new=4), first)
+
+
+def test_bfloat16_model(smollm2, prompt) -> None:
+    model, _ = smollm2
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    reference = generate(model, prompt, DynamicCache(config=model.config), new=6)
+    cache = GEARCache(FINE, config=model.config)
+    assert torch.equal(generate(model, prompt, cache, new=6), reference)
+    assert cache.layers[0].streams[0].keys.dtype == torch.bfloat16

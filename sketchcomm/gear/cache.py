@@ -246,12 +246,16 @@ class GEARCache(Cache):
     >>> import torch
     >>> from sketchcomm.gear import GEARCache, GEARConfig
     >>> cache = GEARCache(GEARConfig(bits=4, group_size=16, buffer_size=16))
-    >>> keys = values = torch.randn(1, 2, 40, 16)  # [batch, kv heads, tokens, head dim]
-    >>> k, v = cache.update(keys, values, layer_idx=0)
+    >>> keys = values = torch.randn(1, 2, 40, 16).half()  # [batch, kv heads, tokens, head dim]
+    >>> k, v = cache.update(keys, values, layer_idx=0)  # the prefill, attended exactly
+    >>> k, v = cache.update(keys[..., :1, :], values[..., :1, :], layer_idx=0)  # 2 blocks packed
     >>> k.shape, cache.get_seq_length()
-    (torch.Size([1, 2, 40, 16]), 40)
+    (torch.Size([1, 2, 41, 16]), 41)
     >>> cache.nbytes < 2 * keys.numel() * 2  # fewer bytes than float16 keys and values
     True
+    >>> cache.crop(-1)  # the latest token, removed exactly
+    >>> cache.get_seq_length()
+    40
     """
 
     def __init__(
