@@ -95,9 +95,8 @@ def generate(model, prompt: torch.Tensor, cache, new: int = 8, **options) -> tor
     )
 
 
+# Prompt-lookup and assisted decoding: test_assisted_decoding_crops_compressed_caches.
 PATHS = {
-    "prompt lookup": {"prompt_lookup_num_tokens": 3},
-    "beam search": {"num_beams": 3},
     "beams, two returned": {"num_beams": 3, "num_return_sequences": 2},
     "sampling, two returned": {"do_sample": True, "num_return_sequences": 2, "top_k": 20},
 }
