@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig
@@ -112,7 +114,7 @@ def test_generate_matches_a_hand_written_greedy_loop(model, tokens) -> None:
             loop.append(out.logits[:, -1].argmax(-1))
     assert torch.equal(generated, torch.stack(loop, 1))
     assert cache.get_seq_length() == 40 + 23
-    assert all(layer.compressed_keys.shape[2] == 3 for layer in cache.layers)
+    assert all(layer.streams[0].compressed_blocks == 3 for layer in cache.layers)
 
 
 @pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
@@ -129,7 +131,7 @@ def test_generate_accepts_past_key_values(model, tokens) -> None:
     )
     assert out.shape == (2, 40)
     assert cache.get_seq_length() == 39
-    assert isinstance(cache.layers[0], GEARLayer) and cache.layers[0].compressed_keys is not None
+    assert isinstance(cache.layers[0], GEARLayer) and cache.layers[0].streams[0].compressed_blocks
 
 
 def test_layer_returns_decompressed_blocks_then_exact_tokens() -> None:
@@ -139,7 +141,8 @@ def test_layer_returns_decompressed_blocks_then_exact_tokens() -> None:
     layer = GEARLayer(config)
     keys, values = layer.update(first_k, first_v)
     assert torch.equal(keys, first_k) and torch.equal(values, first_v)
-    assert layer.keys.shape[-2] == 8 and layer.compressed_keys.shape == (2, 3, 2, 16, 8)
+    (stream,) = layer.streams
+    assert stream.keys.shape[-2] == 40 and stream.compressed_blocks == 0  # compressed next call
 
     new_k, new_v = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 3, 1, 8, generator=g)
     keys, values = layer.update(new_k, new_v)
@@ -149,6 +152,7 @@ def test_layer_returns_decompressed_blocks_then_exact_tokens() -> None:
         assert torch.equal(got[..., :32, :], expected_old)
         assert torch.equal(got[..., 32:40, :], first[..., 32:, :])
         assert torch.equal(got[..., 40:, :], new)
+    assert stream.keys.shape[-2] == 9 and stream.compressed_keys.shape == (2, 3, 2, 16, 8)
     assert layer.get_seq_length() == 41
 
 
@@ -167,12 +171,13 @@ def test_nbytes_is_what_the_layers_hold(model, tokens) -> None:
     decode_logits(model, cache, tokens, prefill=40)
     held = 0
     for layer in cache.layers:
-        held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-        for stored in (layer.compressed_keys, layer.compressed_values):
+        (stream,) = layer.streams
+        held += sum(t.numel() * t.element_size() for t in (stream.keys, stream.values))
+        for stored in (stream.compressed_keys, stream.compressed_values):
             held += sum(t.numel() * t.element_size() for t in stored.tensors())
     assert cache.nbytes == held
     # 72 tokens cached: 64 in four compressed blocks, 8 in the float32 buffer.
-    assert all(layer.keys.shape[-2] == 8 for layer in cache.layers)
+    assert all(layer.streams[0].keys.shape[-2] == 8 for layer in cache.layers)
     float32_bytes = 2 * 2 * 2 * 72 * 2 * 16 * 4  # layers, (K, V), batch, tokens, heads, head_dim
     assert cache.nbytes < float32_bytes / 2
 
@@ -213,9 +218,127 @@ def test_unsupported_uses_raise_clear_errors(model) -> None:
     with pytest.raises(ValueError, match="GEARConfig"):
         GEARCache({"bits": 4})
     layer = GEARLayer(GEARConfig())
-    with pytest.raises(NotImplementedError, match="cropped"):
-        layer.crop(-1)
+    with pytest.raises(ValueError, match="negative count"):
+        layer.crop(3)
     with pytest.raises(ValueError, match="equal shape"):
         layer.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5))
     with pytest.raises(ValueError, match="compresses"):
         GEARLayer(GEARConfig(bits=None))
+
+
+def layer_states(seed: int, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, tokens, 8, generator=g), torch.randn(
+        batch, 2, tokens, 8, generator=g
+    )
+
+
+def held(layer: GEARLayer) -> list[torch.Tensor]:
+    return [t for stream in layer.streams for t in stream.tensors()]
+
+
+def test_crop_of_the_latest_states_is_exact() -> None:
+    config = small_config(bits=2, rank=2, outlier_ratio=0.05)
+    keys, values = layer_states(3, 2, 45)
+    cropped, fresh = GEARLayer(config), GEARLayer(config)
+    cropped.update(keys[..., :30, :], values[..., :30, :])
+    cropped.update(keys[..., 30:40, :], values[..., 30:40, :])  # compresses one block first
+    cropped.crop(-7)  # as assisted decoding rejects 7 of 10 candidates
+    fresh.update(keys[..., :30, :], values[..., :30, :])
+    fresh.update(keys[..., 30:33, :], values[..., 30:33, :])
+    assert cropped.get_seq_length() == fresh.get_seq_length() == 33
+    assert all(torch.equal(a, b) for a, b in zip(held(cropped), held(fresh), strict=True))
+    got = cropped.update(keys[..., 40:45, :], values[..., 40:45, :])
+    want = fresh.update(keys[..., 40:45, :], values[..., 40:45, :])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_crop_into_compressed_blocks_keeps_what_was_read() -> None:
+    config = small_config(bits=4, rank=2, outlier_ratio=0.02)
+    keys, values = layer_states(4, 2, 60)
+    layer = GEARLayer(config)
+    layer.update(keys[..., :40, :], values[..., :40, :])
+    read_keys, read_values = layer.update(keys[..., 40:41, :], values[..., 40:41, :])
+    assert layer.streams[0].compressed_blocks == 2
+    layer.crop(-20)  # 9 buffered tokens, then 11 of the second compressed block
+    assert layer.get_seq_length() == 21 and layer.streams[0].compressed_blocks == 1
+    new_keys, new_values = keys[..., 50:51, :], values[..., 50:51, :]
+    got_keys, got_values = layer.update(new_keys, new_values)
+    assert torch.equal(got_keys, torch.cat([read_keys[..., :21, :], new_keys], dim=-2))
+    assert torch.equal(got_values, torch.cat([read_values[..., :21, :], new_values], dim=-2))
+    layer.crop(-22)  # every token
+    assert layer.get_seq_length() == 0 and layer.nbytes == 0
+    assert torch.equal(layer.update(keys[..., :5, :], values[..., :5, :])[0], keys[..., :5, :])
+
+
+def padded_positions(lengths: list[int], total: int) -> torch.Tensor:
+    """``position_ids`` as ``generate`` sets them for left-padded rows of these lengths."""
+    mask = torch.stack([torch.arange(total) >= total - n for n in lengths]).long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def test_padding_stays_out_of_the_blocks_of_real_tokens() -> None:
+    config = small_config(bits=2, rank=2, outlier_ratio=0.05)
+    keys, values = layer_states(5, 3, 60)
+    lengths = [50, 29, 13]  # padding 0, 21 and 37: phases 0, 5, 5
+    pads = [50 - n for n in lengths]
+    keys[2, :, :37] = 1e3  # padding that would wreck any group it entered
+    batch = GEARLayer(config)
+    batch.update(
+        keys[..., :50, :],
+        values[..., :50, :],
+        kwargs={"position_ids": padded_positions(lengths, 50)},
+    )
+    assert batch.padding.tolist() == pads and [s.phase for s in batch.streams] == [0, 5]
+    for step in range(50, 60):
+        position = torch.tensor([[n + step - 50] for n in lengths])
+        got = batch.update(
+            keys[..., step : step + 1, :],
+            values[..., step : step + 1, :],
+            kwargs={"position_ids": position},
+        )
+    for row, pad in enumerate(pads):
+        alone = GEARLayer(config)
+        alone.update(keys[row : row + 1, :, pad:50], values[row : row + 1, :, pad:50])
+        for step in range(50, 60):
+            want = alone.update(
+                keys[row : row + 1, :, step : step + 1], values[row : row + 1, :, step : step + 1]
+            )
+        for got_part, want_part in zip(got, want, strict=True):
+            assert torch.allclose(got_part[row : row + 1, :, pad:], want_part, atol=1e-6)
+
+
+def test_batch_operations_move_rows_between_phase_groups() -> None:
+    config = small_config(bits=4, rank=1)
+    keys, values = layer_states(6, 3, 40)
+    lengths = [40, 30, 40]
+    positions = padded_positions(lengths, 40)
+    layer = GEARLayer(config)
+    layer.update(keys[..., :36, :], values[..., :36, :], kwargs={"position_ids": positions[:, :36]})
+    layer.update(keys[..., 36:37, :], values[..., 36:37, :])
+    order = torch.tensor([1, 0, 1, 2])  # select, repeat and swap rows of both phases
+    reference = GEARLayer(config)
+    reference.update(
+        keys[order, :, :36], values[order, :, :36], kwargs={"position_ids": positions[order, :36]}
+    )
+    reference.update(keys[order, :, 36:37], values[order, :, 36:37])
+    layer.select_rows(order)
+    assert layer.padding.tolist() == [10, 0, 10, 0]
+    got = layer.update(keys[order, :, 37:38], values[order, :, 37:38])
+    want = reference.update(keys[order, :, 37:38], values[order, :, 37:38])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_deepcopy_and_reset_of_a_model_cache(model, tokens) -> None:
+    cache = GEARCache(small_config(bits=4, rank=2), config=model.config)
+    decode_logits(model, cache, tokens[:, :50], prefill=40)
+    twin = copy.deepcopy(cache)
+    step = tokens[:, 50:51]
+    with torch.inference_mode():
+        first = model(step, cache=cache, use_cache=True).logits
+        second = model(step, cache=twin, use_cache=True).logits
+    assert torch.equal(first, second) and cache.nbytes == twin.nbytes
+    fresh_logits = decode_logits(model, GEARCache(small_config(bits=4, rank=2)), tokens, 40)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes == 0
+    assert torch.equal(decode_logits(model, cache, tokens, prefill=40), fresh_logits)
