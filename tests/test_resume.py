@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sketchcomm.demo.digits import load_digits, make_mlp, rank_batches
 from sketchcomm.hooks import SketchState
+from sketchcomm.privacy import DPSketchState, PrivacyLedger
 
 STEPS, CHECKPOINT_STEP = 8, 4
 # Three buckets after DDP's rebuild (650, 4160 and 4160 elements), one before it.
@@ -34,10 +35,20 @@ def train(model: DDP, optimizer: torch.optim.Optimizer, start: int, stop: int, r
         optimizer.step()
 
 
+def make_state(options: dict) -> SketchState:
+    if not options.get("private"):
+        return SketchState(**options)
+    # No noise, so that the two runs can be compared bit for bit; clipping, the exact tables of
+    # small buckets, sketch-space momentum and error on the aggregate all act as with noise.
+    ledger = PrivacyLedger("rdp", 1e-5, unit="rank")
+    sketch_options = {k: v for k, v in options.items() if k != "private"}
+    return DPSketchState(ledger, 1.0, unit="rank", noise_multiplier=0.0, **sketch_options)
+
+
 def sketch_resume_worker(rank: int, world: int, options: dict, pickled: bool) -> dict:
     def fresh() -> tuple[DDP, SketchState, torch.optim.Optimizer]:
         model = DDP(make_mlp(hidden=64, seed=0), bucket_cap_mb=BUCKET_CAP_MB)
-        state = SketchState(**options)
+        state = make_state(options)
         state.register(model)
         return model, state, torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -46,8 +57,9 @@ def sketch_resume_worker(rank: int, world: int, options: dict, pickled: bool) ->
     saved_buckets = len(state.buckets)
     buffer = io.BytesIO()
     hook = state if pickled else state.state_dict()
-    torch.save({"model": model.module.state_dict(), "opt": optimizer.state_dict(), "hook": hook},
-               buffer)
+    ledger = state.ledger.state_dict() if options.get("private") else None
+    saved = {"model": model.module.state_dict(), "opt": optimizer.state_dict(), "hook": hook}
+    torch.save({**saved, "ledger": ledger}, buffer)
     resets_at_checkpoint = state.stats.state_resets
     train(model, optimizer, CHECKPOINT_STEP, STEPS, rank)
     uninterrupted = [p.detach().clone() for p in model.parameters()]
@@ -62,6 +74,8 @@ def sketch_resume_worker(rank: int, world: int, options: dict, pickled: bool) ->
         state.load_state_dict(loaded.state_dict())
     else:
         state.load_state_dict(checkpoint["hook"])
+    if options.get("private"):
+        state.ledger.load_state_dict(checkpoint["ledger"])
     train(model, optimizer, CHECKPOINT_STEP, STEPS, rank)
     pairs = list(zip(uninterrupted, model.parameters(), strict=True))
     return {
@@ -70,6 +84,7 @@ def sketch_resume_worker(rank: int, world: int, options: dict, pickled: bool) ->
         "max_difference": max((a - b).abs().max().item() for a, b in pairs),
         "resets_after_resume": state.stats.state_resets - resets_at_checkpoint,
         "iter": state.iter,
+        "ledger_steps": state.ledger.steps if options.get("private") else None,
     }
 
 
@@ -79,8 +94,10 @@ def sketch_resume_worker(rank: int, world: int, options: dict, pickled: bool) ->
         ({"compression": 10, "error_feedback": "sketch", "momentum": 0.9,
           "min_compression_size": 500}, True),
         ({"compression": 10, "second_round": True, "min_compression_size": 1000}, False),
+        ({"private": True, "compression": 10, "momentum": 0.9, "min_compression_size": 500},
+         False),
     ],
-    ids=["sketch-momentum-pickled", "second-round-plain-bucket"],
+    ids=["sketch-momentum-pickled", "second-round-plain-bucket", "private"],
 )
 def test_resume_on_fresh_ddp_continues_bit_for_bit(options: dict, pickled: bool) -> None:
     for result in run_ranks(sketch_resume_worker, 2, options, pickled):
@@ -89,3 +106,5 @@ def test_resume_on_fresh_ddp_continues_bit_for_bit(options: dict, pickled: bool)
         assert result["iter"] == STEPS
         assert result["equal"], result
         assert result["resets_after_resume"] == 0
+        if options.get("private"):
+            assert result["ledger_steps"] == STEPS  # every step counted once, none for a restart
