@@ -40,9 +40,13 @@ def make_state(options: dict) -> SketchState:
         return SketchState(**options)
     # No noise, so that the two runs can be compared bit for bit; clipping, the exact tables of
     # small buckets, sketch-space momentum and error on the aggregate all act as with noise.
-    ledger = PrivacyLedger("rdp", 1e-5, unit="rank")
+    unit = options["private"]
     sketch_options = {k: v for k, v in options.items() if k != "private"}
-    return DPSketchState(ledger, 1.0, unit="rank", noise_multiplier=0.0, **sketch_options)
+    if unit == "example":  # per-example tables from the capture, clipped one by one
+        n = len(load_digits().x_train)
+        sketch_options.update(sample_rate=32 / n, dataset_size=n)
+    ledger = PrivacyLedger("rdp", 1e-5, unit=unit)
+    return DPSketchState(ledger, 1.0, unit=unit, noise_multiplier=0.0, **sketch_options)
 
 
 def sketch_resume_worker(rank: int, world: int, options: dict, pickled: bool) -> dict:
@@ -96,7 +100,8 @@ CASES = {
         False,
     ),
     # Error feedback on the aggregated tables; every bucket is released (the smallest exactly).
-    "private": ({"private": True, **MOMENTUM, "min_compression_size": 500}, False),
+    "private-rank": ({"private": "rank", **MOMENTUM, "min_compression_size": 500}, False),
+    "private-example": ({"private": "example", **MOMENTUM, "min_compression_size": 500}, False),
 }
 
 
@@ -105,7 +110,13 @@ def test_resume_on_fresh_ddp_continues_bit_for_bit(options: dict, pickled: bool)
     for result in run_ranks(sketch_resume_worker, 2, options, pickled):
         assert result["saved_buckets"] >= 2
         assert result["iter"] == STEPS
-        assert result["equal"], result
+        if options.get("private") == "example":
+            # The capture sketches per-example gradients while the backward runs once the
+            # layouts repeat (runtime state, not checkpointed), in another order than from kept
+            # rows: the first steps after the restart agree to rounding.
+            assert result["max_difference"] < 1e-8, result
+        else:
+            assert result["equal"], result
         assert result["resets_after_resume"] == 0
         if options.get("private"):
             assert result["ledger_steps"] == STEPS  # every step counted once, none for a restart
