@@ -8,11 +8,12 @@ displaced by a rebuild, is found by its parameters:
 
 1. the state at the bucket's index, if it was made for the bucket's parameters;
 2. else a state made for them at another index, or one held since a rebuild displaced it;
-3. else, in the first step on a newly bound model, the bucket *split* into the parameter sets of
-   the states it holds (DDP's first bucket after a restart holds the checkpoint's buckets), plus
-   one part without state for the parameters of buckets that were sent uncompressed (only for
-   hooks that may send a part uncompressed). Every part then continues its own state, so the
-   step computes what the uninterrupted run computed;
+3. else, in the first step on a newly bound model and for hooks that open buckets with
+   ``split=True``, the bucket *split* into the parameter sets of the states it holds (DDP's
+   first bucket after a restart holds the checkpoint's buckets), plus one part without state for
+   the parameters of buckets that were sent uncompressed (only for hooks whose ``plain_parts``
+   is true). Every part then continues its own state, so the step computes what the
+   uninterrupted run computed;
 4. else a new state.
 
 >>> from sketchcomm.sketch import CountSketch

@@ -128,9 +128,12 @@ class HookState:
         ddp_model.register_comm_hook(self, hook)
 
     # ------------------------------------------------------------------ the protocol
-    def open(self, bucket: dist.GradBucket, *, with_state: bool = True) -> BucketContext:
+    def open(
+        self, bucket: dist.GradBucket, *, with_state: bool = True, split: bool = False
+    ) -> BucketContext:
         """Start the protocol for ``bucket``: read the layout and (with ``with_state``) find or
-        make the bucket's state, checked across ranks when new."""
+        make the bucket's state, checked across ranks when new. With ``split`` (for hooks that
+        go through `BucketContext.parts()`) a bucket may come split into restored states."""
         if bucket.index() == 0:  # DDP launches buckets in index order: a new step
             self.step = StepGuard(self.lock, self.discard_step)
         # The context keeps the group as given (None for the default group), never the resolved
@@ -138,7 +141,7 @@ class HookState:
         # to a destroyed group there would make the group join its own thread.
         group = self.process_group
         layout = BucketLayout.of(bucket, self.positions)
-        bucket_state, parts = None, self._split(bucket, layout) if with_state else None
+        bucket_state, parts = None, self._split(bucket, layout) if with_state and split else None
         if parts is not None:
             layout = BucketLayout.joined(layout, [part for part, _ in parts])
         elif with_state:
@@ -221,7 +224,11 @@ class BucketContext:
     def sketch(self) -> CountSketch:
         """The bucket's Count Sketch."""
         if self.bucket_state is None:
-            raise RuntimeError("the bucket was opened without state")
+            raise RuntimeError(
+                "the bucket was opened without state"
+                if self.split is None
+                else "the bucket is split into restored states: go through context.parts()"
+            )
         return self.bucket_state.sketch
 
     def parts(self) -> list[BucketContext]:

@@ -336,7 +336,7 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
     numel = bucket.buffer().numel()
     if state.iter < config.start_iter or config.table_shape_for(numel) is None:
         return _plain_allreduce(state, bucket)
-    context = state.open(bucket)
+    context = state.open(bucket, split=True)
     if config.second_round:
         return _second_round(state, context)
     parts, decoding = context.parts(), config.decoding

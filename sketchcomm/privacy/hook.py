@@ -373,7 +373,7 @@ def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futur
     """
     if state.positions is None:
         raise RuntimeError("register the state with state.register(ddp_model), not directly")
-    context = state.open(bucket)
+    context = state.open(bucket, split=True)
     parts = context.parts()  # several after a restart: see sketchcomm.bucket_states
     sizes = [torch.Size(part.sketch.table_shape).numel() for part in parts]
 
