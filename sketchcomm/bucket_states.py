@@ -20,8 +20,8 @@ displaced by a rebuild, is found by its parameters:
 >>> states = {0: BucketState(("params", (3, 2)), CountSketch(8, 1, 5), 1, 1),
 ...           1: BucketState(("params", (1,)), CountSketch(4, 1, 5), 1, 1)}
 >>> parts = split_parts(states, ("params", (3, 2, 1, 0)), plain=True)
->>> [(tuple(sorted(own)), state is not None) for own, state in parts]
-[((2, 3), True), ((1,), True), ((0,), False)]
+>>> {tuple(sorted(own)): state is not None for own, state in parts}  # False: sent uncompressed
+{(2, 3): True, (1,): True, (0,): False}
 """
 
 from __future__ import annotations
