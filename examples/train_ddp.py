@@ -15,7 +15,9 @@ The same command on a machine with GPUs uses NCCL and one GPU per process (``cud
 With ``--checkpoint PATH`` the model, the optimizer and the hook's state (its error feedback) are
 saved every ``--checkpoint-every`` steps and at the end; if ``PATH`` exists the run resumes from it
 and continues to ``--steps``. Each step's batches depend only on the seed and the step, so a
-resumed run continues exactly as an uninterrupted one would have (see :func:`settle_buckets`).
+resumed run continues exactly as an uninterrupted one would have: the sketch hook's state follows
+the parameters, so restoring it on the freshly built model is all it takes (PowerSGD's needs one
+extra pass first, see :func:`settle_powersgd_buckets`).
 
 At the end rank 0 prints the test accuracy and the bytes each rank sent in the last step, next to
 what a plain allreduce sends.
@@ -186,14 +188,15 @@ def save_checkpoint(
     dist.barrier()
 
 
-def settle_buckets(model: DDP, x: torch.Tensor) -> None:
-    """A backward pass of zero gradients, to run before a checkpoint is restored.
+def settle_powersgd_buckets(model: DDP, x: torch.Tensor) -> None:
+    """A backward pass of zero gradients, to run before a PowerSGD checkpoint is restored.
 
-    DDP's first step after construction puts all gradients into one bucket, in model order, and
-    rebuilds its buckets after it; the hooks keep their state per bucket (PowerSGD by bucket index
-    and position in the bucket), so the saved state must meet the rebuilt buckets it was made for.
-    This pass is that first step. The hooks send it as a plain allreduce (their first iterations
-    always are), and restoring the checkpoint then overwrites what it changed in their state.
+    DDP's first step after construction puts all gradients into one bucket and rebuilds its
+    buckets after it. PowerSGD keeps its state by bucket index and position in the bucket, so its
+    saved state must meet the rebuilt buckets it was made for: this pass is that first step, sent
+    as a plain allreduce (PowerSGD's first iterations always are), and restoring the checkpoint
+    then overwrites what it changed in the state. The sketch hook needs no such pass: its state
+    is keyed by parameters and DDP's first bucket is split into the restored ones.
     """
     (model(x).sum() * 0.0).backward()
     model.zero_grad(set_to_none=True)
@@ -283,7 +286,8 @@ def train(args: argparse.Namespace, device: torch.device) -> None:
 
     start = 0
     if args.checkpoint and os.path.exists(args.checkpoint):
-        settle_buckets(model, x_train[:1])
+        if args.hook == "powersgd":
+            settle_powersgd_buckets(model, x_train[:1])
         start = load_checkpoint(args.checkpoint, device, args, model, optimizer, state)
         if rank == 0:
             print(f"resumed from {args.checkpoint} at step {start}", flush=True)

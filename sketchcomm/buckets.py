@@ -41,7 +41,14 @@ class BucketLayout:
     slices: tuple[tuple[int, int], ...] | None
 
     @classmethod
-    def of(cls, bucket: dist.GradBucket, positions: dict[int, int] | None) -> BucketLayout:
+    def of(
+        cls,
+        bucket: dist.GradBucket,
+        positions: dict[int, int] | None,
+        only: frozenset[int] | None = None,
+    ) -> BucketLayout:
+        """The layout of ``bucket``, or with ``only`` (positions in the model) of the part of the
+        bucket that holds those parameters (its slices then always index the whole buffer)."""
         params = bucket.parameters()
         numel = bucket.buffer().numel()
         if positions is None:
@@ -54,16 +61,25 @@ class BucketLayout:
                 "a bucket holds a parameter of another model: the state was registered on a "
                 "different DDP model"
             ) from error
-        order = sorted(range(len(params)), key=lambda i: -ranks[i])
+        chosen = [i for i, r in enumerate(ranks) if only is None or r in only]
+        order = sorted(chosen, key=lambda i: -ranks[i])
         key = ("params", tuple(ranks[i] for i in order))
-        if order == list(range(len(params))):
+        if only is None and order == list(range(len(params))):
             return cls(key, numel, tuple(order), None)
         offsets, offset = [], 0
         for p in params:
             offsets.append(offset)
             offset += p.numel()
         slices = tuple((offsets[i], params[i].numel()) for i in order)
-        return cls(key, numel, tuple(order), slices)
+        return cls(key, sum(n for _, n in slices), tuple(order), slices)
+
+    @classmethod
+    def joined(cls, whole: BucketLayout, parts: list[BucketLayout]) -> BucketLayout:
+        """The layout of ``whole`` whose canonical order is the parts' canonical orders one after
+        the other (each part from `of()` with ``only``)."""
+        order = tuple(i for part in parts for i in part.order)
+        slices = tuple(s for part in parts for s in part.slices or ())
+        return cls(whole.key, whole.numel, order, slices)
 
     def to_canonical(self, flat: Tensor) -> Tensor:
         """The bucket buffer ``[numel]`` in canonical order (the same tensor if already so)."""

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from sketchcomm.bucket_states import check_agreement, made_for, split_parts
 from sketchcomm.buckets import BucketLayout, BucketState
 from sketchcomm.failure import RemoteHookError, StepGuard, error_code, error_name
 from sketchcomm.sketch import CountSketch
@@ -60,7 +61,10 @@ class HookState:
 
     Subclasses say how a bucket's state is made (`new_bucket_state()`) and which numbers every
     rank must agree on (`agreement_fields()`). ``nonfinite`` is ``"propagate"`` (a bucket whose
-    exchanged message is not finite becomes NaN) or ``"raise"``.
+    exchanged message is not finite becomes NaN) or ``"raise"``. ``buckets`` maps DDP's bucket
+    indices to their states, ``held`` keeps states a rebuild displaced until the step after the
+    first on a newly bound model (see [`sketchcomm.bucket_states`][sketchcomm.bucket_states]);
+    ``plain_parts`` says whether the hook may send part of a bucket uncompressed.
 
     >>> state = HookState()
     >>> state.iter, state.stats.iterations, state.buckets
@@ -68,6 +72,7 @@ class HookState:
     """
 
     nonfinite = "propagate"
+    plain_parts = False
 
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
@@ -79,7 +84,9 @@ class HookState:
         self.iter = 0
         self.stats = SketchStats()
         self.buckets: dict[int, BucketState] = {}
+        self.held: dict[tuple, BucketState] = {}
         self.positions: dict[int, int] | None = None
+        self.first_step = True
         self.lock = threading.Lock()
         self.step = StepGuard(self.lock, self.discard_step)
 
@@ -104,12 +111,16 @@ class HookState:
         """Called after the last bucket of every step."""
         self.stats.end_iteration()
         self.iter += 1
+        if not self.first_step:
+            self.held = {}
+        self.first_step = False
 
     # ------------------------------------------------------------------ binding
     def bind(self, module: nn.Module) -> None:
         """Key bucket state by ``module``'s parameters (see
         [`sketchcomm.buckets`][sketchcomm.buckets])."""
         self.positions = {id(p): i for i, p in enumerate(module.parameters())}
+        self.first_step = True
 
     def register(self, ddp_model: nn.Module, hook: Callable) -> None:
         """Bind this state to ``ddp_model``'s parameters and register ``hook`` on it."""
@@ -117,9 +128,12 @@ class HookState:
         ddp_model.register_comm_hook(self, hook)
 
     # ------------------------------------------------------------------ the protocol
-    def open(self, bucket: dist.GradBucket, *, with_state: bool = True) -> BucketContext:
+    def open(
+        self, bucket: dist.GradBucket, *, with_state: bool = True, split: bool = False
+    ) -> BucketContext:
         """Start the protocol for ``bucket``: read the layout and (with ``with_state``) find or
-        make the bucket's state, checked across ranks when new."""
+        make the bucket's state, checked across ranks when new. With ``split`` (for hooks that
+        go through `BucketContext.parts()`) a bucket may come split into restored states."""
         if bucket.index() == 0:  # DDP launches buckets in index order: a new step
             self.step = StepGuard(self.lock, self.discard_step)
         # The context keeps the group as given (None for the default group), never the resolved
@@ -127,21 +141,45 @@ class HookState:
         # to a destroyed group there would make the group join its own thread.
         group = self.process_group
         layout = BucketLayout.of(bucket, self.positions)
-        bucket_state = self._bucket_state(bucket, layout, group) if with_state else None
+        bucket_state, parts = None, self._split(bucket, layout) if with_state and split else None
+        if parts is not None:
+            layout = BucketLayout.joined(layout, [part for part, _ in parts])
+        elif with_state:
+            bucket_state = self._bucket_state(bucket, layout, group)
         self.step.buffers.append(bucket.buffer())
         self.step.parameters.extend(bucket.parameters())
-        return BucketContext(self, bucket, group, layout, bucket_state)
+        return BucketContext(self, bucket, group, layout, bucket_state, parts)
+
+    def _split(
+        self, bucket: dist.GradBucket, layout: BucketLayout
+    ) -> list[tuple[BucketLayout, BucketState | None]] | None:
+        """The parts of a bucket to split, each continuing its state, or None (see
+        [`sketchcomm.bucket_states`][sketchcomm.bucket_states])."""
+        split = self.first_step and split_parts(self.buckets, layout.key, self.plain_parts)
+        if not split or made_for(self.buckets, self.held, layout.key) is not None:
+            return None
+        device = bucket.buffer().device
+        for _, part_state in split:
+            if part_state is not None and part_state.sketch.device != device:
+                part_state.to(device)
+        return [(BucketLayout.of(bucket, self.positions, own), s) for own, s in split]
 
     def _bucket_state(
         self, bucket: dist.GradBucket, layout: BucketLayout, group: dist.ProcessGroup | None
     ) -> BucketState:
-        device = bucket.buffer().device
-        index = bucket.index()
+        device, index = bucket.buffer().device, bucket.index()
         state = self.buckets.get(index)
-        if state is not None and state.layout == layout.key:
-            if state.sketch.device != device:
-                state.to(device)
-            return state
+        found = state if state is not None and state.layout == layout.key else None
+        if found is None:
+            found = made_for(self.buckets, self.held, layout.key)
+            if state is not None and sum(s is state for s in self.buckets.values()) == 1:
+                self.held[state.layout] = state  # displaced: a later rebuild may bring it back
+        if found is not None:
+            self.held.pop(found.layout, None)
+            self.buckets[index] = found
+            if found.sketch.device != device:
+                found.to(device)
+            return found
         if state is not None:
             # DDP rebuilt its buckets with other members, or a checkpoint came from another layout.
             self.stats.state_resets += 1
@@ -150,31 +188,9 @@ class HookState:
                     "bucket %d changed layout at iteration %d: state reset", index, self.iter
                 )
         state = self.new_bucket_state(layout.key, layout.numel, device)
-        self._check_agreement(index, state, group)
+        check_agreement(index, self.agreement_fields(state), state.sketch.device, group)
         self.buckets[index] = state
         return state
-
-    def _check_agreement(
-        self, index: int, state: BucketState, group: dist.ProcessGroup | None
-    ) -> None:
-        """One MAX allreduce of a small fingerprint: every rank learns the min and max of each
-        field, so every rank raises the same error when they disagree (no rank is left hanging)."""
-        fields = self.agreement_fields(state)
-        local = torch.tensor(list(fields.values()), dtype=torch.float64)
-        both = torch.cat((local, -local)).to(state.sketch.device)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-        high, low = both[: len(fields)].cpu(), -both[len(fields) :].cpu()
-        differing = [
-            f"{name} ranges from {lo:g} to {hi:g}"
-            for name, lo, hi in zip(fields, low.tolist(), high.tolist(), strict=True)
-            if lo != hi
-        ]
-        if differing:
-            raise ValueError(
-                f"sketch configuration differs across ranks for bucket {index}: "
-                + "; ".join(differing)
-                + ". Every rank must build its state with the same arguments and seed."
-            )
 
 
 class BucketContext:
@@ -195,10 +211,11 @@ class BucketContext:
         group: dist.ProcessGroup | None,
         layout: BucketLayout,
         bucket_state: BucketState | None,
+        parts: list[tuple[BucketLayout, BucketState | None]] | None = None,
     ) -> None:
         self.state, self.bucket, self.group, self.layout = state, bucket, group, layout
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.bucket_state = bucket_state
+        self.bucket_state, self.split = bucket_state, parts
         self.buffer = bucket.buffer()
         self.iteration = state.iter
         self.step = state.step
@@ -207,8 +224,24 @@ class BucketContext:
     def sketch(self) -> CountSketch:
         """The bucket's Count Sketch."""
         if self.bucket_state is None:
-            raise RuntimeError("the bucket was opened without state")
+            raise RuntimeError(
+                "the bucket was opened without state"
+                if self.split is None
+                else "the bucket is split into restored states: go through context.parts()"
+            )
         return self.bucket_state.sketch
+
+    def parts(self) -> list[BucketContext]:
+        """The bucket as the parts whose results, one after the other, make its canonical
+        vector: itself, or the parts of a split bucket (see
+        [`sketchcomm.bucket_states`][sketchcomm.bucket_states]), each with its own layout and
+        state (None: send that part uncompressed)."""
+        if self.split is None:
+            return [self]
+        return [
+            BucketContext(self.state, self.bucket, self.group, layout, bucket_state)
+            for layout, bucket_state in self.split
+        ]
 
     def canonical(self) -> Tensor:
         """The bucket buffer ``[d]`` in canonical order (see

@@ -123,6 +123,8 @@ class SketchState(HookState):
         check_int("log_every", log_every, 0)
         self.log_every = log_every
 
+    plain_parts = True
+
     @property
     def nonfinite(self) -> str:
         return self.config.nonfinite
@@ -241,45 +243,76 @@ def _plain_allreduce(state: HookState, bucket: dist.GradBucket) -> torch.futures
     return context.allreduce(message, lambda summed: summed, check_finite=False)
 
 
+def _part_message(part: BucketContext, values: Tensor) -> Tensor:
+    """What a part of a bucket sends: the table of ``values`` (its canonical vector), flat, or the
+    values averaged over the ranks for a part without state (see
+    [`BucketContext.parts()`][sketchcomm.engine.BucketContext.parts])."""
+    if part.bucket_state is None:
+        return values / part.world
+    return part.sketch.sketch(values).reshape(-1)
+
+
+def _message_size(part: BucketContext) -> int:
+    if part.bucket_state is None:
+        return part.layout.numel
+    rows, columns = part.sketch.table_shape
+    return rows * columns
+
+
 def _second_round(state: SketchState, context: BucketContext) -> torch.futures.Future[Tensor]:
     """Sketched SGD's second round: allreduce the table and wait, pick ``candidates`` coordinates
-    from it, allreduce their exact values and keep the ``topk`` largest."""
-    config, bucket_state, buffer = state.config, context.bucket_state, context.buffer
-    sketch, kept = bucket_state.sketch, {}
+    from it, allreduce their exact values and keep the ``topk`` largest (part by part)."""
+    config, parts = state.config, context.parts()
+    sizes = [_message_size(part) for part in parts]
+    local: list[Tensor] = []
 
     def make_table() -> Tensor:
-        local = context.canonical().float()
-        if config.error_feedback == "local" and bucket_state.residual is not None:
-            local = local + bucket_state.residual
-        kept["local"] = local
-        return sketch.sketch(local)
+        for part in parts:
+            values = part.canonical().float()
+            residual = part.bucket_state.residual if part.bucket_state is not None else None
+            if config.error_feedback == "local" and residual is not None:
+                values = values + residual
+            local.append(values)
+        return torch.cat([_part_message(p, v) for p, v in zip(parts, local, strict=True)])
 
-    table = context.build(sketch.table_shape, make_table)
-    sent = table.numel() + bucket_state.candidates
+    table = context.build((sum(sizes),), make_table)
+    sketched = [part for part in parts if part.bucket_state is not None]
+    candidates = [part.bucket_state.candidates for part in sketched]
+    sent = table.numel() + sum(candidates)
     context.record(sent, sent * 4)
     summed = context.allreduce_now(table)
     if summed is None:
         return context.without_exchange(lambda: None)
     if not bool(torch.isfinite(summed).all()):
         return context.without_exchange(context.nonfinite_result)
+    pieces, chosen = summed.split(sizes), {}
 
     def make_exact() -> Tensor:
-        kept["candidates"] = sketch.heavy_hitters(summed, bucket_state.candidates)[0]
-        return kept["local"][kept["candidates"]]
+        for n, part in enumerate(parts):
+            if part.bucket_state is not None:
+                table_n = pieces[n].view(part.sketch.table_shape)
+                chosen[n] = part.sketch.heavy_hitters(table_n, part.bucket_state.candidates)[0]
+        return torch.cat([local[n][chosen[n]] for n in chosen]) if chosen else summed[:0]
 
-    exact = context.build((bucket_state.candidates,), make_exact)
+    exact = context.build((sum(candidates),), make_exact)
 
     def finish(summed_exact: Tensor) -> Tensor:
-        keep = summed_exact.abs().topk(bucket_state.topk, sorted=False).indices
-        indices, values = kept["candidates"][keep], summed_exact[keep]
-        if config.error_feedback == "local":
-            local = kept["local"]
-            residual = local.clone() if local is buffer else local
-            residual[indices] = 0.0
-            bucket_state.residual = residual
-        result = torch.zeros(sketch.dim, dtype=torch.float32, device=buffer.device)
-        result[indices] = values / context.world
-        return result
+        exact_pieces, results = iter(summed_exact.split(candidates)), []
+        for n, part in enumerate(parts):
+            if part.bucket_state is None:
+                results.append(pieces[n])
+                continue
+            bucket_state, values = part.bucket_state, next(exact_pieces)
+            keep = values.abs().topk(bucket_state.topk, sorted=False).indices
+            indices = chosen[n][keep]
+            if config.error_feedback == "local":
+                residual = local[n].clone() if local[n] is part.buffer else local[n]
+                residual[indices] = 0.0
+                bucket_state.residual = residual
+            result = torch.zeros(part.sketch.dim, dtype=torch.float32, device=part.buffer.device)
+            result[indices] = values[keep] / context.world
+            results.append(result)
+        return torch.cat(results)
 
     return context.allreduce(exact, finish)
 
@@ -291,7 +324,9 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
     ``[r, c]`` fp32 table, the tables are summed with one allreduce, and every rank recovers the
     same estimate of the summed gradient (see [`SketchState`][sketchcomm.hooks.SketchState] for the
     recovery modes). The returned future holds one tensor shaped and typed like ``bucket.buffer()``,
-    averaged over the world size.
+    averaged over the world size. A bucket split into the parts of a restored checkpoint (see
+    [`sketchcomm.bucket_states`][sketchcomm.bucket_states]) sends the parts' tables one after the
+    other in the same allreduce.
 
     All collectives are issued from the hook itself, never from a future's callback, so that
     every rank issues them in the same order. With ``second_round=True`` the hook therefore waits
@@ -301,14 +336,25 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
     numel = bucket.buffer().numel()
     if state.iter < config.start_iter or config.table_shape_for(numel) is None:
         return _plain_allreduce(state, bucket)
-    context = state.open(bucket)
+    context = state.open(bucket, split=True)
     if config.second_round:
         return _second_round(state, context)
-    bucket_state = context.bucket_state
-    sketch = bucket_state.sketch
-    table = context.build(sketch.table_shape, lambda: sketch.sketch(context.canonical().float()))
-    context.record(table.numel(), table.numel() * 4)
-    decoding = config.decoding
-    return context.allreduce(
-        table, lambda summed: decode(decoding, bucket_state, summed).div_(context.world)
+    parts, decoding = context.parts(), config.decoding
+    sizes = [_message_size(part) for part in parts]
+    table = context.build(
+        (sum(sizes),),
+        lambda: torch.cat([_part_message(part, part.canonical().float()) for part in parts]),
     )
+    context.record(table.numel(), table.numel() * 4)
+
+    def finish(summed: Tensor) -> Tensor:
+        results = []
+        for part, piece in zip(parts, summed.split(sizes), strict=True):
+            if part.bucket_state is None:
+                results.append(piece)
+            else:
+                table_n = piece.view(part.sketch.table_shape)
+                results.append(decode(decoding, part.bucket_state, table_n).div_(context.world))
+        return torch.cat(results)
+
+    return context.allreduce(table, finish)

@@ -42,7 +42,7 @@ def final_lines(output: str) -> list[str]:
 def test_example_trains_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     checkpoint = tmp_path / "run.pt"
     # The default MLP: after DDP's first step its gradients travel in two buckets, which the
-    # restarted model's first step does not have until the example settles them.
+    # restarted model's first step does not have (it sends one): the state continues anyway.
     common = ["--hook", "sketch", "--compression", "20", "--log-every", "5"]
     resumable = [*common, "--checkpoint", str(checkpoint), "--checkpoint-every", "10"]
 

@@ -373,23 +373,27 @@ def dp_sketch_hook(state: DPSketchState, bucket: dist.GradBucket) -> torch.futur
     """
     if state.positions is None:
         raise RuntimeError("register the state with state.register(ddp_model), not directly")
-    context = state.open(bucket)
-    sketch = context.sketch
+    context = state.open(bucket, split=True)
+    parts = context.parts()  # several after a restart: see sketchcomm.bucket_states
+    sizes = [torch.Size(part.sketch.table_shape).numel() for part in parts]
 
     def make_table() -> Tensor:
         if bucket.index() == 0:  # DDP launches buckets in index order: this starts a step
             state.open_step(context.buffer.device)
-        clip = state.bucket_clip_norm(context.layout.numel)
-        table, _ = clip_and_sum(private_tables(state, context), clip)
-        return state.add_noise(table, state.noise_std(context.rank, context.world))
+        std, tables = state.noise_std(context.rank, context.world), []
+        for part in parts:
+            clip = state.bucket_clip_norm(part.layout.numel)
+            table, _ = clip_and_sum(private_tables(state, part), clip)
+            tables.append(state.add_noise(table, std).reshape(-1))
+        return torch.cat(tables)
 
-    table = context.build(sketch.table_shape, make_table)
+    table = context.build((sum(sizes),), make_table)
     context.record(table.numel(), table.numel() * 4)
-    decoding, bucket_state, normalizer = (
-        state.config.decoding,
-        context.bucket_state,
-        state.normalizer,
-    )
-    return context.allreduce(
-        table, lambda summed: decode_or_exact(decoding, bucket_state, summed).div_(normalizer)
-    )
+    decoding, normalizer = state.config.decoding, state.normalizer
+
+    def finish(summed: Tensor) -> Tensor:
+        pieces = zip(parts, summed.split(sizes), strict=True)
+        tables = [(p.bucket_state, piece.view(p.sketch.table_shape)) for p, piece in pieces]
+        return torch.cat([decode_or_exact(decoding, b, t).div_(normalizer) for b, t in tables])
+
+    return context.allreduce(table, finish)
