@@ -1,0 +1,499 @@
+"""Triton kernels for the Count Sketch of [`sketchcomm.sketch`][sketchcomm.sketch] on CUDA devices.
+
+They compute what [`CountSketch`][sketchcomm.sketch.CountSketch] computes, with the same hashes:
+coordinate ``i = k c + l`` (chunk ``k``, position ``l``) of row ``j`` goes to column
+``(o_jk + l) mod c`` with sign ``sigma_j[k]``, where ``o_jk`` and ``sigma_j`` are the sketch's
+``offsets`` and ``signs``. Every function takes the sketch, is one or two kernel launches whatever
+the number of rows and chunks, and never waits for the device except where said.
+
+* [`sketch_into()`][sketchcomm.sketch_triton.sketch_into] adds the sketches of the rows of
+  ``x`` (``[b, d]``) to ``tables`` (``[b, r, c]``). By default each program owns a block of
+  columns of one row and table and adds, for ``k = 0, 1, ..., n - 1``, the chunk's term
+  ``sigma_j[k] x[k c + (m - o_jk) mod c]`` to the cell's previous value: the additions of the
+  CPU path in the same order, so the tables are equal to the CPU's bit for bit. With
+  ``deterministic=False`` programs own blocks of coordinates and ``tl.atomic_add`` their ``r``
+  terms into the tables (``x`` is read once instead of ``r`` times); the order of the additions
+  into a cell is then arbitrary, and since a cell sums its previous value and at most ``n``
+  terms ``t``, it differs from the CPU's by at most ``2 gamma_n sum |t| ~ n eps sum |t|``
+  (``eps = 2^-23``, ``gamma_n = n u / (1 - n u)``, ``u = eps / 2``).
+* [`estimate_into()`][sketchcomm.sketch_triton.estimate_into] writes the median over rows of
+  ``sigma_j[k] S[j, (o_jk + l) mod c]``: ``min``/``max`` networks in registers for ``r`` in
+  {1, 2, 3, 5}, a sort of the ``r`` values (padded to a power of two) otherwise. The median
+  selects among the same fp32 numbers as the CPU's (the mean of the middle two for even ``r``),
+  so the estimate is equal to [`CountSketch.estimate()`][sketchcomm.sketch.CountSketch.estimate]
+  for a finite table.
+* [`heavy_hitters()`][sketchcomm.sketch_triton.heavy_hitters] reads a threshold from a strided
+  sample of estimates (on the device), writes every coordinate whose ``|estimate|`` reaches it
+  and its estimate with an atomic counter, and runs ``torch.topk`` among those. Reading the
+  counter (to know that the candidates hold the top ``k``) is the one host synchronization.
+
+[`supported()`][sketchcomm.sketch_triton.supported] says whether a tensor can use them. With
+``TRITON_INTERPRET=1`` set before ``triton`` is imported, the kernels run on CPU tensors (slowly),
+which is how they are tested without a GPU.
+
+>>> import torch
+>>> from sketchcomm.sketch import CountSketch
+>>> supported(torch.zeros(3))  # a CPU tensor: the CPU path of CountSketch applies
+False
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU paths need no Triton
+    triton = None
+
+if TYPE_CHECKING:
+    from sketchcomm.sketch import CountSketch
+
+__all__ = [
+    "THRESHOLD_SAMPLE",
+    "estimate_into",
+    "estimates_at_least",
+    "heavy_hitters",
+    "sketch_into",
+    "supported",
+    "triton_available",
+]
+
+# Estimates sampled (with a stride of ``d // THRESHOLD_SAMPLE``) to set the heavy-hitter threshold.
+THRESHOLD_SAMPLE = 1 << 16
+# Columns of one table row per program of the deterministic sketch, coordinates per program of the
+# other kernels.
+_SKETCH_BLOCK = 256
+_ESTIMATE_BLOCK = 1024
+_COMPACT_BLOCK = 2048
+# Chunks whose terms the deterministic sketch loads before adding them (in order), so that that
+# many loads are in flight per program.
+_SKETCH_UNROLL = 4
+
+# Per sketch and device: the offsets o_jk (int32) and signs sigma_j[k] (fp32), both [r, n].
+_HASHES: weakref.WeakKeyDictionary[CountSketch, dict[torch.device, tuple[Tensor, Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def triton_available() -> bool:
+    """Whether ``triton`` imports (``pip install sketchcomm[cuda]``)."""
+    return triton is not None
+
+
+def supported(tensor: Tensor) -> bool:
+    """Whether the Triton kernels apply to ``tensor``: a CUDA tensor, with Triton installed."""
+    return tensor.is_cuda and triton_available()
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError(
+            "the CUDA kernels need Triton: pip install 'sketchcomm[cuda]' (or triton>=3.0)"
+        )
+
+
+def _hashes(sketch: CountSketch, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The sketch's offsets (int32) and signs (fp32) on ``device``, made once per device."""
+    per_device = _HASHES.setdefault(sketch, {})
+    if device not in per_device:
+        offsets = torch.tensor(sketch.offsets_list, dtype=torch.int32)
+        signs = torch.tensor(sketch.signs_list, dtype=torch.float32)
+        per_device[device] = (offsets.to(device), signs.to(device))
+    return per_device[device]
+
+
+def _check_fp32(name: str, tensor: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    if (
+        tuple(tensor.shape) != shape
+        or tensor.dtype != torch.float32
+        or tensor.device != device
+        or not tensor.is_contiguous()
+    ):
+        raise ValueError(
+            f"{name} must be a contiguous {shape} fp32 tensor on {device}, got "
+            f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+        )
+
+
+def _rows_padded(rows: int) -> int:
+    return 1 << max(0, rows - 1).bit_length()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_estimate(table, offsets, signs, j, k, position, mask, columns, chunks):
+        """``sigma_j[k] S[j, (o_jk + l) mod c]`` for (broadcast) row ``j``, chunk ``k``,
+        position ``l``."""
+        offset = tl.load(offsets + j * chunks + k, mask=mask, other=0)
+        sign = tl.load(signs + j * chunks + k, mask=mask, other=1.0)
+        column = offset + position
+        column = tl.where(column >= columns, column - columns, column)
+        return tl.load(table + j * columns + column, mask=mask, other=0.0) * sign
+
+    @triton.jit
+    def _median3(a, b, c):
+        return tl.maximum(tl.minimum(a, b), tl.minimum(tl.maximum(a, b), c))
+
+    @triton.jit
+    def _median_estimate(
+        table, offsets, signs, i, mask, columns, chunks, ROWS: tl.constexpr, ROWS_P2: tl.constexpr
+    ):
+        """Median over the ``ROWS`` rows of the estimates of coordinates ``i`` (``[BLOCK]``),
+        with the networks of ``sketchcomm.sketch_numpy.median_over_rows``."""
+        k = i // columns
+        position = i - k * columns
+        if ROWS == 1:
+            estimate = _row_estimate(table, offsets, signs, 0, k, position, mask, columns, chunks)
+        elif ROWS == 2:
+            a = _row_estimate(table, offsets, signs, 0, k, position, mask, columns, chunks)
+            b = _row_estimate(table, offsets, signs, 1, k, position, mask, columns, chunks)
+            estimate = (a + b) * 0.5
+        elif ROWS == 3:
+            a = _row_estimate(table, offsets, signs, 0, k, position, mask, columns, chunks)
+            b = _row_estimate(table, offsets, signs, 1, k, position, mask, columns, chunks)
+            c = _row_estimate(table, offsets, signs, 2, k, position, mask, columns, chunks)
+            estimate = _median3(a, b, c)
+        elif ROWS == 5:
+            a = _row_estimate(table, offsets, signs, 0, k, position, mask, columns, chunks)
+            b = _row_estimate(table, offsets, signs, 1, k, position, mask, columns, chunks)
+            c = _row_estimate(table, offsets, signs, 2, k, position, mask, columns, chunks)
+            d = _row_estimate(table, offsets, signs, 3, k, position, mask, columns, chunks)
+            e = _row_estimate(table, offsets, signs, 4, k, position, mask, columns, chunks)
+            low = tl.maximum(tl.minimum(a, b), tl.minimum(c, d))
+            high = tl.minimum(tl.maximum(a, b), tl.maximum(c, d))
+            estimate = _median3(e, low, high)
+        else:
+            # [BLOCK, ROWS_P2] estimates, padded with +inf, sorted along the rows.
+            rows = tl.arange(0, ROWS_P2)[None, :]
+            valid = rows < ROWS
+            values = _row_estimate(
+                table,
+                offsets,
+                signs,
+                rows,
+                k[:, None],
+                position[:, None],
+                mask[:, None] & valid,
+                columns,
+                chunks,
+            )
+            values = tl.sort(tl.where(valid, values, float("inf")), dim=1)
+            upper = tl.sum(tl.where(rows == ROWS // 2, values, 0.0), axis=1)
+            if ROWS % 2 == 1:
+                estimate = upper
+            else:
+                lower = tl.sum(tl.where(rows == ROWS // 2 - 1, values, 0.0), axis=1)
+                estimate = (lower + upper) * 0.5
+        return estimate
+
+    @triton.jit
+    def _sketch_rows_kernel(
+        x,
+        tables,
+        offsets,
+        signs,
+        dim,
+        rows,
+        columns,
+        chunks,
+        blocks,
+        BLOCK: tl.constexpr,
+        UNROLL: tl.constexpr,
+    ):
+        """Program ``(b, j, block)``: cells ``m`` of row ``j`` of table ``b`` receive
+        ``sigma_j[k] x[b, k c + (m - o_jk) mod c]`` for ``k = 0, 1, ..., n - 1`` in order."""
+        pid = tl.program_id(0).to(tl.int64)
+        block = pid % blocks
+        row_of_batch = pid // blocks
+        j = row_of_batch % rows
+        batch = row_of_batch // rows
+        m = block * BLOCK + tl.arange(0, BLOCK)
+        in_row = m < columns
+        cells = tables + row_of_batch * columns + m
+        total = tl.load(cells, mask=in_row, other=0.0)
+        source = x + batch * dim
+        for first in range(0, chunks, UNROLL):
+            # Straight-line code: the UNROLL loads do not depend on ``total`` and are issued
+            # together; the additions stay in chunk order. Past the last chunk, ``i >= d``.
+            for u in tl.static_range(UNROLL):
+                k = first + u
+                hashed = j * chunks + tl.minimum(k, chunks - 1)
+                offset = tl.load(offsets + hashed)
+                sign = tl.load(signs + hashed)
+                position = m - offset
+                position = tl.where(position < 0, position + columns, position)
+                i = k * columns + position
+                valid = in_row & (i < dim)
+                term = tl.load(source + i, mask=valid, other=0.0) * sign
+                total = tl.where(valid, total + term, total)
+        tl.store(cells, total, mask=in_row)
+
+    @triton.jit
+    def _sketch_atomic_kernel(
+        x,
+        tables,
+        offsets,
+        signs,
+        dim,
+        columns,
+        chunks,
+        blocks,
+        ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Program ``(b, block)``: coordinates ``i`` of ``x[b]`` add ``sigma_j[k] x[b, i]`` to
+        cell ``(o_jk + l) mod c`` of every row ``j`` of table ``b`` with ``tl.atomic_add``."""
+        pid = tl.program_id(0).to(tl.int64)
+        block = pid % blocks
+        batch = pid // blocks
+        i = block * BLOCK + tl.arange(0, BLOCK)
+        mask = i < dim
+        value = tl.load(x + batch * dim + i, mask=mask, other=0.0)
+        k = i // columns
+        position = i - k * columns
+        table = tables + batch * ROWS * columns
+        for j in tl.static_range(ROWS):
+            offset = tl.load(offsets + j * chunks + k, mask=mask, other=0)
+            sign = tl.load(signs + j * chunks + k, mask=mask, other=0.0)
+            column = offset + position
+            column = tl.where(column >= columns, column - columns, column)
+            tl.atomic_add(table + j * columns + column, value * sign, mask=mask, sem="relaxed")
+
+    @triton.jit
+    def _estimate_kernel(
+        table,
+        offsets,
+        signs,
+        out,
+        count,
+        stride,
+        columns,
+        chunks,
+        ROWS: tl.constexpr,
+        ROWS_P2: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """``out[p]`` = median estimate of coordinate ``p * stride``, for ``p < count``."""
+        p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = p < count
+        estimate = _median_estimate(
+            table, offsets, signs, p * stride, mask, columns, chunks, ROWS, ROWS_P2
+        )
+        tl.store(out + p, estimate, mask=mask)
+
+    @triton.jit
+    def _compact_kernel(
+        table,
+        offsets,
+        signs,
+        threshold,
+        counter,
+        indices,
+        values,
+        dim,
+        capacity,
+        columns,
+        chunks,
+        ROWS: tl.constexpr,
+        ROWS_P2: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Append every coordinate ``i`` with ``|estimate| >= threshold`` (or a NaN) and its
+        estimate at slot ``counter++`` of ``indices``/``values`` while the slot is below
+        ``capacity``; ``counter`` ends as the number of such coordinates."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < dim
+        estimate = _median_estimate(table, offsets, signs, i, mask, columns, chunks, ROWS, ROWS_P2)
+        level = tl.load(threshold)
+        magnitude = tl.abs(estimate)
+        hit = mask & ~(magnitude < level)  # true where either is a NaN
+        hits = hit.to(tl.int32)
+        found = tl.sum(hits, axis=0)
+        first = tl.atomic_add(counter, found, mask=found > 0, sem="relaxed")
+        slot = first + tl.cumsum(hits, axis=0) - 1
+        keep = hit & (slot < capacity)
+        tl.store(indices + slot, i, mask=keep)
+        tl.store(values + slot, estimate, mask=keep)
+
+
+def sketch_into(
+    sketch: CountSketch, x: Tensor, tables: Tensor, *, deterministic: bool = True
+) -> Tensor:
+    """Add the sketches of the rows of ``x`` (``[b, d]`` fp32, contiguous) to ``tables``
+    (``[b, r, c]`` fp32, contiguous, on ``x``'s device) in one launch; returns ``tables``.
+
+    ``deterministic=True`` gives the CPU's tables bit for bit (``x`` is read once per row);
+    ``deterministic=False`` reads ``x`` once and adds with atomics, within
+    ``2 gamma_n sum |terms|`` of them (see the module docstring).
+    """
+    _require_triton()
+    if x.dim() != 2:
+        raise ValueError(f"x must be [batch, {sketch.dim}], got {tuple(x.shape)}")
+    batch = x.shape[0]
+    _check_fp32("x", x, (batch, sketch.dim), x.device)
+    _check_fp32("tables", tables, (batch, sketch.rows, sketch.columns), x.device)
+    if batch == 0:
+        return tables
+    offsets, signs = _hashes(sketch, x.device)
+    if deterministic:
+        blocks = triton.cdiv(sketch.columns, _SKETCH_BLOCK)
+        _sketch_rows_kernel[(blocks * sketch.rows * batch,)](
+            x,
+            tables,
+            offsets,
+            signs,
+            sketch.dim,
+            sketch.rows,
+            sketch.columns,
+            sketch.chunks,
+            blocks,
+            BLOCK=_SKETCH_BLOCK,
+            UNROLL=_SKETCH_UNROLL,
+        )
+    else:
+        blocks = triton.cdiv(sketch.dim, _ESTIMATE_BLOCK)
+        _sketch_atomic_kernel[(blocks * batch,)](
+            x,
+            tables,
+            offsets,
+            signs,
+            sketch.dim,
+            sketch.columns,
+            sketch.chunks,
+            blocks,
+            ROWS=sketch.rows,
+            BLOCK=_ESTIMATE_BLOCK,
+        )
+    return tables
+
+
+def _check_table(sketch: CountSketch, table: Tensor) -> None:
+    _check_fp32("table", table, (sketch.rows, sketch.columns), table.device)
+
+
+def _launch_estimate(
+    sketch: CountSketch, table: Tensor, out: Tensor, count: int, stride: int
+) -> None:
+    offsets, signs = _hashes(sketch, table.device)
+    _estimate_kernel[(triton.cdiv(count, _ESTIMATE_BLOCK),)](
+        table,
+        offsets,
+        signs,
+        out,
+        count,
+        stride,
+        sketch.columns,
+        sketch.chunks,
+        ROWS=sketch.rows,
+        ROWS_P2=_rows_padded(sketch.rows),
+        BLOCK=_ESTIMATE_BLOCK,
+    )
+
+
+def estimate_into(sketch: CountSketch, table: Tensor, out: Tensor) -> Tensor:
+    """Write the median-over-rows estimate of every coordinate of ``table`` (``[r, c]`` fp32,
+    contiguous) into ``out`` (``[d]`` fp32, contiguous, same device) in one launch; returns
+    ``out``. Equal to [`CountSketch.estimate()`][sketchcomm.sketch.CountSketch.estimate]."""
+    _require_triton()
+    _check_table(sketch, table)
+    _check_fp32("out", out, (sketch.dim,), table.device)
+    _launch_estimate(sketch, table, out, sketch.dim, 1)
+    return out
+
+
+def _threshold(
+    sketch: CountSketch, table: Tensor, k: int, sample_size: int
+) -> tuple[Tensor, int] | None:
+    """A magnitude (0-dim device tensor) that about ``1.5 k + 4 sqrt(k) + 8`` estimates (scaled
+    from a strided sample) reach, and room for twice as many; ``None`` where the sample is too
+    small to be worth it. The rule of the CPU path of ``CountSketch.heavy_hitters``."""
+    stride = sketch.dim // sample_size
+    if stride < 4:
+        return None
+    count = -(-sketch.dim // stride)
+    expected = k / sketch.dim * count
+    rank = math.ceil(1.5 * expected + 4 * math.sqrt(expected) + 8)
+    if rank >= count // 4:
+        return None
+    samples = torch.empty(count, dtype=torch.float32, device=table.device)
+    _launch_estimate(sketch, table, samples, count, stride)
+    level = torch.kthvalue(samples.abs_(), count - rank + 1).values
+    return level, 2 * math.ceil(rank * sketch.dim / count) + _COMPACT_BLOCK
+
+
+def estimates_at_least(
+    sketch: CountSketch, table: Tensor, level: Tensor, capacity: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every coordinate whose ``|estimate|`` reaches ``level`` (a 0-dim or 1-element fp32 tensor
+    on the table's device; NaN estimates and a NaN level count as reaching it), in one launch and
+    without host synchronization: ``(indices [capacity] int64, values [capacity] fp32, count [1]
+    int32)``. The first ``min(count, capacity)`` slots hold the coordinates (in no particular
+    order) and their estimates; ``count > capacity`` means some did not fit."""
+    _require_triton()
+    _check_table(sketch, table)
+    if level.numel() != 1 or level.dtype != torch.float32 or level.device != table.device:
+        raise ValueError(f"level must be a one-element fp32 tensor on {table.device}")
+    if capacity < 1:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    counter = torch.zeros(1, dtype=torch.int32, device=table.device)
+    indices = torch.empty(capacity, dtype=torch.int64, device=table.device)
+    values = torch.empty(capacity, dtype=torch.float32, device=table.device)
+    offsets, signs = _hashes(sketch, table.device)
+    _compact_kernel[(triton.cdiv(sketch.dim, _COMPACT_BLOCK),)](
+        table,
+        offsets,
+        signs,
+        level,
+        counter,
+        indices,
+        values,
+        sketch.dim,
+        capacity,
+        sketch.columns,
+        sketch.chunks,
+        ROWS=sketch.rows,
+        ROWS_P2=_rows_padded(sketch.rows),
+        BLOCK=_COMPACT_BLOCK,
+    )
+    return indices, values, counter
+
+
+def heavy_hitters(
+    sketch: CountSketch, table: Tensor, k: int, *, sample_size: int = THRESHOLD_SAMPLE
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` coordinates with the largest ``|estimate|`` of ``table`` (``[r, c]`` fp32):
+    ``([k] int64, [k] fp32)`` in no particular order, the same set as
+    ``estimate(table).abs().topk(k)`` up to ties at the ``k``-th magnitude, with the same values.
+
+    A threshold ``t`` is read on the device from ``sample_size`` strided estimates; one launch
+    appends every coordinate with ``|estimate| >= t`` (NaNs included) and counts them. If there
+    are at least ``k`` and all fitted, they hold the top ``k`` and ``torch.topk`` selects among
+    them; otherwise (rarely) the whole estimate is selected from. Reading the count is the one
+    host synchronization; with fewer than ``4 sample_size`` coordinates there is none (the whole
+    estimate is made and selected from).
+    """
+    _require_triton()
+    if not 1 <= k <= sketch.dim:
+        raise ValueError(f"k must be in [1, {sketch.dim}], got {k}")
+    _check_table(sketch, table)
+    threshold = _threshold(sketch, table, k, sample_size)
+    if threshold is not None:
+        level, capacity = threshold
+        indices, values, counter = estimates_at_least(sketch, table, level, capacity)
+        found = int(counter.item())  # the host synchronization
+        if k <= found <= capacity:
+            keep = values[:found].abs().topk(k, sorted=False).indices
+            return indices[keep], values[keep]
+    estimate = estimate_into(
+        sketch, table, torch.empty(sketch.dim, dtype=torch.float32, device=table.device)
+    )
+    keep = estimate.abs().topk(k, sorted=False).indices
+    return keep, estimate[keep]
