@@ -74,7 +74,7 @@ _ESTIMATE_BLOCK = 1024
 _COMPACT_BLOCK = 2048
 # Chunks whose terms the deterministic sketch loads before adding them (in order), so that that
 # many loads are in flight per program.
-_SKETCH_UNROLL = 4
+_SKETCH_UNROLL = 8
 
 # Per sketch and device: the offsets o_jk (int32) and signs sigma_j[k] (fp32), both [r, n].
 _HASHES: weakref.WeakKeyDictionary[CountSketch, dict[torch.device, tuple[Tensor, Tensor]]] = (
