@@ -18,7 +18,8 @@ the number of rows and chunks, and never waits for the device except where said.
   (``eps = 2^-23``, ``gamma_n = n u / (1 - n u)``, ``u = eps / 2``).
 * [`estimate_into()`][sketchcomm.sketch_triton.estimate_into] writes the median over rows of
   ``sigma_j[k] S[j, (o_jk + l) mod c]``: ``min``/``max`` networks in registers for ``r`` in
-  {1, 2, 3, 5}, a sort of the ``r`` values (padded to a power of two) otherwise. The median
+  {1, 2, 3, 5}, otherwise the value whose rank among the ``r`` (ties broken by row) is the
+  middle one. The median
   selects among the same fp32 numbers as the CPU's (the mean of the middle two for even ``r``),
   so the estimate is equal to [`CountSketch.estimate()`][sketchcomm.sketch.CountSketch.estimate]
   for a finite table.
@@ -171,7 +172,7 @@ if triton is not None:
             high = tl.minimum(tl.maximum(a, b), tl.maximum(c, d))
             estimate = _median3(e, low, high)
         else:
-            # [BLOCK, ROWS_P2] estimates, padded with +inf, sorted along the rows.
+            # [BLOCK, ROWS_P2] estimates (the padding columns are not rows).
             rows = tl.arange(0, ROWS_P2)[None, :]
             valid = rows < ROWS
             values = _row_estimate(
@@ -185,12 +186,18 @@ if triton is not None:
                 columns,
                 chunks,
             )
-            values = tl.sort(tl.where(valid, values, float("inf")), dim=1)
-            upper = tl.sum(tl.where(rows == ROWS // 2, values, 0.0), axis=1)
-            if ROWS % 2 == 1:
-                estimate = upper
-            else:
-                lower = tl.sum(tl.where(rows == ROWS // 2 - 1, values, 0.0), axis=1)
+            # Row a's rank: the rows below it, and the equal ones before it (a tie-broken order).
+            # The estimate is the value of rank ROWS // 2 (and of ROWS // 2 - 1 for even ROWS).
+            upper = tl.zeros_like(k).to(tl.float32)
+            lower = tl.zeros_like(k).to(tl.float32)
+            for a in tl.static_range(ROWS):
+                value = tl.sum(tl.where(rows == a, values, 0.0), axis=1)
+                below = (values < value[:, None]) | ((values == value[:, None]) & (rows < a))
+                rank = tl.sum((below & valid).to(tl.int32), axis=1)
+                upper = tl.where(rank == ROWS // 2, value, upper)
+                lower = tl.where(rank == ROWS // 2 - 1, value, lower)
+            estimate = upper
+            if ROWS % 2 == 0:
                 estimate = (lower + upper) * 0.5
         return estimate
 

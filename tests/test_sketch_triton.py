@@ -66,6 +66,23 @@ CASES: dict[str, dict[str, Any]] = {
         "spikes": 6,
         "sample_size": 64,
     },
+    # ties among the rows' estimates for the rank selection of general r.
+    "r6_integers": {
+        "dim": 1_000,
+        "rows": 6,
+        "columns": 37,
+        "seed": 12,
+        "kind": "integers",
+        "sample_size": 32,
+    },
+    "r6_zeros": {
+        "dim": 1_000,
+        "rows": 6,
+        "columns": 37,
+        "seed": 13,
+        "kind": "zeros",
+        "sample_size": 32,
+    },
     # the sample overrates the threshold's reach: fewer than k candidates, the fallback.
     "sampled_spikes": {
         "dim": 20_000,

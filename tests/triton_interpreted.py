@@ -33,7 +33,7 @@ def case_inputs(
     ``x`` is Gaussian with ``case["spikes"]`` planted large coordinates; the kind ``"sampled"``
     plants them at the heavy-hitter threshold's sample positions (so that the sample overrates how
     many coordinates reach the threshold), ``"zeros"`` makes ``x`` zero, ``"nan"`` puts a NaN in
-    the estimated table.
+    the estimated table, ``"integers"`` rounds ``x`` (ties among the rows' estimates).
     """
     d, rows, columns = case["dim"], case["rows"], case["columns"]
     sketch = CountSketch(d, rows, columns, seed=case["seed"])
@@ -42,6 +42,8 @@ def case_inputs(
     kind = case.get("kind", "gaussian")
     if kind == "zeros":
         x.zero_()
+    elif kind == "integers":
+        x.round_()
     elif kind == "sampled":
         x[:, :: d // case["sample_size"]] += 50.0
     else:
