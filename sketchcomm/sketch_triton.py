@@ -79,9 +79,20 @@ THRESHOLD_SAMPLE = 1 << 16
 _SKETCH_BLOCK = 256
 _ESTIMATE_BLOCK = 1024
 _COMPACT_BLOCK = 2048
+# Rows with a min/max network; others hold a [block, r padded to a power of two] tile, so their
+# blocks are 4x smaller.
+_NETWORK_ROWS = (1, 2, 3, 5)
+
+
+def _block(sketch: CountSketch, block: int) -> int:
+    return block if sketch.rows in _NETWORK_ROWS else block // 4
+
+
 # Chunks whose terms the deterministic sketch loads before adding them (in order), so that that
 # many loads are in flight per program.
 _SKETCH_UNROLL = 8
+
+# Launches pass enable_fp_fusion=False: every product and sum is rounded on its own, as on the CPU.
 
 # Per sketch and device: the offsets o_jk (int32) and signs sigma_j[k] (fp32), both [r, n].
 _HASHES: weakref.WeakKeyDictionary[CountSketch, dict[torch.device, tuple[Tensor, Tensor]]] = (
@@ -166,6 +177,7 @@ def sketch_into(
             blocks,
             BLOCK=_SKETCH_BLOCK,
             UNROLL=_SKETCH_UNROLL,
+            enable_fp_fusion=False,
         )
     else:
         blocks = triton.cdiv(sketch.dim, _ESTIMATE_BLOCK)
@@ -180,6 +192,7 @@ def sketch_into(
             blocks,
             ROWS=sketch.rows,
             BLOCK=_ESTIMATE_BLOCK,
+            enable_fp_fusion=False,
         )
     return tables
 
@@ -192,7 +205,8 @@ def _launch_estimate(
     sketch: CountSketch, table: Tensor, out: Tensor, count: int, stride: int
 ) -> None:
     offsets, signs = _hashes(sketch, table.device)
-    estimate_kernel[(triton.cdiv(count, _ESTIMATE_BLOCK),)](
+    block = _block(sketch, _ESTIMATE_BLOCK)
+    estimate_kernel[(triton.cdiv(count, block),)](
         table,
         offsets,
         signs,
@@ -203,7 +217,8 @@ def _launch_estimate(
         sketch.chunks,
         ROWS=sketch.rows,
         ROWS_P2=_rows_padded(sketch.rows),
-        BLOCK=_ESTIMATE_BLOCK,
+        BLOCK=block,
+        enable_fp_fusion=False,
     )
 
 
@@ -256,7 +271,8 @@ def estimates_at_least(
     indices = torch.empty(capacity, dtype=torch.int64, device=table.device)
     values = torch.empty(capacity, dtype=torch.float32, device=table.device)
     offsets, signs = _hashes(sketch, table.device)
-    compact_kernel[(triton.cdiv(sketch.dim, _COMPACT_BLOCK),)](
+    block = _block(sketch, _COMPACT_BLOCK)
+    compact_kernel[(triton.cdiv(sketch.dim, block),)](
         table,
         offsets,
         signs,
@@ -270,7 +286,8 @@ def estimates_at_least(
         sketch.chunks,
         ROWS=sketch.rows,
         ROWS_P2=_rows_padded(sketch.rows),
-        BLOCK=_COMPACT_BLOCK,
+        BLOCK=block,
+        enable_fp_fusion=False,
     )
     return indices, values, counter
 

@@ -8,6 +8,7 @@ All cases run in one fresh interpreter with ``TRITON_INTERPRET=1`` (see
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 import pytest
@@ -227,3 +228,96 @@ def test_bad_shapes_are_refused_before_any_launch() -> None:
     with pytest.raises(ValueError, match="k must be"):
         sketch_triton.heavy_hitters(sketch, sketch.zeros(), 0)
     assert not sketch_triton.supported(torch.zeros(3))
+
+
+_TABLE = {"table": "*fp32", "offsets": "*i32", "signs": "*fp32"}
+_COMPILED = {
+    "sketch_rows": (
+        {
+            "x": "*fp32",
+            "tables": "*fp32",
+            "offsets": "*i32",
+            "signs": "*fp32",
+            "dim": "i32",
+            "rows": "i32",
+            "columns": "i32",
+            "chunks": "i32",
+            "blocks": "i32",
+        },
+        [{"BLOCK": 256, "UNROLL": 8}],
+    ),
+    "sketch_atomic": (
+        {
+            "x": "*fp32",
+            "tables": "*fp32",
+            "offsets": "*i32",
+            "signs": "*fp32",
+            "dim": "i32",
+            "columns": "i32",
+            "chunks": "i32",
+            "blocks": "i32",
+        },
+        [{"ROWS": 3, "BLOCK": 1024}],
+    ),
+    "estimate": (
+        {
+            **_TABLE,
+            "out": "*fp32",
+            "count": "i32",
+            "stride": "i32",
+            "columns": "i32",
+            "chunks": "i32",
+        },
+        [
+            {"ROWS": r, "ROWS_P2": p, "BLOCK": b}
+            for r, p, b in (
+                (1, 1, 1024),
+                (2, 2, 1024),
+                (3, 4, 1024),
+                (5, 8, 1024),
+                (4, 4, 256),
+                (7, 8, 256),
+            )
+        ],
+    ),
+    "compact": (
+        {
+            **_TABLE,
+            "threshold": "*fp32",
+            "counter": "*i32",
+            "indices": "*i64",
+            "values": "*fp32",
+            "dim": "i32",
+            "capacity": "i32",
+            "columns": "i32",
+            "chunks": "i32",
+        },
+        [{"ROWS": 3, "ROWS_P2": 4, "BLOCK": 2048}, {"ROWS": 6, "ROWS_P2": 8, "BLOCK": 512}],
+    ),
+}
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("TRITON_INTERPRET")), reason="compiles the kernels, not interpreted"
+)
+@pytest.mark.parametrize("name", _COMPILED)
+def test_kernels_compile_to_a_hopper_binary(name: str) -> None:
+    """Without a GPU, every kernel variant that the launches use compiles through Triton's
+    whole pipeline (TTIR, TTGIR, LLVM, PTX, ptxas) for sm_90, which the interpreter never does."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sketchcomm import sketch_triton_kernels
+
+    kernel = getattr(sketch_triton_kernels, f"{name}_kernel")
+    signature, variants = _COMPILED[name]
+    for constants in variants:
+        source = ASTSource(
+            fn=kernel,
+            signature={**signature, **dict.fromkeys(constants, "constexpr")},
+            constexprs=constants,
+        )
+        options = {"enable_fp_fusion": False}  # as the launches
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.asm["cubin"]
