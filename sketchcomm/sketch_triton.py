@@ -7,22 +7,22 @@ coordinate ``i = k c + l`` (chunk ``k``, position ``l``) of row ``j`` goes to co
 the number of rows and chunks, and never waits for the device except where said.
 
 * [`sketch_into()`][sketchcomm.sketch_triton.sketch_into] adds the sketches of the rows of
-  ``x`` (``[b, d]``) to ``tables`` (``[b, r, c]``). By default each program owns a block of
-  columns of one row and table and adds, for ``k = 0, 1, ..., n - 1``, the chunk's term
-  ``sigma_j[k] x[k c + (m - o_jk) mod c]`` to the cell's previous value: the additions of the
-  CPU path in the same order, so the tables are equal to the CPU's bit for bit. With
-  ``deterministic=False`` programs own blocks of coordinates and ``tl.atomic_add`` their ``r``
-  terms into the tables (``x`` is read once instead of ``r`` times); the order of the additions
-  into a cell is then arbitrary, and since a cell sums its previous value and at most ``n``
-  terms ``t``, it differs from the CPU's by at most ``2 gamma_n sum |t| ~ n eps sum |t|``
-  (``eps = 2^-23``, ``gamma_n = n u / (1 - n u)``, ``u = eps / 2``).
+  ``x`` (``[b, d]``, or a block of coordinates at an offset) to ``tables`` (``[b, r, c]``). By
+  default each program owns a block of columns of one row and table and adds, for
+  ``k = 0, 1, ..., n - 1``, the chunk's term ``sigma_j[k] x[k c + (m - o_jk) mod c]`` to the
+  cell's previous value: the additions of the CPU path in the same order, so the tables are
+  equal to the CPU's bit for bit. With ``deterministic=False`` programs own blocks of
+  coordinates and ``tl.atomic_add`` their ``r`` terms into the tables (``x`` is read once
+  instead of ``r`` times); the order of the additions into a cell is then arbitrary, and since a
+  cell sums its previous value ``p`` and at most ``n`` terms ``t``, it differs from the CPU's by
+  at most ``2 gamma_n (|p| + sum |t|) ~ n eps (|p| + sum |t|)`` (``eps = 2^-23``,
+  ``u = eps / 2``, ``gamma_n = n u / (1 - n u)``).
 * [`estimate_into()`][sketchcomm.sketch_triton.estimate_into] writes the median over rows of
   ``sigma_j[k] S[j, (o_jk + l) mod c]``: ``min``/``max`` networks in registers for ``r`` in
   {1, 2, 3, 5}, otherwise the value whose rank among the ``r`` (ties broken by row) is the
-  middle one. The median
-  selects among the same fp32 numbers as the CPU's (the mean of the middle two for even ``r``),
-  so the estimate is equal to [`CountSketch.estimate()`][sketchcomm.sketch.CountSketch.estimate]
-  for a finite table.
+  middle one (the mean of the middle two for even ``r``). The median selects among the same
+  fp32 numbers as the CPU's, so the estimate equals
+  [`CountSketch.estimate()`][sketchcomm.sketch.CountSketch.estimate] for a finite table.
 * [`heavy_hitters()`][sketchcomm.sketch_triton.heavy_hitters] reads a threshold from a strided
   sample of estimates (on the device), writes every coordinate whose ``|estimate|`` reaches it
   and its estimate with an atomic counter, and runs ``torch.topk`` among those. Reading the
@@ -145,22 +145,33 @@ def _rows_padded(rows: int) -> int:
 
 
 def sketch_into(
-    sketch: CountSketch, x: Tensor, tables: Tensor, *, deterministic: bool = True
+    sketch: CountSketch,
+    x: Tensor,
+    tables: Tensor,
+    *,
+    offset: int = 0,
+    deterministic: bool = True,
 ) -> Tensor:
-    """Add the sketches of the rows of ``x`` (``[b, d]`` fp32, contiguous) to ``tables``
-    (``[b, r, c]`` fp32, contiguous, on ``x``'s device) in one launch; returns ``tables``.
+    """Add to ``tables`` (``[b, r, c]`` fp32, contiguous, on ``x``'s device) the sketches of the
+    vectors that equal the rows of ``x`` (``[b, n]`` fp32, contiguous) at coordinates
+    ``offset .. offset + n - 1`` and are zero elsewhere, in one launch; returns ``tables``. With
+    ``offset = 0`` and ``n = d`` these are the sketches of the rows of ``x``.
 
-    ``deterministic=True`` gives the CPU's tables bit for bit (``x`` is read once per row);
+    ``deterministic=True`` gives the tables of ``CountSketch.sketch`` (and, for a block, of
+    ``sketchcomm.sketch_blocks.sketch_block_into``) bit for bit, reading ``x`` once per row;
     ``deterministic=False`` reads ``x`` once and adds with atomics, within
     ``2 gamma_n sum |terms|`` of them (see the module docstring).
     """
     _require_triton()
-    if x.dim() != 2:
-        raise ValueError(f"x must be [batch, {sketch.dim}], got {tuple(x.shape)}")
-    batch = x.shape[0]
-    _check_fp32("x", x, (batch, sketch.dim), x.device)
+    if x.dim() != 2 or not 0 <= offset <= sketch.dim - x.shape[1]:
+        raise ValueError(
+            f"x must be a [batch, n] block with 0 <= offset and offset + n <= {sketch.dim}, got "
+            f"{tuple(x.shape)} at offset {offset}"
+        )
+    batch, width = x.shape
+    _check_fp32("x", x, (batch, width), x.device)
     _check_fp32("tables", tables, (batch, sketch.rows, sketch.columns), x.device)
-    if batch == 0:
+    if batch == 0 or width == 0:
         return tables
     offsets, signs = _hashes(sketch, x.device)
     if deterministic:
@@ -170,7 +181,8 @@ def sketch_into(
             tables,
             offsets,
             signs,
-            sketch.dim,
+            offset,
+            offset + width,
             sketch.rows,
             sketch.columns,
             sketch.chunks,
@@ -180,13 +192,14 @@ def sketch_into(
             enable_fp_fusion=False,
         )
     else:
-        blocks = triton.cdiv(sketch.dim, _ESTIMATE_BLOCK)
+        blocks = triton.cdiv(width, _ESTIMATE_BLOCK)
         sketch_atomic_kernel[(blocks * batch,)](
             x,
             tables,
             offsets,
             signs,
-            sketch.dim,
+            offset,
+            offset + width,
             sketch.columns,
             sketch.chunks,
             blocks,

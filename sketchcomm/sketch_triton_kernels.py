@@ -94,7 +94,8 @@ def sketch_rows_kernel(
     tables,
     offsets,
     signs,
-    dim,
+    start,
+    stop,
     rows,
     columns,
     chunks,
@@ -103,7 +104,9 @@ def sketch_rows_kernel(
     UNROLL: tl.constexpr,
 ):
     """Program ``(b, j, block)``: cells ``m`` of row ``j`` of table ``b`` receive
-    ``sigma_j[k] x[b, k c + (m - o_jk) mod c]`` for ``k = 0, 1, ..., n - 1`` in order."""
+    ``sigma_j[k] v[k c + (m - o_jk) mod c]`` for the chunks ``k`` that meet ``[start, stop)``, in
+    order, where ``v[i] = x[b, i - start]`` on ``[start, stop)`` (``x`` is ``[b, stop - start]``)
+    and zero elsewhere."""
     pid = tl.program_id(0).to(tl.int64)
     block = pid % blocks
     row_of_batch = pid // blocks
@@ -113,10 +116,10 @@ def sketch_rows_kernel(
     in_row = m < columns
     cells = tables + row_of_batch * columns + m
     total = tl.load(cells, mask=in_row, other=0.0)
-    source = x + batch * dim
-    for first in range(0, chunks, UNROLL):
+    source = x + batch * (stop - start) - start
+    for first in range(start // columns, (stop - 1) // columns + 1, UNROLL):
         # Straight-line code: the UNROLL loads do not depend on ``total`` and are issued
-        # together; the additions stay in chunk order. Past the last chunk, ``i >= d``.
+        # together; the additions stay in chunk order. Past the last chunk, ``i >= stop``.
         for u in tl.static_range(UNROLL):
             k = first + u
             hashed = j * chunks + tl.minimum(k, chunks - 1)
@@ -125,7 +128,7 @@ def sketch_rows_kernel(
             position = m - offset
             position = tl.where(position < 0, position + columns, position)
             i = k * columns + position
-            valid = in_row & (i < dim)
+            valid = in_row & (i >= start) & (i < stop)
             term = tl.load(source + i, mask=valid, other=0.0) * sign
             total = tl.where(valid, total + term, total)
     tl.store(cells, total, mask=in_row)
@@ -137,21 +140,23 @@ def sketch_atomic_kernel(
     tables,
     offsets,
     signs,
-    dim,
+    start,
+    stop,
     columns,
     chunks,
     blocks,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Program ``(b, block)``: coordinates ``i`` of ``x[b]`` add ``sigma_j[k] x[b, i]`` to
-    cell ``(o_jk + l) mod c`` of every row ``j`` of table ``b`` with ``tl.atomic_add``."""
+    """Program ``(b, block)``: coordinates ``i`` in ``[start, stop)`` add
+    ``sigma_j[k] x[b, i - start]`` to cell ``(o_jk + l) mod c`` of every row ``j`` of table ``b``
+    with ``tl.atomic_add``."""
     pid = tl.program_id(0).to(tl.int64)
     block = pid % blocks
     batch = pid // blocks
-    i = block * BLOCK + tl.arange(0, BLOCK)
-    mask = i < dim
-    value = tl.load(x + batch * dim + i, mask=mask, other=0.0)
+    i = start + block * BLOCK + tl.arange(0, BLOCK)
+    mask = i < stop
+    value = tl.load(x + batch * (stop - start) + (i - start), mask=mask, other=0.0)
     k = i // columns
     position = i - k * columns
     table = tables + batch * ROWS * columns

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-from triton_interpreted import case_inputs, run_interpreted
+from triton_interpreted import block_bounds, case_inputs, run_interpreted
 
 from sketchcomm.sketch import CountSketch
+from sketchcomm.sketch_blocks import sketch_block_into
 from sketchcomm.sketch_numpy import estimates_at_least
 
 pytestmark = pytest.mark.skipif(
@@ -139,21 +140,40 @@ def test_row_parallel_sketch_equals_the_cpu_tables_bit_for_bit(outputs, name: st
     assert torch.equal(outputs[name]["rows_parallel"], _cpu_tables(sketch, x, tables))
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_atomic_sketch_is_within_the_reassociation_bound(outputs, name: str) -> None:
-    """A cell sums its previous value and at most n terms t: any two orders differ by at most
-    2 gamma_n (|previous| + sum |t|), gamma_n = n u / (1 - n u), u = 2^-24."""
-    sketch, x, tables, _ = case_inputs(_case(name))
-    expected = _cpu_tables(sketch, x, tables)
-    # |previous| + sum |t| per cell: the sketch of |x| with every sign +1, in float64.
+def _reassociation_bound(
+    sketch: CountSketch, x: torch.Tensor, tables: torch.Tensor
+) -> torch.Tensor:
+    """2 gamma_n (|previous| + sum |t|) per cell, gamma_n = n u / (1 - n u), u = 2^-24: how far
+    two orders of adding a cell's previous value and its at most n terms t can differ."""
+    # |previous| + sum |t|: the sketch of |x| with every sign +1, in float64.
     buckets, _ = sketch.buckets_and_signs(torch.arange(sketch.dim))
     unsigned = tables.abs().double()
     for b in range(len(x)):
         unsigned[b].scatter_add_(1, buckets, x[b].abs().double().expand(sketch.rows, -1))
     u, n = 2.0**-24, sketch.chunks
-    bound = 2 * n * u / (1 - n * u) * unsigned
-    difference = (outputs[name]["atomic"].double() - expected.double()).abs()
-    assert bool((difference <= bound).all())
+    return 2 * n * u / (1 - n * u) * unsigned
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_atomic_sketch_is_within_the_reassociation_bound(outputs, name: str) -> None:
+    sketch, x, tables, _ = case_inputs(_case(name))
+    expected = _cpu_tables(sketch, x, tables).double()
+    bound = _reassociation_bound(sketch, x, tables)
+    assert bool(((outputs[name]["atomic"].double() - expected).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_blocks_at_offsets_equal_the_cpu_block_sketch(outputs, name: str) -> None:
+    """Three blocks sketched one after the other at their offsets: bit for bit the CPU's
+    ``sketch_block_into``, and (atomic) within the bound of the whole vector's sketch."""
+    sketch, x, tables, _ = case_inputs(_case(name))
+    expected = tables.clone()
+    for start, stop in block_bounds(sketch.dim):
+        sketch_block_into(sketch, x[:, start:stop], start, expected)
+    assert torch.equal(outputs[name]["blocks"], expected)
+    whole = _cpu_tables(sketch, x, tables).double()
+    bound = _reassociation_bound(sketch, x, tables)
+    assert bool(((outputs[name]["blocks_atomic"].double() - whole).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -230,77 +250,42 @@ def test_bad_shapes_are_refused_before_any_launch() -> None:
     assert not sketch_triton.supported(torch.zeros(3))
 
 
-_TABLE = {"table": "*fp32", "offsets": "*i32", "signs": "*fp32"}
-_COMPILED = {
-    "sketch_rows": (
-        {
-            "x": "*fp32",
-            "tables": "*fp32",
-            "offsets": "*i32",
-            "signs": "*fp32",
-            "dim": "i32",
-            "rows": "i32",
-            "columns": "i32",
-            "chunks": "i32",
-            "blocks": "i32",
-        },
-        [{"BLOCK": 256, "UNROLL": 8}],
-    ),
-    "sketch_atomic": (
-        {
-            "x": "*fp32",
-            "tables": "*fp32",
-            "offsets": "*i32",
-            "signs": "*fp32",
-            "dim": "i32",
-            "columns": "i32",
-            "chunks": "i32",
-            "blocks": "i32",
-        },
-        [{"ROWS": 3, "BLOCK": 1024}],
-    ),
-    "estimate": (
-        {
-            **_TABLE,
-            "out": "*fp32",
-            "count": "i32",
-            "stride": "i32",
-            "columns": "i32",
-            "chunks": "i32",
-        },
-        [
-            {"ROWS": r, "ROWS_P2": p, "BLOCK": b}
-            for r, p, b in (
-                (1, 1, 1024),
-                (2, 2, 1024),
-                (3, 4, 1024),
-                (5, 8, 1024),
-                (4, 4, 256),
-                (7, 8, 256),
-            )
-        ],
-    ),
-    "compact": (
-        {
-            **_TABLE,
-            "threshold": "*fp32",
-            "counter": "*i32",
-            "indices": "*i64",
-            "values": "*fp32",
-            "dim": "i32",
-            "capacity": "i32",
-            "columns": "i32",
-            "chunks": "i32",
-        },
-        [{"ROWS": 3, "ROWS_P2": 4, "BLOCK": 2048}, {"ROWS": 6, "ROWS_P2": 8, "BLOCK": 512}],
-    ),
+# The pointer arguments' types; every other argument that is not a constexpr is an int32.
+_POINTERS = {
+    "x": "*fp32",
+    "tables": "*fp32",
+    "table": "*fp32",
+    "offsets": "*i32",
+    "signs": "*fp32",
+    "out": "*fp32",
+    "threshold": "*fp32",
+    "counter": "*i32",
+    "indices": "*i64",
+    "values": "*fp32",
+}
+# The constexpr values of every variant that the launches use.
+_VARIANTS = {
+    "sketch_rows": [{"BLOCK": 256, "UNROLL": 8}],
+    "sketch_atomic": [{"ROWS": 3, "BLOCK": 1024}],
+    "estimate": [
+        {"ROWS": rows, "ROWS_P2": padded, "BLOCK": block}
+        for rows, padded, block in (
+            (1, 1, 1024),
+            (2, 2, 1024),
+            (3, 4, 1024),
+            (5, 8, 1024),
+            (4, 4, 256),
+            (7, 8, 256),
+        )
+    ],
+    "compact": [{"ROWS": 3, "ROWS_P2": 4, "BLOCK": 2048}, {"ROWS": 6, "ROWS_P2": 8, "BLOCK": 512}],
 }
 
 
 @pytest.mark.skipif(
     bool(os.environ.get("TRITON_INTERPRET")), reason="compiles the kernels, not interpreted"
 )
-@pytest.mark.parametrize("name", _COMPILED)
+@pytest.mark.parametrize("name", _VARIANTS)
 def test_kernels_compile_to_a_hopper_binary(name: str) -> None:
     """Without a GPU, every kernel variant that the launches use compiles through Triton's
     whole pipeline (TTIR, TTGIR, LLVM, PTX, ptxas) for sm_90, which the interpreter never does."""
@@ -311,13 +296,12 @@ def test_kernels_compile_to_a_hopper_binary(name: str) -> None:
     from sketchcomm import sketch_triton_kernels
 
     kernel = getattr(sketch_triton_kernels, f"{name}_kernel")
-    signature, variants = _COMPILED[name]
-    for constants in variants:
-        source = ASTSource(
-            fn=kernel,
-            signature={**signature, **dict.fromkeys(constants, "constexpr")},
-            constexprs=constants,
-        )
+    for constants in _VARIANTS[name]:
+        signature = {
+            arg: "constexpr" if arg in constants else _POINTERS.get(arg, "i32")
+            for arg in kernel.arg_names
+        }
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
         options = {"enable_fp_fusion": False}  # as the launches
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.asm["cubin"]

@@ -56,6 +56,12 @@ def case_inputs(
     return sketch, x, tables, table
 
 
+def block_bounds(dim: int) -> list[tuple[int, int]]:
+    """Three consecutive blocks of ``[0, dim)`` whose ends fall inside chunks."""
+    first, second = dim // 3 + 1, (2 * dim) // 3 + 2
+    return [(0, first), (first, second), (second, dim)]
+
+
 def _run(case: dict[str, Any]) -> dict[str, torch.Tensor]:
     from sketchcomm import sketch_triton
 
@@ -66,7 +72,14 @@ def _run(case: dict[str, Any]) -> dict[str, torch.Tensor]:
     )
     level = estimate.abs().nan_to_num(nan=0.0).quantile(case["level_quantile"]).reshape(1)
     found = sketch_triton.estimates_at_least(sketch, table, level, case["capacity"])
+    blocks, blocks_atomic = tables.clone(), tables.clone()
+    for start, stop in block_bounds(sketch.dim):
+        block = x[:, start:stop].contiguous()
+        sketch_triton.sketch_into(sketch, block, blocks, offset=start)
+        sketch_triton.sketch_into(sketch, block, blocks_atomic, offset=start, deterministic=False)
     return {
+        "blocks": blocks,
+        "blocks_atomic": blocks_atomic,
         "rows_parallel": sketch_triton.sketch_into(sketch, x, tables.clone()),
         "atomic": sketch_triton.sketch_into(sketch, x, tables.clone(), deterministic=False),
         "estimate": estimate,
