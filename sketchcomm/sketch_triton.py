@@ -33,7 +33,6 @@ the number of rows and chunks, and never waits for the device except where said.
 which is how they are tested without a GPU.
 
 >>> import torch
->>> from sketchcomm.sketch import CountSketch
 >>> supported(torch.zeros(3))  # a CPU tensor: the CPU path of CountSketch applies
 False
 """
@@ -75,24 +74,17 @@ __all__ = [
 # Estimates sampled (with a stride of ``d // THRESHOLD_SAMPLE``) to set the heavy-hitter threshold.
 THRESHOLD_SAMPLE = 1 << 16
 # Columns of one table row per program of the deterministic sketch, coordinates per program of the
-# other kernels.
+# other kernels. Every launch passes enable_fp_fusion=False: each product and sum is rounded on its
+# own, as on the CPU.
 _SKETCH_BLOCK = 256
 _ESTIMATE_BLOCK = 1024
 _COMPACT_BLOCK = 2048
-# Rows with a min/max network; others hold a [block, r padded to a power of two] tile, so their
-# blocks are 4x smaller.
-_NETWORK_ROWS = (1, 2, 3, 5)
-
-
-def _block(sketch: CountSketch, block: int) -> int:
-    return block if sketch.rows in _NETWORK_ROWS else block // 4
-
-
 # Chunks whose terms the deterministic sketch loads before adding them (in order), so that that
 # many loads are in flight per program.
 _SKETCH_UNROLL = 8
-
-# Launches pass enable_fp_fusion=False: every product and sum is rounded on its own, as on the CPU.
+# Rows with a min/max network; others hold a [block, r padded to a power of two] tile, so their
+# blocks are 4x smaller.
+_NETWORK_ROWS = (1, 2, 3, 5)
 
 # Per sketch and device: the offsets o_jk (int32) and signs sigma_j[k] (fp32), both [r, n].
 _HASHES: weakref.WeakKeyDictionary[CountSketch, dict[torch.device, tuple[Tensor, Tensor]]] = (
@@ -138,6 +130,10 @@ def _check_fp32(name: str, tensor: Tensor, shape: tuple[int, ...], device: torch
             f"{name} must be a contiguous {shape} fp32 tensor on {device}, got "
             f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
         )
+
+
+def _block(sketch: CountSketch, block: int) -> int:
+    return block if sketch.rows in _NETWORK_ROWS else block // 4
 
 
 def _rows_padded(rows: int) -> int:
