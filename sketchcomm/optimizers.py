@@ -11,7 +11,9 @@ the optimizer it:
   the hook keeps ``rho`` on the summed table and the optimizer's ``momentum`` is set to 0 in
   every parameter group ("moved");
 * any other optimizer (AdamW, Adam, plain SGD, ...): leaves it alone ("kept"); the hook's
-  recovered update is its gradient;
+  recovered update is its gradient. An adaptive optimizer moves every coordinate about ``lr`` per
+  step under allreduce but only the ``k`` recovered ones here, and trains measurably slower
+  (docs/choosing.md); the message says so;
 * a recovery without sketch-space state (``second_round=True``, ``"dense"``) is
   optimizer-agnostic: nothing is moved.
 
@@ -44,6 +46,11 @@ from sketchcomm.config import SketchConfig
 __all__ = ["OptimizerChoice", "OptimizerWatch", "apply_choice", "choose"]
 
 ACTIONS = ("moved", "kept", "agnostic")
+#: What the measurements of docs/choosing.md say about adaptive optimizers on sparse updates.
+ADAPTIVE_NOTE = (
+    "; adaptive optimizers train slower than with allreduce on this sparse update (measured "
+    "in docs/choosing.md): compare the loss with an allreduce run, or use SGD with momentum"
+)
 
 
 @dataclass(frozen=True)
@@ -113,12 +120,13 @@ def choose(config: SketchConfig, optimizer: torch.optim.Optimizer) -> OptimizerC
             f"{name} momentum {momentum:g} moved into sketch space: the hook keeps momentum "
             f"{rho:g} on the summed table before top-k and the optimizer's momentum is set to 0",
         )
+    adaptive = "" if isinstance(optimizer, torch.optim.SGD) else ADAPTIVE_NOTE
     return OptimizerChoice(
         name,
         "kept",
         config.momentum,
         f"{name} left as it is: it gets the recovered top-k update as its gradient "
-        f"(sketch-space momentum {config.momentum:g})",
+        f"(sketch-space momentum {config.momentum:g}){adaptive}",
     )
 
 
