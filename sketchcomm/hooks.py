@@ -146,7 +146,7 @@ class SketchState(HookState):
         order and survives bucket rebuilds and restarts (see
         [`sketchcomm.buckets`][sketchcomm.buckets]). With the default hook, the first optimizer
         that steps the model's parameters is passed to `attach()` unless it was attached already
-        (see [`sketchcomm.optimizers`][sketchcomm.optimizers])."""
+        (see `sketchcomm.optimizers`)."""
         hook = sketch_hook if hook is None else hook
         super().register(ddp_model, hook)
         if self.watch is not None:
@@ -161,7 +161,7 @@ class SketchState(HookState):
         """Tell the hook the training's optimizer, before its first step. With FetchSGD recovery
         an SGD optimizer's momentum is moved into sketch space (the optimizer's is set to 0);
         other optimizers are left as they are (see
-        [`sketchcomm.optimizers`][sketchcomm.optimizers]).
+        `sketchcomm.optimizers`).
         The choice is logged and warned once, kept in checkpoints and re-applied to the
         optimizer of a resumed run; returns it."""
         if self.watch is not None:

@@ -48,8 +48,9 @@ __all__ = ["OptimizerChoice", "OptimizerWatch", "apply_choice", "choose"]
 ACTIONS = ("moved", "kept", "agnostic")
 #: What the measurements of docs/choosing.md say about adaptive optimizers on sparse updates.
 ADAPTIVE_NOTE = (
-    "; adaptive optimizers train slower than with allreduce on this sparse update (measured "
-    "in docs/choosing.md): compare the loss with an allreduce run, or use SGD with momentum"
+    "; adaptive optimizers train slower than with allreduce on this sparse update (AdamW, "
+    "character Llama, 100 steps: eval loss 1.36x allreduce's at 10x; recovery='dense' 1.11x at "
+    "10x; docs/choosing.md): compare with an allreduce run, or use SGD with momentum"
 )
 
 

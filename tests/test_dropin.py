@@ -85,60 +85,65 @@ def test_checkpoint_keeps_the_choice_and_the_strict_check() -> None:
 
 # ------------------------------------------------------------------ real ranks
 STEPS = 60
-SEEDS = (0, 1)
 
 
-def _train(rank: int, world: int, optimizer_name: str, sketched: bool, seed: int) -> dict:
+def _train(rank: int, world: int, optimizer_name: str, seed: int) -> dict:
+    """Allreduce, then the default SketchState(compression=10), from the same initialisation and
+    on the same batches; the held-out loss of each and what the hook chose and told."""
     from benchmarks.accuracy import make_optimizer
     from benchmarks.char_lm import TINY_LM, lm_batches, lm_loss, load_char_text, make_lm
 
     text = load_char_text()
-    model = make_lm(text.vocab_size, TINY_LM, seed=seed)
-    ddp = DDP(model, broadcast_buffers=False)
-    optimizer = make_optimizer(optimizer_name, model.parameters())
-    state = None
-    if sketched:
-        state = SketchState(compression=10)
-        state.register(ddp)  # the optimizer is seen at its first step
-    batches = lm_batches(text.train, 16, 64, seed=seed, rank=rank)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(STEPS):
-            optimizer.zero_grad(set_to_none=True)
-            lm_loss(ddp, next(batches)).backward()
-            optimizer.step()
-    held_out = lm_batches(text.test, 16, 64, seed=seed + 1, rank=0)
-    model.eval()
-    with torch.no_grad():
-        loss = sum(lm_loss(model, next(held_out)).item() for _ in range(4)) / 4
-    told = [str(w.message) for w in caught if "sketch_hook" in str(w.message)]
-    return {
-        "loss": loss,
-        "told": told,
-        "choice": None if state is None else state.optimizer_choice.action,
-        "optimizer_momentum": optimizer.param_groups[0].get("momentum"),
-        "sketched_steps": 0 if state is None else STEPS - state.config.start_iter,
-        "ratio": 1.0 if state is None else state.stats.compression_ratio,
-        "world": dist.get_world_size(),
-    }
+    result: dict = {}
+    for sketched in (False, True):
+        model = make_lm(text.vocab_size, TINY_LM, seed=seed)
+        ddp = DDP(model, broadcast_buffers=False)
+        optimizer = make_optimizer(optimizer_name, model.parameters())
+        state = SketchState(compression=10) if sketched else None
+        if state is not None:
+            state.register(ddp)  # the optimizer is seen at its first step
+        batches = lm_batches(text.train, 16, 64, seed=seed, rank=rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(STEPS):
+                optimizer.zero_grad(set_to_none=True)
+                lm_loss(ddp, next(batches)).backward()
+                optimizer.step()
+        held_out = lm_batches(text.test, 16, 64, seed=seed + 1, rank=0)
+        model.eval()
+        with torch.no_grad():
+            loss = sum(lm_loss(model, next(held_out)).item() for _ in range(4)) / 4
+        if state is None:
+            result["allreduce"] = loss
+            continue
+        result.update(
+            sketch=loss,
+            told=[str(w.message) for w in caught if "sketch_hook" in str(w.message)],
+            choice=state.optimizer_choice.action,
+            optimizer_momentum=optimizer.param_groups[0].get("momentum"),
+            ratio=state.stats.compression_ratio,
+            world=dist.get_world_size(),
+        )
+    return result
 
 
-# Eval loss of the default SketchState(compression=10) over allreduce's, same seed, 60 steps of
-# the tiny character Llama (benchmarks/accuracy.py measured the margins on seeds 0-2).
-MARGINS = {"sgd": 1.10, "adamw": 1.30}
+# Eval loss of the default SketchState(compression=10) over allreduce's (same seed) after 60 steps
+# of the tiny character Llama (measured here: SGD 0.97, AdamW 1.36). The margins come from
+# `python -m benchmarks.accuracy` (3 seeds, 100 steps, docs/choosing.md): SGD with its momentum
+# moved 0.907 +- 0.034 (left in the optimizer: 1.006 +- 0.029, which this margin does not
+# promise), AdamW 1.364 +- 0.029.
+MARGINS = {"sgd": 1.02, "adamw": 1.45}
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 def test_default_trains_near_allreduce_with_the_users_optimizer(optimizer_name: str) -> None:
-    for seed in SEEDS:
-        reference = run_ranks(_train, 2, optimizer_name, False, seed)[0]
-        sketched = run_ranks(_train, 2, optimizer_name, True, seed)
-        for rank_result in sketched:
-            expected = "moved" if optimizer_name == "sgd" else "kept"
-            assert rank_result["choice"] == expected
-            assert len(rank_result["told"]) == 1, rank_result["told"]
-            assert rank_result["ratio"] > 9.0
-        if optimizer_name == "sgd":
-            assert sketched[0]["optimizer_momentum"] == 0.0
-        relative = sketched[0]["loss"] / reference["loss"]
-        assert relative < MARGINS[optimizer_name], (seed, relative)
+    results = run_ranks(_train, 2, optimizer_name, 0)
+    for result in results:
+        assert result["choice"] == ("moved" if optimizer_name == "sgd" else "kept")
+        assert len(result["told"]) == 1, result["told"]
+        assert result["ratio"] > 9.0
+    if optimizer_name == "sgd":
+        assert results[0]["optimizer_momentum"] == 0.0
+    relative = results[0]["sketch"] / results[0]["allreduce"]
+    print(f"{optimizer_name}: sketch / allreduce = {relative:.3f}")
+    assert relative < MARGINS[optimizer_name], relative
