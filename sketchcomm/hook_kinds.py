@@ -9,8 +9,8 @@ DDP model. The built-in kinds:
 * ``fp16`` — torch's ``default_hooks.fp16_compress_hook`` (half the bytes);
 * ``powersgd`` — torch's ``powerSGD_hook`` (options ``rank``, ``seed``);
 * ``sketch`` — [`SketchState`][sketchcomm.SketchState] + [`sketch_hook()`][sketchcomm.sketch_hook]
-  (options: those
-  of ``SketchState``);
+  (options: those of ``SketchState``; registered by `attach_hook()`, it sees the optimizer at its
+  first step and moves SGD's momentum into sketch space);
 * ``private`` — [`DPSketchState`][sketchcomm.privacy.DPSketchState] +
   [`dp_sketch_hook()`][sketchcomm.privacy.dp_sketch_hook] (options: those of ``DPSketchState``,
   including its ``ledger`` and ``max_grad_norm``).

@@ -19,9 +19,9 @@ Recovery modes (``recovery``) and their traffic per bucket and step:
 
 * ``"dense"``: the median-over-rows estimate of every coordinate; ``r * c`` fp32 values. With one
   row the estimate is unbiased, with more rows it is robust to heavy collisions.
-* ``"topk"``: the ``k = ceil(topk_fraction * d)`` coordinates with the largest estimates and their
-  estimates, zero elsewhere (Sketched SGD, Ivkin et al. 2019; FetchSGD, Rothchild et al. 2020);
-  ``r * c`` fp32 values.
+* ``"topk"``: the ``k = ceil(topk_fraction * d)`` coordinates with the
+  largest estimates and their estimates, zero elsewhere (Sketched SGD, Ivkin et al. 2019;
+  FetchSGD, Rothchild et al. 2020); ``r * c`` fp32 values.
 * ``"topk"`` with ``second_round=True``: ``m = ceil(candidates * k)`` candidates with the largest
   estimates are chosen from the summed table, their exact values are allreduced in a second round
   and the ``k`` largest exact values are kept (Sketched SGD); ``r * c + m`` values.
@@ -51,7 +51,9 @@ rebuilds its buckets after the first one) and for buckets too small for compress
 # No "from __future__ import annotations": DDP checks the hook's ``bucket`` annotation at runtime.
 
 import logging
+import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -60,8 +62,10 @@ from torch import Tensor, nn
 
 from sketchcomm.buckets import BucketState
 from sketchcomm.config import SketchConfig
-from sketchcomm.engine import BucketContext, HookState
+from sketchcomm.engine import HookState
+from sketchcomm.optimizers import OptimizerChoice, OptimizerWatch, apply_choice, choose
 from sketchcomm.recovery import decode
+from sketchcomm.second_round import message_size, part_message, second_round
 from sketchcomm.sketch import CountSketch, derive_seed
 from sketchcomm.stats import SketchStats
 from sketchcomm.validation import check_int
@@ -119,7 +123,13 @@ class SketchState(HookState):
         super().__init__(process_group)
         if config is not None and options:
             raise ValueError("give either config or sketch options, not both")
-        self.config = config if config is not None else SketchConfig(**options)
+        #: The options as given: what checkpoints record and compare.
+        self.requested = config if config is not None else SketchConfig(**options)
+        #: The options the hook runs with: ``requested`` plus what `attach()` chose.
+        self.config = self.requested
+        self.optimizer_choice: OptimizerChoice | None = None
+        self.watch: OptimizerWatch | None = None
+        self.told_unseen = False
         check_int("log_every", log_every, 0)
         self.log_every = log_every
 
@@ -134,8 +144,78 @@ class SketchState(HookState):
         ``ddp_model`` and bind this state to the model's parameters, so that per-bucket state
         follows parameters rather than bucket
         order and survives bucket rebuilds and restarts (see
-        [`sketchcomm.buckets`][sketchcomm.buckets])."""
-        super().register(ddp_model, sketch_hook if hook is None else hook)
+        [`sketchcomm.buckets`][sketchcomm.buckets]). With the default hook, the first optimizer
+        that steps the model's parameters is passed to `attach()` unless it was attached already
+        (see `sketchcomm.optimizers`)."""
+        hook = sketch_hook if hook is None else hook
+        super().register(ddp_model, hook)
+        if self.watch is not None:
+            self.watch.remove()
+            self.watch = None
+        if hook is sketch_hook:
+            module = getattr(ddp_model, "module", ddp_model)
+            self.watch = OptimizerWatch(module.parameters(), self.attach)
+
+    # ------------------------------------------------------------------ the user's optimizer
+    def attach(self, optimizer: torch.optim.Optimizer) -> OptimizerChoice:
+        """Tell the hook the training's optimizer, before its first step. With FetchSGD recovery
+        an SGD optimizer's momentum is moved into sketch space (the optimizer's is set to 0);
+        other optimizers are left as they are (see
+        `sketchcomm.optimizers`).
+        The choice is logged and warned once, kept in checkpoints and re-applied to the
+        optimizer of a resumed run; returns it."""
+        if self.watch is not None:
+            self.watch.remove()
+            self.watch = None
+        if self.optimizer_choice is not None:
+            apply_choice(self.optimizer_choice, optimizer)
+            return self.optimizer_choice
+        choice = choose(self.requested, optimizer)
+        apply_choice(choice, optimizer)
+        self.use_choice(choice)
+        logger.info("sketch_hook: %s", choice.message)
+        warnings.warn(f"sketch_hook: {choice.message}", stacklevel=2)
+        return choice
+
+    def use_choice(self, choice: OptimizerChoice) -> None:
+        """Run with ``choice``'s sketch-space momentum from now on."""
+        self.optimizer_choice = choice
+        self.config = replace(self.requested, momentum=choice.momentum)
+
+    def tell_unseen_optimizer(self) -> None:
+        """Warn once when sketching starts and no optimizer was seen (FetchSGD recovery without
+        sketch-space momentum: an optimizer's momentum, if any, trains worse)."""
+        if self.told_unseen or self.optimizer_choice is not None:
+            return
+        self.told_unseen = True
+        if self.config.error_feedback == "sketch" and not self.config.momentum:
+            warnings.warn(
+                "sketch_hook has not seen the optimizer: if it has momentum, call "
+                "state.attach(optimizer) before training (it moves the momentum into sketch "
+                "space), or use SketchState(momentum=RHO) with SGD(momentum=0)",
+                stacklevel=2,
+            )
+
+    def describe(self) -> str:
+        """One paragraph: the recovery, the table, and what was decided about the optimizer."""
+        config = self.config
+        topk = f"k = {config.topk_fraction:g} d"
+        if config.second_round:
+            recovery = f"top-k ({topk}) with a second round and local error feedback"
+        elif config.recovery == "topk":
+            recovery = f"FetchSGD top-k ({topk}), error accumulated in the summed table"
+        else:
+            recovery = "dense median estimate"
+        seen = (
+            self.optimizer_choice.message
+            if self.optimizer_choice is not None
+            else "optimizer not seen yet (attach() or the first step tells it)"
+        )
+        return (
+            f"compression {config.compression:g}x, {config.rows} rows, {recovery}, "
+            f"sketch-space momentum {config.momentum:g}, plain allreduce for the first "
+            f"{config.start_iter} iterations; {seen}"
+        )
 
     # ------------------------------------------------------------------ per-bucket state
     def new_bucket_state(self, key: tuple, numel: int, device: torch.device | None) -> BucketState:
@@ -169,13 +249,13 @@ class SketchState(HookState):
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_config(self) -> dict[str, Any]:
-        """What a checkpoint records and must match on load."""
-        return self.config.as_dict()
+        """What a checkpoint records and must match on load: the options as given."""
+        return self.requested.as_dict()
 
     def migrate_config(self, saved: dict[str, Any]) -> dict[str, Any]:
         """A saved configuration in today's terms (older checkpoints lack newer fields, which
         then take their defaults)."""
-        return {**SketchConfig().as_dict(), "rows": self.config.rows, **saved}
+        return {**SketchConfig().as_dict(), "rows": self.requested.rows, **saved}
 
     def state_dict(self) -> dict[str, Any]:
         """Configuration, iteration, statistics and every bucket's error-feedback tensors."""
@@ -189,11 +269,13 @@ class SketchState(HookState):
             }
             for index, s in self.buckets.items()
         }
+        choice = self.optimizer_choice
         return {
             "config": self.checkpoint_config(),
             "iter": self.iter,
             "stats": self.stats.as_record(),
             "buckets": buckets,
+            "optimizer": None if choice is None else choice.as_record(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -207,6 +289,9 @@ class SketchState(HookState):
                 "state with the checkpoint's options to resume it"
             )
         self.iter = int(state_dict["iter"])
+        choice = state_dict.get("optimizer")
+        if choice is not None:
+            self.use_choice(OptimizerChoice(**choice))
         self.stats = SketchStats(**state_dict["stats"])
         self.buckets = {}
         for index, saved_bucket in state_dict["buckets"].items():
@@ -220,7 +305,11 @@ class SketchState(HookState):
 
     def __getstate__(self) -> dict[str, Any]:
         # Process groups and locks cannot be pickled: what is kept is the checkpoint.
-        return {"config": self.config, "log_every": self.log_every, "checkpoint": self.state_dict()}
+        return {
+            "config": self.requested,
+            "log_every": self.log_every,
+            "checkpoint": self.state_dict(),
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         SketchState.__init__(self, config=state["config"], log_every=state["log_every"])
@@ -243,80 +332,6 @@ def _plain_allreduce(state: HookState, bucket: dist.GradBucket) -> torch.futures
     return context.allreduce(message, lambda summed: summed, check_finite=False)
 
 
-def _part_message(part: BucketContext, values: Tensor) -> Tensor:
-    """What a part of a bucket sends: the table of ``values`` (its canonical vector), flat, or the
-    values averaged over the ranks for a part without state (see
-    [`BucketContext.parts()`][sketchcomm.engine.BucketContext.parts])."""
-    if part.bucket_state is None:
-        return values / part.world
-    return part.sketch.sketch(values).reshape(-1)
-
-
-def _message_size(part: BucketContext) -> int:
-    if part.bucket_state is None:
-        return part.layout.numel
-    rows, columns = part.sketch.table_shape
-    return rows * columns
-
-
-def _second_round(state: SketchState, context: BucketContext) -> torch.futures.Future[Tensor]:
-    """Sketched SGD's second round: allreduce the table and wait, pick ``candidates`` coordinates
-    from it, allreduce their exact values and keep the ``topk`` largest (part by part)."""
-    config, parts = state.config, context.parts()
-    sizes = [_message_size(part) for part in parts]
-    local: list[Tensor] = []
-
-    def make_table() -> Tensor:
-        for part in parts:
-            values = part.canonical().float()
-            residual = part.bucket_state.residual if part.bucket_state is not None else None
-            if config.error_feedback == "local" and residual is not None:
-                values = values + residual
-            local.append(values)
-        return torch.cat([_part_message(p, v) for p, v in zip(parts, local, strict=True)])
-
-    table = context.build((sum(sizes),), make_table)
-    sketched = [part for part in parts if part.bucket_state is not None]
-    candidates = [part.bucket_state.candidates for part in sketched]
-    sent = table.numel() + sum(candidates)
-    context.record(sent, sent * 4)
-    summed = context.allreduce_now(table)
-    if summed is None:
-        return context.without_exchange(lambda: None)
-    if not bool(torch.isfinite(summed).all()):
-        return context.without_exchange(context.nonfinite_result)
-    pieces, chosen = summed.split(sizes), {}
-
-    def make_exact() -> Tensor:
-        for n, part in enumerate(parts):
-            if part.bucket_state is not None:
-                table_n = pieces[n].view(part.sketch.table_shape)
-                chosen[n] = part.sketch.heavy_hitters(table_n, part.bucket_state.candidates)[0]
-        return torch.cat([local[n][chosen[n]] for n in chosen]) if chosen else summed[:0]
-
-    exact = context.build((sum(candidates),), make_exact)
-
-    def finish(summed_exact: Tensor) -> Tensor:
-        exact_pieces, results = iter(summed_exact.split(candidates)), []
-        for n, part in enumerate(parts):
-            if part.bucket_state is None:
-                results.append(pieces[n])
-                continue
-            bucket_state, values = part.bucket_state, next(exact_pieces)
-            keep = values.abs().topk(bucket_state.topk, sorted=False).indices
-            indices = chosen[n][keep]
-            if config.error_feedback == "local":
-                residual = local[n].clone() if local[n] is part.buffer else local[n]
-                residual[indices] = 0.0
-                bucket_state.residual = residual
-            result = torch.zeros(part.sketch.dim, dtype=torch.float32, device=part.buffer.device)
-            result[indices] = values[keep] / context.world
-            results.append(result)
-        return torch.cat(results)
-
-    return context.allreduce(exact, finish)
-
-
 def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     r"""DDP communication hook: allreduce Count Sketch tables instead of gradients.
 
@@ -336,14 +351,15 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
     numel = bucket.buffer().numel()
     if state.iter < config.start_iter or config.table_shape_for(numel) is None:
         return _plain_allreduce(state, bucket)
+    state.tell_unseen_optimizer()
     context = state.open(bucket, split=True)
     if config.second_round:
-        return _second_round(state, context)
+        return second_round(state, context)
     parts, decoding = context.parts(), config.decoding
-    sizes = [_message_size(part) for part in parts]
+    sizes = [message_size(part) for part in parts]
     table = context.build(
         (sum(sizes),),
-        lambda: torch.cat([_part_message(part, part.canonical().float()) for part in parts]),
+        lambda: torch.cat([part_message(part, part.canonical().float()) for part in parts]),
     )
     context.record(table.numel(), table.numel() * 4)
 

@@ -54,7 +54,9 @@ def _sketch_space_step(config: DecodeConfig, bucket: BucketState, summed: Tensor
     zero the cells of both tables that the extracted coordinates hash to."""
     if bucket.error_table is None:
         bucket.error_table = torch.zeros_like(summed)
-        bucket.momentum_table = torch.zeros_like(summed) if config.momentum else None
+    if config.momentum and bucket.momentum_table is None:
+        # Also when momentum starts after the error table (an optimizer attached late).
+        bucket.momentum_table = torch.zeros_like(summed)
     if bucket.momentum_table is not None:
         bucket.momentum_table.mul_(config.momentum).add_(summed)
         bucket.error_table.add_(bucket.momentum_table)

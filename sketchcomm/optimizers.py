@@ -1,0 +1,182 @@
+r"""What the sketch hook does about the user's optimizer, decided once and told once.
+
+FetchSGD's recovery (``error_feedback="sketch"``) returns a sparse, delayed update: the ``k``
+largest coordinates of the error accumulated in the summed table. Momentum belongs *before* that
+selection, on the table (``S_u <- rho S_u + S``); an optimizer's momentum applied to the recovered
+update instead averages updates that each hold a different handful of coordinates, and trains
+worse (character Llama, 10x: eval loss 1.18x allreduce's after 60 steps). So when the hook sees
+the optimizer it:
+
+* ``torch.optim.SGD`` with momentum ``rho > 0`` (and no Nesterov): moves it into sketch space,
+  the hook keeps ``rho`` on the summed table and the optimizer's ``momentum`` is set to 0 in
+  every parameter group ("moved");
+* any other optimizer (AdamW, Adam, plain SGD, ...): leaves it alone ("kept"); the hook's
+  recovered update is its gradient. An adaptive optimizer moves every coordinate about ``lr`` per
+  step under allreduce but only the ``k`` recovered ones here, and trains measurably slower
+  (docs/choosing.md); the message says so;
+* a recovery without sketch-space state (``second_round=True``, ``"dense"``) is
+  optimizer-agnostic: nothing is moved.
+
+The hook learns the optimizer from [`SketchState.attach()`][sketchcomm.SketchState.attach], or by
+itself at the optimizer's first ``step()`` (a step pre-hook that matches the optimizer's
+parameters with the model's); the decision is logged and warned once, and
+[`SketchState.describe()`][sketchcomm.SketchState.describe] says it.
+
+>>> import torch
+>>> from sketchcomm.config import SketchConfig
+>>> weights = [torch.nn.Parameter(torch.zeros(3))]
+>>> optimizer = torch.optim.SGD(weights, lr=0.1, momentum=0.9)
+>>> choice = choose(SketchConfig(compression=10), optimizer)
+>>> choice.action, choice.momentum
+('moved', 0.9)
+>>> apply_choice(choice, optimizer); optimizer.param_groups[0]["momentum"]
+0.0
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from sketchcomm.config import SketchConfig
+
+__all__ = ["OptimizerChoice", "OptimizerWatch", "apply_choice", "choose"]
+
+ACTIONS = ("moved", "kept", "agnostic")
+#: What the measurements of docs/choosing.md say about adaptive optimizers on sparse updates.
+ADAPTIVE_NOTE = (
+    "; adaptive optimizers train slower than with allreduce on this sparse update (AdamW, "
+    "character Llama, 100 steps: eval loss 1.36x allreduce's at 10x; recovery='dense' 1.11x at "
+    "10x; docs/choosing.md): compare with an allreduce run, or use SGD with momentum"
+)
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """What the hook decided about an optimizer.
+
+    ``optimizer`` is its class name, ``action`` one of ``"moved"`` (its momentum now lives in the
+    sketch and the optimizer's is 0), ``"kept"`` (the optimizer is left as it is) or
+    ``"agnostic"`` (the recovery keeps no sketch-space state), ``momentum`` the sketch-space
+    momentum the hook uses, ``message`` the sentence that tells the user.
+
+    >>> OptimizerChoice("AdamW", "kept", 0.0, "...").as_record()["action"]
+    'kept'
+    """
+
+    optimizer: str
+    action: str
+    momentum: float
+    message: str
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {self.action!r}")
+
+    def as_record(self) -> dict[str, Any]:
+        """A plain dict (what a checkpoint stores)."""
+        return asdict(self)
+
+
+def _sgd_momentum(optimizer: torch.optim.Optimizer) -> float:
+    """The momentum of an SGD optimizer's groups, which must all agree; 0 for other optimizers."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return 0.0
+    groups = optimizer.param_groups
+    momenta = {float(group.get("momentum", 0.0)) for group in groups}
+    if len(momenta) > 1:
+        raise ValueError(
+            f"the optimizer's parameter groups use different momenta {sorted(momenta)}: give "
+            "them one momentum, or set momentum=RHO in SketchState and 0 in the optimizer"
+        )
+    momentum = momenta.pop()
+    if momentum and any(group.get("nesterov", False) for group in groups):
+        raise ValueError(
+            "Nesterov momentum cannot be moved into sketch space: use nesterov=False, or "
+            "second_round=True (optimizer-agnostic recovery)"
+        )
+    return momentum
+
+
+def choose(config: SketchConfig, optimizer: torch.optim.Optimizer) -> OptimizerChoice:
+    """The decision for ``optimizer`` under ``config`` (see the module docstring)."""
+    name = type(optimizer).__name__
+    if config.error_feedback != "sketch":
+        return OptimizerChoice(
+            name,
+            "agnostic",
+            0.0,
+            f"{name} left as it is: recovery {_recovery(config)} keeps no state in sketch space",
+        )
+    momentum = _sgd_momentum(optimizer)
+    if momentum:
+        rho = config.momentum or momentum
+        return OptimizerChoice(
+            name,
+            "moved",
+            rho,
+            f"{name} momentum {momentum:g} moved into sketch space: the hook keeps momentum "
+            f"{rho:g} on the summed table before top-k and the optimizer's momentum is set to 0",
+        )
+    adaptive = "" if isinstance(optimizer, torch.optim.SGD) else ADAPTIVE_NOTE
+    return OptimizerChoice(
+        name,
+        "kept",
+        config.momentum,
+        f"{name} left as it is: it gets the recovered top-k update as its gradient "
+        f"(sketch-space momentum {config.momentum:g}){adaptive}",
+    )
+
+
+def apply_choice(choice: OptimizerChoice, optimizer: torch.optim.Optimizer) -> None:
+    """Set the optimizer's momentum to 0 when ``choice`` moved it (its momentum buffers are
+    dropped, so that no stale momentum keeps acting)."""
+    if choice.action != "moved":
+        return
+    for group in optimizer.param_groups:
+        group["momentum"] = 0.0
+    for parameter_state in optimizer.state.values():
+        parameter_state.pop("momentum_buffer", None)
+
+
+def _recovery(config: SketchConfig) -> str:
+    if config.second_round:
+        return "'topk' with a second round and local error feedback"
+    return repr(config.recovery)
+
+
+class OptimizerWatch:
+    """Calls ``on_optimizer(optimizer)`` at the first ``step()`` of an optimizer whose parameters
+    all belong to ``parameters`` (a torch global step pre-hook, removed once it has fired).
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> seen = []
+    >>> watch = OptimizerWatch(model.parameters(), seen.append)
+    >>> optimizer = torch.optim.AdamW(model.parameters())
+    >>> optimizer.step(); [type(o).__name__ for o in seen], watch.active
+    (['AdamW'], False)
+    """
+
+    def __init__(self, parameters: Any, on_optimizer: Any) -> None:
+        self.ids = {id(p) for p in parameters}
+        self.on_optimizer = on_optimizer
+        self.handle = register_optimizer_step_pre_hook(self.pre_step)
+
+    @property
+    def active(self) -> bool:
+        return self.handle is not None
+
+    def pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        owned = [id(p) in self.ids for group in optimizer.param_groups for p in group["params"]]
+        if owned and all(owned):
+            self.remove()
+            self.on_optimizer(optimizer)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
