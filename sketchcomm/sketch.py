@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sketchcomm import sketch_compiled
 from sketchcomm.hashing import derive_seed, prime_at_most
 from sketchcomm.sketch_numpy import (
     CPU_BLOCK,
@@ -150,6 +151,7 @@ class CountSketch:
         # Where, in a chunk repeated twice, row j's rotation of chunk k starts.
         self.rotation_starts = ((columns - offsets) % columns).numpy()
         self.chunk_signs = signs.numpy().astype(np.float32)
+        self.offsets_cpu = offsets.numpy()
         self._fingerprint = derive_seed(dim, rows, columns, self.offsets_list, self.signs_list)
 
     # ------------------------------------------------------------------ hashes
@@ -223,6 +225,11 @@ class CountSketch:
         device and path, so the result is the same bit for bit.
         """
         c = self.columns
+        if x.device.type == "cpu" and sketch_compiled.available():
+            sketch_compiled.sketch_block(
+                x.numpy(), 0, tables.numpy(), self.offsets_cpu, self.chunk_signs
+            )
+            return
         if x.device.type == "cpu":
             # numpy slices cost a fraction of torch's per-op overhead; both views share memory.
             xn, tn = x.numpy(), tables.numpy()
@@ -313,6 +320,15 @@ class CountSketch:
             estimate = median_over_rows(self.row_estimates(table))
             return estimate if out is None else out.copy_(estimate)
         result = torch.empty(self.dim, dtype=torch.float32) if out is None else out
+        if sketch_compiled.available() and bool(torch.isfinite(table).all()):
+            sketch_compiled.estimate_into(
+                table.contiguous().numpy(),
+                self.offsets_cpu,
+                self.chunk_signs,
+                self.dim,
+                result.numpy(),
+            )
+            return result
         target, scratch = result.numpy(), cpu_scratch(self)
         for start, windows in cpu_blocks(self, table):
             median_rows_into(windows, target[start : start + len(windows[0])], scratch)
@@ -341,7 +357,7 @@ class CountSketch:
         if table.device.type == "cpu" and bool(torch.isfinite(table).all()):
             threshold = self._selection_threshold(table, k)
             if threshold is not None:
-                indices, values = estimates_at_least(self, table, threshold)
+                indices, values = self._estimates_at_least(table, threshold, k)
                 if len(indices) >= k:
                     keep = top_magnitudes(values, k)
                     return torch.from_numpy(indices[keep]), torch.from_numpy(values[keep])
@@ -351,6 +367,20 @@ class CountSketch:
         estimates = self.estimate(table)
         indices = estimates.abs().topk(k, sorted=False).indices
         return indices, estimates[indices]
+
+    def _estimates_at_least(
+        self, table: Tensor, threshold: float, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if sketch_compiled.available():
+            return sketch_compiled.estimates_above(
+                table.contiguous().numpy(),
+                self.offsets_cpu,
+                self.chunk_signs,
+                self.dim,
+                threshold,
+                capacity=2 * k + 64,
+            )
+        return estimates_at_least(self, table, threshold)
 
     def _selection_threshold(self, table: Tensor, k: int) -> float | None:
         """A magnitude exceeded by about ``1.5 k + 4 sqrt(k)`` estimates, read from a strided
