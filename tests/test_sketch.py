@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sketchcomm import sketch_compiled
 from sketchcomm.cli import main
 from sketchcomm.sketch import CPU_BLOCK, CountSketch, prime_at_most
+from sketchcomm.sketch_blocks import sketch_block_into
 from sketchcomm.sketch_numpy import median_over_rows
 
 
@@ -274,3 +276,71 @@ def test_quick_kernel_benchmark_end_to_end(tmp_path: Path, capsys: pytest.Captur
         assert case["within_target"] == (case["ratios"]["sketch+unsketch"] <= 5.0)
     table = (tmp_path / "k.md").read_text()
     assert table in capsys.readouterr().out and table.count("| cpu | 1e5 |") == 2
+
+
+def numpy_kernels_agree(monkeypatch: pytest.MonkeyPatch, compute) -> None:
+    """``compute()`` gives the same tensors, bit for bit, with the compiled kernels and with the
+    numpy fallback forced by ``SKETCHCOMM_KERNELS=numpy``."""
+    pytest.importorskip("numba")
+    monkeypatch.delenv(sketch_compiled.ENVIRONMENT_VARIABLE, raising=False)
+    assert sketch_compiled.available()
+    compiled = compute()
+    monkeypatch.setenv(sketch_compiled.ENVIRONMENT_VARIABLE, "numpy")
+    assert not sketch_compiled.available()
+    fallback = compute()
+    for a, b in zip(compiled, fallback, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("dim", "rows", "columns"),
+    [
+        (10_007, 1, 211),
+        (10_007, 2, 211),
+        (10_007, 4, 211),
+        (10_007, 7, 211),
+        (100_003, 3, 997),
+        (100_003, 5, 4999),
+        (200_001, 3, 40_009),
+        (300_007, 3, 5003),
+    ],
+)
+def test_compiled_kernels_equal_the_numpy_path(
+    monkeypatch: pytest.MonkeyPatch, dim: int, rows: int, columns: int
+) -> None:
+    """Sketch (into a table already holding values, and a batch), blocks sketched at offsets that
+    cross chunks, the estimate, and the heavy hitters with a sampled threshold: the compiled
+    kernels and the numpy path give the same bits (the sketch's sums in the same order, the
+    median from the same network)."""
+    cs = CountSketch(dim, rows, columns, seed=rows)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(3, dim, generator=g) * 10.0 ** torch.randint(-3, 4, (3, dim), generator=g)
+    start = torch.randn(rows, columns, generator=g)
+    cut = dim // 3 + 17
+    k = dim // 100
+
+    def compute() -> list[torch.Tensor]:
+        table = cs.sketch(x[0], out=start.clone())
+        blocks = torch.zeros(3, rows, columns)
+        sketch_block_into(cs, x[:, :cut], 0, blocks)
+        sketch_block_into(cs, x[:, cut:], cut, blocks)
+        indices, values = cs.heavy_hitters(table, k)
+        order = indices.argsort()
+        return [table, cs.sketch_batch(x), blocks, cs.estimate(table), values[order].float()]
+
+    numpy_kernels_agree(monkeypatch, compute)
+
+
+def test_compiled_threshold_pass_keeps_every_coordinate_above_it() -> None:
+    """With more coordinates at or above the threshold than room for them, the pass is repeated
+    with room for all: every coordinate of an exactly sketched vector of ones is found."""
+    pytest.importorskip("numba")
+    dim = 300_000
+    cs = CountSketch(dim, 1, prime_at_most(300_100))
+    table = cs.sketch(torch.ones(dim))
+    indices, values = sketch_compiled.estimates_above(
+        table.numpy(), cs.offsets_cpu, cs.chunk_signs, dim, 1.0, capacity=5
+    )
+    assert sorted(indices.tolist()) == list(range(dim)) and (values == 1.0).all()
+    indices, values = cs.heavy_hitters(table, 10)
+    assert len(set(indices.tolist())) == 10 and torch.equal(values, torch.ones(10))
