@@ -67,18 +67,13 @@ from sketchcomm.sketch_numpy import (
     estimates_at_least,
     median_over_rows,
     median_rows_into,
-    sliding_windows,
+    sketch_grouped,
     top_magnitudes,
 )
 
 __all__ = ["CPU_BLOCK", "CountSketch", "derive_seed", "prime_at_most"]
 # Strided sample of estimates from which heavy-hitter selection on the CPU sets its threshold.
 _THRESHOLD_SAMPLE = 1 << 16
-# Fewest whole chunks per block for which
-# [`CountSketch.sketch()`][sketchcomm.sketch.CountSketch.sketch] gathers them: a gathered group
-# costs about three passes over it against one for slicing, and saves two numpy calls per chunk and
-# row. Estimation gathers from two chunks per block on (it saves a whole median per chunk).
-_MIN_SKETCH_GROUP = 8
 
 
 class CountSketch:
@@ -234,7 +229,7 @@ class CountSketch:
             # numpy slices cost a fraction of torch's per-op overhead; both views share memory.
             xn, tn = x.numpy(), tables.numpy()
             add, sub = np.add, np.subtract
-            first_sliced = self._accumulate_grouped(xn, tn)
+            first_sliced = sketch_grouped(self, xn, tn)
         else:
             xn, tn = x, tables
             add, sub = torch.add, torch.sub
@@ -251,31 +246,6 @@ class CountSketch:
                 if head < length:
                     wrapped = row[:, : length - head]
                     op(wrapped, chunk[:, head:], out=wrapped)
-
-    def _accumulate_grouped(self, x: np.ndarray, tables: np.ndarray) -> int:
-        """With ``c <= CPU_BLOCK / 8``, add the whole chunks of ``x`` (``[b, d]``) to ``tables``
-        (``[b, r, c]``) ``CPU_BLOCK // c`` chunks at a time: gather each chunk's rotation for a
-        row, ``R[k, m] = sigma_j[k] x[k c + (m - o_jk) mod c]``, and add ``S_j + R[0] + R[1] + ...``
-        left to right (numpy reduces a non-contiguous axis in order). Returns the first chunk
-        left for the sliced path: all of them when ``c`` is large, else the last partial one."""
-        c = self.columns
-        group = CPU_BLOCK // c
-        if group < _MIN_SKETCH_GROUP:
-            return 0
-        batch, whole = len(x), self.dim // c
-        for first in range(0, whole, group):
-            count = min(group, whole - first)
-            chunks = x[:, first * c : (first + count) * c].reshape(batch, count, c)
-            doubled = np.concatenate((chunks, chunks), axis=2).reshape(batch, -1)
-            windows = sliding_windows(doubled, c)
-            base = np.arange(count) * (2 * c)
-            for j in range(self.rows):
-                starts = base + self.rotation_starts[j, first : first + count]
-                rotated = windows[:, starts]
-                rotated *= self.chunk_signs[j, first : first + count, None]
-                rotated[:, 0] += tables[:, j]
-                np.add.reduce(rotated, axis=1, out=tables[:, j])
-        return whole
 
     # ------------------------------------------------------------------ recovery
     def row_estimates(self, table: Tensor) -> list[Tensor]:
@@ -296,6 +266,18 @@ class CountSketch:
                 f"{table.dtype}"
             )
 
+    def _check_out(self, out: Tensor | None, device: torch.device) -> None:
+        if out is not None and (
+            out.shape != (self.dim,)
+            or out.dtype != torch.float32
+            or out.device != device
+            or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"out must be a contiguous ({self.dim},) fp32 tensor on {device}, got "
+                f"{tuple(out.shape)} {out.dtype} on {out.device}"
+            )
+
     def estimate(self, table: Tensor, out: Tensor | None = None) -> Tensor:
         """Median-over-rows estimate of every coordinate, shape ``[dim]`` fp32.
 
@@ -306,16 +288,7 @@ class CountSketch:
         gathers; the values are the same.
         """
         self._check_table(table)
-        if out is not None and (
-            out.shape != (self.dim,)
-            or out.dtype != torch.float32
-            or out.device != table.device
-            or not out.is_contiguous()
-        ):
-            raise ValueError(
-                f"out must be a contiguous ({self.dim},) fp32 tensor on {table.device}, got "
-                f"{tuple(out.shape)} {out.dtype} on {out.device}"
-            )
+        self._check_out(out, table.device)
         if table.device.type != "cpu":
             estimate = median_over_rows(self.row_estimates(table))
             return estimate if out is None else out.copy_(estimate)
@@ -340,7 +313,9 @@ class CountSketch:
         per_row = table.gather(1, buckets) * signs
         return median_over_rows(list(per_row.unbind(0)))
 
-    def heavy_hitters(self, table: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def heavy_hitters(
+        self, table: Tensor, k: int, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The ``k`` coordinates with the largest estimated magnitude: ``(indices, estimates)``.
 
         Returns ``([k] int64, [k] fp32)`` in no particular order: the same set as
@@ -350,26 +325,41 @@ class CountSketch:
         pass keeps the coordinates with ``|estimate| >= t``, and if there are at least ``k`` of
         them they contain every top-``k`` coordinate, which an exact selection then picks. If
         there are fewer, the whole estimate is selected from instead.
+
+        With ``out`` (a contiguous ``[dim]`` fp32 tensor on the table's device) the top-``k``
+        vector, the estimates at ``indices`` and zero elsewhere, is written into ``out``; the
+        compiled CPU kernel writes it during the threshold pass, so reusing one ``out`` costs no
+        separate zeroing or scatter pass.
         """
         if not 1 <= k <= self.dim:
             raise ValueError(f"k must be in [1, {self.dim}], got {k}")
         self._check_table(table)
+        self._check_out(out, table.device)
         if table.device.type == "cpu" and bool(torch.isfinite(table).all()):
             threshold = self._selection_threshold(table, k)
             if threshold is not None:
-                indices, values = self._estimates_at_least(table, threshold, k)
+                fused = out is not None and sketch_compiled.available()
+                indices, values = self._estimates_at_least(
+                    table, threshold, k, out.numpy() if fused else None
+                )
                 if len(indices) >= k:
                     keep = top_magnitudes(values, k)
-                    return torch.from_numpy(indices[keep]), torch.from_numpy(values[keep])
+                    chosen = torch.from_numpy(indices[keep]), torch.from_numpy(values[keep])
+                    if not fused:
+                        return _written(chosen, out)
+                    dropped = np.ones(len(indices), dtype=bool)
+                    dropped[keep] = False
+                    out.numpy()[indices[dropped]] = 0.0
+                    return chosen
             estimates = self.estimate(table)
             indices = torch.from_numpy(top_magnitudes(estimates.numpy(), k))
-            return indices, estimates[indices]
+            return _written((indices, estimates[indices]), out)
         estimates = self.estimate(table)
         indices = estimates.abs().topk(k, sorted=False).indices
-        return indices, estimates[indices]
+        return _written((indices, estimates[indices]), out)
 
     def _estimates_at_least(
-        self, table: Tensor, threshold: float, k: int
+        self, table: Tensor, threshold: float, k: int, dense: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
         if sketch_compiled.available():
             return sketch_compiled.estimates_above(
@@ -379,6 +369,7 @@ class CountSketch:
                 self.dim,
                 threshold,
                 capacity=2 * k + 64,
+                dense=dense,
             )
         return estimates_at_least(self, table, threshold)
 
@@ -396,3 +387,12 @@ class CountSketch:
             return None
         position = len(magnitudes) - rank
         return float(np.partition(magnitudes, position)[position])
+
+
+def _written(chosen: tuple[Tensor, Tensor], out: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``chosen = (indices, values)``, after writing them into ``out`` (zero elsewhere) if given."""
+    if out is not None:
+        indices, values = chosen
+        out.zero_()
+        out[indices] = values
+    return chosen

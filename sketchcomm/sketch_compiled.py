@@ -216,7 +216,9 @@ def estimate_into(
 
 
 @_jit
-def _estimates_above(table, offsets, signs, dim, threshold, block, found_indices, found_values):
+def _estimates_above(
+    table, offsets, signs, dim, threshold, block, found_indices, found_values, dense
+):
     rows, columns = table.shape
     chunks = offsets.shape[1]
     cuts = np.empty(rows + 2, dtype=np.int64)
@@ -230,14 +232,17 @@ def _estimates_above(table, offsets, signs, dim, threshold, block, found_indices
         for m in range(count - 1):
             for begin in range(cuts[m], cuts[m + 1], len(block)):
                 end = min(cuts[m + 1], begin + len(block))
-                _segment(table, offsets, signs, k, begin, end, block, scratch, starts)
+                target = dense[k * columns + begin :] if len(dense) else block
+                _segment(table, offsets, signs, k, begin, end, target, scratch, starts)
                 for t in range(end - begin):
-                    value = block[t]
+                    value = target[t]
                     if abs(value) >= threshold:
                         if found < capacity:
                             found_indices[found] = k * columns + begin + t
                             found_values[found] = value
                         found += 1
+                    else:
+                        target[t] = 0.0
     return found
 
 
@@ -248,16 +253,19 @@ def estimates_above(
     dim: int,
     threshold: float,
     capacity: int,
+    dense: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All coordinates whose ``|estimate| >= threshold`` and their estimates, in one pass (no
-    ``[dim]`` vector is made); at most ``capacity`` are kept, but the count is exact: where it
-    exceeds ``capacity`` the pass is repeated with room for all."""
+    """All coordinates whose ``|estimate| >= threshold`` and their estimates, in one pass; at
+    most ``capacity`` are kept, but the count is exact: where it exceeds ``capacity`` the pass is
+    repeated with room for all. With ``dense`` (``[dim]`` fp32) the estimates at or above the
+    threshold are also written there, and zeros elsewhere; else no ``[dim]`` vector is made."""
     block = np.empty(min(dim, 4096), dtype=np.float32)
+    target = np.empty(0, dtype=np.float32) if dense is None else dense
     while True:
         indices = np.empty(capacity, dtype=np.int64)
         values = np.empty(capacity, dtype=np.float32)
         found = _estimates_above(
-            table, offsets, signs, dim, np.float32(threshold), block, indices, values
+            table, offsets, signs, dim, np.float32(threshold), block, indices, values, target
         )
         if found <= capacity:
             return indices[:found], values[:found]
