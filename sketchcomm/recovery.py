@@ -71,10 +71,9 @@ def _sketch_space_step(config: DecodeConfig, bucket: BucketState, summed: Tensor
     else:
         bucket.error_table.add_(summed)
     update, indices = _recover(config, bucket, bucket.error_table)
-    cells, _ = bucket.sketch.buckets_and_signs(indices)
-    bucket.error_table.scatter_(1, cells, 0.0)
+    bucket.sketch.zero_cells(bucket.error_table, indices)
     if bucket.momentum_table is not None:
-        bucket.momentum_table.scatter_(1, cells, 0.0)
+        bucket.sketch.zero_cells(bucket.momentum_table, indices)
     return update
 
 

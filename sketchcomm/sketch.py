@@ -39,15 +39,14 @@ signed, doubled row ``[S_j, S_j, -S_j, -S_j]`` (length ``4c``) the estimates of 
 contiguous window of ``c`` elements starting at ``o_jk`` (``o_jk + 2c`` when ``sigma_j[k] < 0``).
 
 On other devices than the CPU the windows are gathered into ``r`` vectors of ``d`` elements and the
-median over rows is taken with elementwise ``min``/``max`` (pure torch). On the CPU the median is
-computed block by block (at most [`CPU_BLOCK`][sketchcomm.sketch.CPU_BLOCK] coordinates at a time)
-straight from the windows into the output with the numpy kernels of
-[`sketchcomm.sketch_numpy`][sketchcomm.sketch_numpy], so no ``d``-element temporary is made; both
-give the same values, because the median only selects among the same fp32 numbers. Heavy-hitter
-selection on the CPU never materializes the estimate: a threshold is read from a strided sample of
-estimates, one blocked pass keeps the coordinates above it, and an exact selection among those gives
-the same set as ``torch.topk`` (up to ties at the ``k``-th magnitude). Sketching on the CPU adds the
-same terms in the same order as on other devices, so tables agree bit for bit too.
+median over rows is taken with elementwise ``min``/``max`` (pure torch). On the CPU the compiled
+kernels of [`sketchcomm.sketch_compiled`][sketchcomm.sketch_compiled] (or, without numba, the numpy
+kernels of [`sketchcomm.sketch_numpy`][sketchcomm.sketch_numpy]) compute it straight into the
+output, with no ``d``-element temporary, and give the same values: the median only selects among
+the same fp32 numbers, and sketching adds the same terms in the same order on every path.
+Heavy-hitter selection on the CPU reads a threshold from a strided sample of estimates, keeps the
+coordinates above it in one pass and selects exactly among those: the same set as ``torch.topk``
+(up to ties at the ``k``-th magnitude).
 """
 
 from __future__ import annotations
@@ -67,13 +66,12 @@ from sketchcomm.sketch_numpy import (
     estimates_at_least,
     median_over_rows,
     median_rows_into,
+    selection_threshold,
     sketch_grouped,
     top_magnitudes,
 )
 
 __all__ = ["CPU_BLOCK", "CountSketch", "derive_seed", "prime_at_most"]
-# Strided sample of estimates from which heavy-hitter selection on the CPU sets its threshold.
-_THRESHOLD_SAMPLE = 1 << 16
 
 
 class CountSketch:
@@ -169,6 +167,16 @@ class CountSketch:
         position = indices - chunk * self.columns
         buckets = (self.offsets[:, chunk] + position[None, :]) % self.columns
         return buckets, self.signs[:, chunk]
+
+    def zero_cells(self, table: Tensor, indices: Tensor) -> None:
+        """Set to zero, in place, the cells ``S[j, h_j(i)]`` of ``table`` (``[rows, columns]``
+        fp32) of every coordinate ``i`` in ``indices`` (int64), in every row."""
+        self._check_table(table)
+        if table.device.type == "cpu" and table.is_contiguous() and sketch_compiled.available():
+            sketch_compiled.zero_cells(table.numpy(), self.offsets_cpu, indices.numpy())
+            return
+        cells, _ = self.buckets_and_signs(indices)
+        table.scatter_(1, cells, 0.0)
 
     # ------------------------------------------------------------------ sketching
     def zeros(self) -> Tensor:
@@ -336,7 +344,7 @@ class CountSketch:
         self._check_table(table)
         self._check_out(out, table.device)
         if table.device.type == "cpu" and bool(torch.isfinite(table).all()):
-            threshold = self._selection_threshold(table, k)
+            threshold = selection_threshold(self, table, k)
             if threshold is not None:
                 fused = out is not None and sketch_compiled.available()
                 indices, values = self._estimates_at_least(
@@ -372,21 +380,6 @@ class CountSketch:
                 dense=dense,
             )
         return estimates_at_least(self, table, threshold)
-
-    def _selection_threshold(self, table: Tensor, k: int) -> float | None:
-        """A magnitude exceeded by about ``1.5 k + 4 sqrt(k)`` estimates, read from a strided
-        sample; ``None`` where the sample is too small to be worth it (the caller then selects
-        from the whole estimate)."""
-        stride = self.dim // _THRESHOLD_SAMPLE
-        if stride < 4:
-            return None
-        magnitudes = self.estimate_at(table, torch.arange(0, self.dim, stride)).abs().numpy()
-        expected = k / self.dim * len(magnitudes)
-        rank = math.ceil(1.5 * expected + 4 * math.sqrt(expected) + 8)
-        if rank >= len(magnitudes) // 4:
-            return None
-        position = len(magnitudes) - rank
-        return float(np.partition(magnitudes, position)[position])
 
 
 def _written(chosen: tuple[Tensor, Tensor], out: Tensor | None) -> tuple[Tensor, Tensor]:

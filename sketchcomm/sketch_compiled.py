@@ -1,6 +1,6 @@
 """Compiled CPU kernels (numba) for [`CountSketch`][sketchcomm.sketch.CountSketch]: sketching all
-rows in one pass over the vector, the median-over-rows estimate straight into the output, and the
-threshold pass of heavy-hitter selection.
+rows in one pass over the vector, the median-over-rows estimate straight into the output, the
+threshold pass of heavy-hitter selection, and zeroing the cells of selected coordinates.
 
 They compute what the numpy kernels of [`sketchcomm.sketch_numpy`][sketchcomm.sketch_numpy]
 compute, bit for bit: every table cell receives ``sigma_j[k] x[k c + l]`` one chunk after the
@@ -40,6 +40,7 @@ __all__ = [
     "estimate_into",
     "estimates_above",
     "sketch_block",
+    "zero_cells",
 ]
 
 # ``SKETCHCOMM_KERNELS=numpy`` forces the numpy kernels even where numba is installed.
@@ -270,3 +271,20 @@ def estimates_above(
         if found <= capacity:
             return indices[:found], values[:found]
         capacity = found
+
+
+@_jit
+def _zero_cells(table, offsets, indices):
+    rows, columns = table.shape
+    for i in indices:
+        k = i // columns
+        position = i - k * columns
+        for j in range(rows):
+            cell = offsets[j, k] + position
+            table[j, cell - columns if cell >= columns else cell] = 0.0
+
+
+def zero_cells(table: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> None:
+    """Set to zero the cells of ``table`` (``[r, c]`` fp32) that the coordinates ``indices``
+    (int64) hash to, one per row."""
+    _zero_cells(table, offsets, indices)

@@ -11,6 +11,7 @@ tensor([2., 1.])
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ __all__ = [
     "estimates_at_least",
     "median_over_rows",
     "median_rows_into",
+    "selection_threshold",
     "sketch_grouped",
     "sliding_windows",
     "top_magnitudes",
@@ -39,6 +41,8 @@ CPU_BLOCK = 1 << 15
 # Largest signed, doubled table (``16 r c`` bytes) that estimation builds: below glibc's largest
 # mmap threshold (32 MiB), so its memory is reused from call to call instead of faulted in anew.
 _MAX_DOUBLED_TABLE_BYTES = 16 << 20
+# Strided sample of estimates from which heavy-hitter selection on the CPU sets its threshold.
+_THRESHOLD_SAMPLE = 1 << 16
 # Fewest whole chunks per block for which
 # [`sketch_grouped()`][sketchcomm.sketch_numpy.sketch_grouped] gathers them: a gathered group
 # costs about three passes over it against one for slicing, and saves two numpy calls per chunk and
@@ -150,6 +154,22 @@ def sketch_grouped(sketch: CountSketch, x: np.ndarray, tables: np.ndarray) -> in
             rotated[:, 0] += tables[:, j]
             np.add.reduce(rotated, axis=1, out=tables[:, j])
     return whole
+
+
+def selection_threshold(sketch: CountSketch, table: Tensor, k: int) -> float | None:
+    """A magnitude exceeded by about ``1.5 k + 4 sqrt(k)`` of the estimates from ``table``, read
+    from a strided sample; ``None`` where the sample is too small to be worth it (the caller then
+    selects from the whole estimate)."""
+    stride = sketch.dim // _THRESHOLD_SAMPLE
+    if stride < 4:
+        return None
+    magnitudes = sketch.estimate_at(table, torch.arange(0, sketch.dim, stride)).abs().numpy()
+    expected = k / sketch.dim * len(magnitudes)
+    rank = math.ceil(1.5 * expected + 4 * math.sqrt(expected) + 8)
+    if rank >= len(magnitudes) // 4:
+        return None
+    position = len(magnitudes) - rank
+    return float(np.partition(magnitudes, position)[position])
 
 
 def top_magnitudes(values: np.ndarray, k: int) -> np.ndarray:

@@ -309,9 +309,9 @@ def test_compiled_kernels_equal_the_numpy_path(
     monkeypatch: pytest.MonkeyPatch, dim: int, rows: int, columns: int
 ) -> None:
     """Sketch (into a table already holding values, and a batch), blocks sketched at offsets that
-    cross chunks, the estimate, and the heavy hitters with a sampled threshold: the compiled
-    kernels and the numpy path give the same bits (the sketch's sums in the same order, the
-    median from the same network)."""
+    cross chunks, the estimate, the heavy hitters with a sampled threshold and the table with
+    their cells zeroed: the compiled kernels and the numpy path give the same bits (the sketch's
+    sums in the same order, the median from the same network)."""
     cs = CountSketch(dim, rows, columns, seed=rows)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(3, dim, generator=g) * 10.0 ** torch.randint(-3, 4, (3, dim), generator=g)
@@ -326,7 +326,10 @@ def test_compiled_kernels_equal_the_numpy_path(
         sketch_block_into(cs, x[:, cut:], cut, blocks)
         indices, values = cs.heavy_hitters(table, k)
         order = indices.argsort()
-        return [table, cs.sketch_batch(x), blocks, cs.estimate(table), values[order].float()]
+        zeroed = table.clone()
+        cs.zero_cells(zeroed, indices)
+        estimate = cs.estimate(table)
+        return [table, cs.sketch_batch(x), blocks, estimate, values[order], zeroed]
 
     numpy_kernels_agree(monkeypatch, compute)
 
