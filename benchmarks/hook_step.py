@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sketchcomm import sketch_compiled
 from sketchcomm.hooks import SketchState, sketch_hook
+from sketchcomm.recovery import decode
 
 __all__ = ["RecordedBucket", "hook_step_report", "markdown_hook_table", "record_buckets"]
 
@@ -185,6 +186,19 @@ def hook_step_report(
                     _step(sketch_hook, state, buckets)
 
             variants[f"sketch ({path})"] = sketch_step
+        kernel_states = [
+            sketch_states[paths[-1]].new_bucket_state(("kernels", b.number), b.flat.numel(), None)
+            for b in buckets
+        ]
+        decoding = sketch_states[paths[-1]].config.decoding
+
+        def kernels_only() -> None:
+            with kernel_path(paths[-1]):
+                for bucket, bucket_state in zip(buckets, kernel_states, strict=True):
+                    table = bucket_state.sketch.sketch(bucket.flat)
+                    decode(decoding, bucket_state, table)
+
+        variants[f"sketch kernels only ({paths[-1]})"] = kernels_only
         samples: dict[str, list[float]] = {name: [] for name in variants}
         for repeat in range(warmup + repeats):
             for name, fn in variants.items():

@@ -274,6 +274,12 @@ class CountSketch:
                 f"{table.dtype}"
             )
 
+    @staticmethod
+    def _finite_cpu(table: Tensor) -> bool:
+        if sketch_compiled.available() and table.is_contiguous():
+            return sketch_compiled.all_finite(table.numpy())
+        return bool(torch.isfinite(table).all())
+
     def _check_out(self, out: Tensor | None, device: torch.device) -> None:
         if out is not None and (
             out.shape != (self.dim,)
@@ -301,7 +307,7 @@ class CountSketch:
             estimate = median_over_rows(self.row_estimates(table))
             return estimate if out is None else out.copy_(estimate)
         result = torch.empty(self.dim, dtype=torch.float32) if out is None else out
-        if sketch_compiled.available() and bool(torch.isfinite(table).all()):
+        if sketch_compiled.available() and self._finite_cpu(table):
             sketch_compiled.estimate_into(
                 table.contiguous().numpy(),
                 self.offsets_cpu,
@@ -343,7 +349,7 @@ class CountSketch:
             raise ValueError(f"k must be in [1, {self.dim}], got {k}")
         self._check_table(table)
         self._check_out(out, table.device)
-        if table.device.type == "cpu" and bool(torch.isfinite(table).all()):
+        if table.device.type == "cpu" and self._finite_cpu(table):
             threshold = selection_threshold(self, table, k)
             if threshold is not None:
                 fused = out is not None and sketch_compiled.available()

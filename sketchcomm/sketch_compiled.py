@@ -36,9 +36,11 @@ except ImportError:  # the numpy kernels run instead
 
 __all__ = [
     "ENVIRONMENT_VARIABLE",
+    "all_finite",
     "available",
     "estimate_into",
     "estimates_above",
+    "estimates_strided",
     "sketch_block",
     "zero_cells",
 ]
@@ -288,3 +290,46 @@ def zero_cells(table: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> N
     """Set to zero the cells of ``table`` (``[r, c]`` fp32) that the coordinates ``indices``
     (int64) hash to, one per row."""
     _zero_cells(table, offsets, indices)
+
+
+@_jit
+def _estimates_strided(table, offsets, signs, dim, stride, out):
+    rows, columns = table.shape
+    scratch = np.empty(rows, dtype=np.float32)
+    n = 0
+    for k in range(offsets.shape[1]):
+        base = k * columns
+        for i in range(-(-base // stride) * stride, min(base + columns, dim), stride):
+            position = i - base
+            for j in range(rows):
+                cell = offsets[j, k] + position
+                scratch[j] = signs[j, k] * table[j, cell - columns if cell >= columns else cell]
+            if rows == 3:
+                a, b, c = scratch[0], scratch[1], scratch[2]
+                out[n] = max(min(a, b), min(max(a, b), c))
+            else:
+                out[n] = _median_small(scratch, rows)
+            n += 1
+
+
+def estimates_strided(
+    table: np.ndarray, offsets: np.ndarray, signs: np.ndarray, dim: int, stride: int
+) -> np.ndarray:
+    """The estimates of coordinates ``0, stride, 2 stride, ... < dim`` (fp32)."""
+    out = np.empty(-(-dim // stride), dtype=np.float32)
+    _estimates_strided(table, offsets, signs, dim, stride, out)
+    return out
+
+
+@_jit
+def _all_finite(table):
+    # x * 0 is 0 for a finite x and NaN for an infinite or NaN one; the sum stays 0 iff all are.
+    total = np.float32(0.0)
+    for value in table.ravel():
+        total += value * np.float32(0.0)
+    return total == 0.0
+
+
+def all_finite(table: np.ndarray) -> bool:
+    """Whether every element of ``table`` (C-contiguous fp32) is finite."""
+    return bool(_all_finite(table))

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sketchcomm import sketch_compiled
+
 if TYPE_CHECKING:
     from sketchcomm.sketch import CountSketch
 
@@ -163,7 +165,14 @@ def selection_threshold(sketch: CountSketch, table: Tensor, k: int) -> float | N
     stride = sketch.dim // _THRESHOLD_SAMPLE
     if stride < 4:
         return None
-    magnitudes = sketch.estimate_at(table, torch.arange(0, sketch.dim, stride)).abs().numpy()
+    if sketch_compiled.available():
+        tn = table.contiguous().numpy()
+        estimates = sketch_compiled.estimates_strided(
+            tn, sketch.offsets_cpu, sketch.chunk_signs, sketch.dim, stride
+        )
+        magnitudes = np.abs(estimates)
+    else:
+        magnitudes = sketch.estimate_at(table, torch.arange(0, sketch.dim, stride)).abs().numpy()
     expected = k / sketch.dim * len(magnitudes)
     rank = math.ceil(1.5 * expected + 4 * math.sqrt(expected) + 8)
     if rank >= len(magnitudes) // 4:
