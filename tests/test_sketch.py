@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.kernels import TARGET_RATIO
 from sketchcomm import sketch_compiled
 from sketchcomm.cli import main
 from sketchcomm.sketch import CPU_BLOCK, CountSketch, prime_at_most
@@ -268,14 +269,18 @@ def test_heavy_hitters_of_a_non_finite_table_follow_torch_topk() -> None:
 def test_quick_kernel_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "kernels.json"
     argv = ["bench", "kernels", "--quick", "--sizes", "1e5", "--rows", "1", "3"]
+    argv += ["--paths", "numpy", "compiled"]
     assert main([*argv, "--json", str(path), "--markdown", str(tmp_path / "k.md")]) == 0
     report = json.loads(path.read_text())
-    assert [(c["size"], c["rows"]) for c in report["cases"]] == [(100_000, 1), (100_000, 3)]
+    cases = [(c["path"], c["size"], c["rows"]) for c in report["cases"]]
+    assert cases == [(p, 100_000, r) for r in (1, 3) for p in ("numpy", "compiled")]
     for case in report["cases"]:
         assert all(math.isfinite(r) and r > 0 for r in case["ratios"].values())
-        assert case["within_target"] == (case["ratios"]["sketch+unsketch"] <= 5.0)
+        assert case["within_target"] == (case["ratios"]["sketch+unsketch"] <= TARGET_RATIO)
     table = (tmp_path / "k.md").read_text()
-    assert table in capsys.readouterr().out and table.count("| cpu | 1e5 |") == 2
+    out = capsys.readouterr().out
+    assert table in out and table.count("| cpu | numpy | 1e5 |") == 2
+    assert table.count("| cpu | compiled | 1e5 |") == 2
 
 
 def numpy_kernels_agree(monkeypatch: pytest.MonkeyPatch, compute) -> None:
