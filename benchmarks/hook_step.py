@@ -117,10 +117,16 @@ def record_buckets(model: nn.Module) -> list[RecordedBucket]:
     return [recorded[i] for i in sorted(recorded)]
 
 
-def _step(hook: Callable, state: Any, buckets: list[RecordedBucket]) -> None:
-    """Every bucket's hook in index order, as DDP launches them, then every future waited for
-    (the sketch hook releases a step's results together)."""
-    futures = [hook(state, bucket) for bucket in buckets]
+def _step(hook: Callable, state: Any, buckets: list[RecordedBucket], *, together: bool) -> None:
+    """Every bucket's hook in index order, as DDP launches them. With ``together`` every future is
+    waited for at the end (the sketch hook releases a step's results together); else each one
+    before the next hook (``powerSGD_hook`` issues collectives from its callbacks and blocks on
+    them there, which on gloo's two worker threads can stall behind a later bucket's)."""
+    futures = []
+    for bucket in buckets:
+        futures.append(hook(state, bucket))
+        if not together:
+            futures[-1].wait()
     for future in futures:
         future.wait()
 
@@ -176,14 +182,14 @@ def hook_step_report(
 
         variants: dict[str, Callable[[], None]] = {
             "copy": copy,
-            "powersgd": lambda: _step(powersgd.powerSGD_hook, power_state, buckets),
+            "powersgd": lambda: _step(powersgd.powerSGD_hook, power_state, buckets, together=False),
         }
         for path in paths:
             state = sketch_states[path]
 
             def sketch_step(state: SketchState = state, path: str = path) -> None:
                 with kernel_path(path):
-                    _step(sketch_hook, state, buckets)
+                    _step(sketch_hook, state, buckets, together=True)
 
             variants[f"sketch ({path})"] = sketch_step
         kernel_states = [
