@@ -352,3 +352,24 @@ def test_compiled_threshold_pass_keeps_every_coordinate_above_it() -> None:
     assert sorted(indices.tolist()) == list(range(dim)) and (values == 1.0).all()
     indices, values = cs.heavy_hitters(table, 10)
     assert len(set(indices.tolist())) == 10 and torch.equal(values, torch.ones(10))
+
+
+@pytest.mark.parametrize("path", ["compiled", "numpy"])
+@pytest.mark.parametrize("dim", [300_007, 20_011])
+def test_heavy_hitters_write_the_top_k_vector_into_out(
+    monkeypatch: pytest.MonkeyPatch, path: str, dim: int
+) -> None:
+    """``out`` (holding garbage from an earlier step) ends as the estimates at the selected
+    coordinates and zeros elsewhere, with the sampled threshold (300007) and without (20011)."""
+    if path == "compiled":
+        pytest.importorskip("numba")
+    monkeypatch.setenv(sketch_compiled.ENVIRONMENT_VARIABLE, path)
+    cs = CountSketch(dim, 3, prime_at_most(max(dim // 60, 500)), seed=4)
+    table = cs.sketch(torch.randn(dim, generator=torch.Generator().manual_seed(4)))
+    k = dim // 100
+    out = torch.full((dim,), 7.0)
+    indices, values = cs.heavy_hitters(table, k, out=out)
+    assert_top_k(cs.estimate(table), indices, values, k)
+    expected = torch.zeros(dim)
+    expected[indices] = values
+    assert torch.equal(out, expected)
