@@ -9,16 +9,19 @@ kernels are timed on one random fp32 vector:
 * ``sketch``: :meth:`CountSketch.sketch` of the vector into a new table;
 * ``unsketch``: :meth:`CountSketch.estimate` into a preallocated vector (like the copy), the
   median-over-rows estimate of every coordinate;
-* ``heavy_hitters``: :meth:`CountSketch.heavy_hitters` with ``k = ceil(topk_fraction * d)``, the
-  whole top-k recovery from the table (estimates and selection);
+* ``heavy_hitters``: :meth:`CountSketch.heavy_hitters` with ``k = ceil(topk_fraction * d)`` and a
+  preallocated ``out``, the whole top-k recovery from the table as the hook runs it (estimates,
+  selection, and the top-k vector written into ``out``);
 * ``topk``: ``estimate.abs().topk(k, sorted=False)``, the selection alone with ``torch.topk``, for
   reference.
 
-Every kernel is called often enough per repeat to run for at least ``min_time`` seconds, the
-repeats of all kernels of a case are interleaved (a change in the machine's load affects them
-alike), and the median over the repeats is kept, after warm-up calls. Ratios divide by the copy's
-time measured in the same run. The target is ``sketch + unsketch`` within :data:`TARGET_RATIO`
-times the copy: a bucket's round trip through the sketch costs at most a few copies of it.
+Every case is measured on each kernel path (``numpy``, and ``compiled`` where numba is installed;
+see :mod:`sketchcomm.sketch_compiled`). Every kernel is called often enough per repeat to run for
+at least ``min_time`` seconds, the repeats of all kernels and paths of a case are interleaved (a
+change in the machine's load affects them alike), and the median over the repeats is kept, after
+warm-up calls. Ratios divide by the copy's time measured in the same run. The targets are
+``sketch + unsketch`` within :data:`TARGET_RATIO` copies and ``heavy_hitters`` within
+:data:`HEAVY_HITTERS_TARGET` copies.
 """
 
 from __future__ import annotations
@@ -34,15 +37,19 @@ from typing import Any
 
 import torch
 
+from benchmarks.hook_step import kernel_path
+from sketchcomm import sketch_compiled
 from sketchcomm.sketch import CountSketch, prime_at_most
 
 __all__ = [
     "DEFAULT_ROWS",
     "DEFAULT_SIZES",
+    "HEAVY_HITTERS_TARGET",
     "KERNELS",
     "LARGE_SIZE",
     "TARGET_RATIO",
     "Case",
+    "kernel_paths",
     "markdown_table",
     "measure_case",
     "plot",
@@ -54,7 +61,13 @@ KERNELS = ("sketch", "unsketch", "heavy_hitters", "topk")
 DEFAULT_SIZES = (10**5, 10**6, 10**7)
 LARGE_SIZE = 10**8
 DEFAULT_ROWS = (1, 3, 5)
-TARGET_RATIO = 5.0
+TARGET_RATIO = 3.0
+HEAVY_HITTERS_TARGET = 4.0
+
+
+def kernel_paths() -> list[str]:
+    """The CPU kernel paths to measure: ``numpy``, and ``compiled`` where numba is installed."""
+    return ["numpy", "compiled"] if sketch_compiled.numba is not None else ["numpy"]
 
 
 @dataclass
@@ -62,6 +75,7 @@ class Case:
     """Median seconds per call of ``copy`` and every kernel in :data:`KERNELS` for one setting."""
 
     device: str
+    path: str
     size: int
     rows: int
     columns: int
@@ -120,17 +134,19 @@ def measure_case(
     compression: float,
     device: torch.device,
     *,
+    paths: Sequence[str] = ("numpy",),
     repeats: int = 7,
     warmup: int = 2,
     min_time: float = 0.05,
     topk_fraction: float = 0.01,
     seed: int = 0,
-) -> Case:
-    """Time ``copy`` and the :data:`KERNELS` for one size, number of rows and device."""
+) -> list[Case]:
+    """Time ``copy`` and the :data:`KERNELS` for one size, number of rows and device, on each of
+    ``paths`` (the CPU kernel paths; other devices have one), interleaved."""
     columns = sketch_columns(size, rows, compression)
     sketch = CountSketch(size, rows, columns, seed=seed, device=device)
     x = torch.randn(size, generator=torch.Generator().manual_seed(seed)).to(device)
-    dst = torch.empty_like(x)
+    dst, top = torch.empty_like(x), torch.empty_like(x)
     table = sketch.sketch(x)
     estimate = sketch.estimate(table)
     k = max(1, math.ceil(topk_fraction * size))
@@ -138,21 +154,37 @@ def measure_case(
         "copy": lambda: dst.copy_(x),
         "sketch": lambda: sketch.sketch(x),
         "unsketch": lambda: sketch.estimate(table, out=dst),
-        "heavy_hitters": lambda: sketch.heavy_hitters(table, k),
+        "heavy_hitters": lambda: sketch.heavy_hitters(table, k, out=top),
         "topk": lambda: estimate.abs().topk(k, sorted=False),
     }
+    paths = list(paths) if device.type == "cpu" else [paths[-1]]
     sync = _synchronizer(device)
-    calls = {}
-    for name, fn in kernels.items():
-        for _ in range(warmup):
-            fn()
-        calls[name] = max(1, math.ceil(min_time / _seconds_per_call(fn, 1, sync)))
-    samples: dict[str, list[float]] = {name: [] for name in kernels}
+    calls: dict[tuple[str, str], int] = {}
+    for path in paths:
+        with kernel_path(path):
+            for name, fn in kernels.items():
+                for _ in range(warmup):
+                    fn()
+                seconds = _seconds_per_call(fn, 1, sync)
+                calls[path, name] = max(1, math.ceil(min_time / seconds))
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
     for _ in range(repeats):
-        for name, fn in kernels.items():
-            samples[name].append(_seconds_per_call(fn, calls[name], sync))
-    seconds = {name: statistics.median(values) for name, values in samples.items()}
-    return Case(str(device), size, rows, columns, k, seconds)
+        for path in paths:
+            with kernel_path(path):
+                for name, fn in kernels.items():
+                    samples[path, name].append(_seconds_per_call(fn, calls[path, name], sync))
+    return [
+        Case(
+            str(device),
+            path,
+            size,
+            rows,
+            columns,
+            k,
+            {name: statistics.median(samples[path, name]) for name in kernels},
+        )
+        for path in paths
+    ]
 
 
 def _cpu_name() -> str:
@@ -192,12 +224,15 @@ def run_benchmark(
     warmup: int = 2,
     min_time: float = 0.05,
     topk_fraction: float = 0.01,
+    paths: Sequence[str] | None = None,
     progress: Callable[[Case], None] | None = None,
 ) -> dict[str, Any]:
     """Every combination of device, size and rows; returns a JSON-ready report with the cases.
 
     Every setting is checked before the first measurement, so that a bad one fails at once.
+    ``paths`` defaults to :func:`kernel_paths`.
     """
+    paths = kernel_paths() if paths is None else list(paths)
     for size in sizes:
         for r in rows:
             sketch_columns(size, r, compression)
@@ -205,24 +240,27 @@ def run_benchmark(
     for device in devices:
         for size in sizes:
             for r in rows:
-                case = measure_case(
+                measured = measure_case(
                     size,
                     r,
                     compression,
                     device,
+                    paths=paths,
                     repeats=repeats,
                     warmup=warmup,
                     min_time=min_time,
                     topk_fraction=topk_fraction,
                 )
-                cases.append(case)
+                cases.extend(measured)
                 if progress is not None:
-                    progress(case)
+                    for case in measured:
+                        progress(case)
     config = {
         "sizes": list(sizes),
         "rows": list(rows),
         "compression": compression,
         "devices": [str(d) for d in devices],
+        "paths": paths,
         "repeats": repeats,
         "warmup": warmup,
         "min_time": min_time,
@@ -254,6 +292,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     round_trip, selection = ("sketch", "unsketch", "sketch+unsketch"), ("heavy_hitters", "topk")
     header = [
         "device",
+        "path",
         "d",
         "rows",
         "columns",
@@ -267,6 +306,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         r = case["ratios"]
         cells = [
             case["device"],
+            case["path"],
             _format_size(case["size"]),
             str(case["rows"]),
             str(case["columns"]),
@@ -291,7 +331,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), sharey=True)
     series: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for case in report["cases"]:
-        series.setdefault((case["device"], case["rows"]), []).append(case)
+        series.setdefault((f"{case['device']} {case['path']}", case["rows"]), []).append(case)
     for axis, name in zip(axes, panels, strict=True):
         for (device, rows), cases in sorted(series.items()):
             cases = sorted(cases, key=lambda c: c["size"])
@@ -299,7 +339,7 @@ def plot(report: dict[str, Any], path: str) -> None:
                 [c["size"] for c in cases],
                 [c["ratios"][name] for c in cases],
                 marker="o",
-                linestyle="-" if device == "cpu" else "--",
+                linestyle="-" if device.endswith("compiled") else "--",
                 label=f"{device}, r={rows}",
             )
         if name == "sketch+unsketch":

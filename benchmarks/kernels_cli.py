@@ -1,6 +1,8 @@
 """``sketchcomm bench kernels``: sketch, unsketch and top-k time of a Count Sketch against a plain
-copy of the same vector, as ratios measured in the same run, and whether sketch + unsketch is
-within 5 copies (the target)."""
+copy of the same vector, on the numpy and the compiled CPU kernel paths, as ratios measured in the
+same run, and whether sketch + unsketch is within 3 copies (the target); with ``--hook-step``
+also one rank's whole hook step on a 13.7M-parameter model's DDP buckets against PowerSGD rank 1
+(see [`benchmarks.hook_step`][benchmarks.hook_step])."""
 
 from __future__ import annotations
 
@@ -65,6 +67,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0.01,
         help="k of the top-k as a fraction of the size (default 0.01)",
     )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=("numpy", "compiled"),
+        help="CPU kernel paths (default: numpy, and compiled where numba is installed)",
+    )
+    parser.add_argument(
+        "--hook-step",
+        action="store_true",
+        help="also the whole hook step on a 13.7M-parameter model's DDP buckets, against "
+        "PowerSGD rank 1 and a copy (CPU, about a minute)",
+    )
+    parser.add_argument(
+        "--hook-repeats", type=positive_int, default=20, help="timed hook steps (default 20)"
+    )
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--quick", action="store_true", help="small sizes and few repeats: a few seconds"
@@ -98,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         names = list(dict.fromkeys(args.devices))
     if "cuda" in names and not torch.cuda.is_available():
         raise ValueError("--devices cuda: CUDA is not available")
+    if args.paths and "compiled" in args.paths and importlib.util.find_spec("numba") is None:
+        raise ValueError("--paths compiled needs numba: pip install numba")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     quick = args.quick
@@ -113,9 +132,18 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup if args.warmup is not None else (1 if quick else 2),
         min_time=args.min_time or (0.005 if quick else 0.05),
         topk_fraction=args.topk_fraction,
+        paths=args.paths,
         progress=_print_progress,
     )
     table = markdown_table(report)
+    if args.hook_step:
+        from benchmarks.hook_step import hook_step_report, markdown_hook_table
+
+        rows = 3 if 3 in args.rows else args.rows[0]
+        report["hook_step"] = hook_step_report(
+            rows=rows, compression=args.compression, repeats=args.hook_repeats
+        )
+        table += "\n\n" + markdown_hook_table(report["hook_step"])
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
@@ -130,4 +158,5 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_progress(case: Case) -> None:
     ratios = ", ".join(f"{name} {value:.1f}x" for name, value in case.ratios.items())
-    print(f"{case.device} d={case.size} rows={case.rows}: {ratios}", file=sys.stderr, flush=True)
+    where = f"{case.device} {case.path} d={case.size} rows={case.rows}"
+    print(f"{where}: {ratios}", file=sys.stderr, flush=True)

@@ -107,7 +107,8 @@ class BucketState:
     bucket's Count Sketch, ``topk`` the coordinates kept by top-k recovery, ``candidates`` the
     coordinates whose exact values a second round sends. ``residual`` (``[d]``, local error
     feedback), ``error_table`` and ``momentum_table`` (``[r, c]``, sketch-space error feedback)
-    are None until first used.
+    are None until first used; so is ``output`` (``[d]`` fp32), the result vector that
+    [`output_buffer()`][sketchcomm.recovery.output_buffer] reuses from step to step (never saved).
 
     >>> from sketchcomm.sketch import CountSketch
     >>> state = BucketState(("shapes",), CountSketch(100, 1, 11), topk=5, candidates=10)
@@ -122,6 +123,7 @@ class BucketState:
     residual: Tensor | None = None
     error_table: Tensor | None = None
     momentum_table: Tensor | None = None
+    output: Tensor | None = None
 
     def to(self, device: torch.device) -> None:
         """Move the hash parameters and error-feedback tensors to ``device`` in place."""

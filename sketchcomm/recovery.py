@@ -14,7 +14,7 @@ from torch import Tensor
 
 from sketchcomm.buckets import BucketState
 
-__all__ = ["DecodeConfig", "decode", "decode_or_exact"]
+__all__ = ["DecodeConfig", "decode", "decode_or_exact", "output_buffer"]
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,25 @@ class DecodeConfig:
     momentum: float
 
 
+def output_buffer(bucket: BucketState, device: torch.device) -> Tensor:
+    """The bucket's ``[d]`` fp32 result vector on ``device``, made once and rewritten every step
+    (a fresh ``d``-element vector would be page-faulted in anew each step). The hooks copy the
+    result into their own message before the bucket's next step, so reuse never reaches a
+    result still in use."""
+    dim = bucket.sketch.dim
+    if bucket.output is None or bucket.output.device != device or bucket.output.numel() != dim:
+        bucket.output = torch.empty(dim, dtype=torch.float32, device=device)
+    return bucket.output
+
+
 def _recover(config: DecodeConfig, bucket: BucketState, table: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense ``[d]`` fp32 estimate of the sum, and the selected indices (all for dense)."""
-    sketch = bucket.sketch
+    """Dense ``[d]`` fp32 estimate of the sum, and the selected indices (all for dense), written
+    into the bucket's [`output_buffer()`][sketchcomm.recovery.output_buffer]."""
+    sketch, out = bucket.sketch, output_buffer(bucket, table.device)
     if config.recovery == "dense":
-        return sketch.estimate(table), torch.arange(0)
-    indices, values = sketch.heavy_hitters(table, bucket.topk)
-    dense = torch.zeros(sketch.dim, dtype=torch.float32, device=table.device)
-    dense[indices] = values
-    return dense, indices
+        return sketch.estimate(table, out=out), torch.arange(0)
+    indices, _ = sketch.heavy_hitters(table, bucket.topk, out=out)
+    return out, indices
 
 
 def _sketch_space_step(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:
@@ -63,10 +73,9 @@ def _sketch_space_step(config: DecodeConfig, bucket: BucketState, summed: Tensor
     else:
         bucket.error_table.add_(summed)
     update, indices = _recover(config, bucket, bucket.error_table)
-    cells, _ = bucket.sketch.buckets_and_signs(indices)
-    bucket.error_table.scatter_(1, cells, 0.0)
+    bucket.sketch.zero_cells(bucket.error_table, indices)
     if bucket.momentum_table is not None:
-        bucket.momentum_table.scatter_(1, cells, 0.0)
+        bucket.sketch.zero_cells(bucket.momentum_table, indices)
     return update
 
 
@@ -90,4 +99,4 @@ def decode_or_exact(config: DecodeConfig, bucket: BucketState, summed: Tensor) -
         if bucket.momentum_table is None:
             bucket.momentum_table = torch.zeros_like(summed)
         summed = bucket.momentum_table.mul_(config.momentum).add_(summed)
-    return bucket.sketch.estimate(summed)
+    return bucket.sketch.estimate(summed, out=output_buffer(bucket, summed.device))

@@ -39,15 +39,14 @@ signed, doubled row ``[S_j, S_j, -S_j, -S_j]`` (length ``4c``) the estimates of 
 contiguous window of ``c`` elements starting at ``o_jk`` (``o_jk + 2c`` when ``sigma_j[k] < 0``).
 
 On other devices than the CPU the windows are gathered into ``r`` vectors of ``d`` elements and the
-median over rows is taken with elementwise ``min``/``max`` (pure torch). On the CPU the median is
-computed block by block (at most [`CPU_BLOCK`][sketchcomm.sketch.CPU_BLOCK] coordinates at a time)
-straight from the windows into the output with the numpy kernels of
-[`sketchcomm.sketch_numpy`][sketchcomm.sketch_numpy], so no ``d``-element temporary is made; both
-give the same values, because the median only selects among the same fp32 numbers. Heavy-hitter
-selection on the CPU never materializes the estimate: a threshold is read from a strided sample of
-estimates, one blocked pass keeps the coordinates above it, and an exact selection among those gives
-the same set as ``torch.topk`` (up to ties at the ``k``-th magnitude). Sketching on the CPU adds the
-same terms in the same order as on other devices, so tables agree bit for bit too.
+median over rows is taken with elementwise ``min``/``max`` (pure torch). On the CPU the compiled
+kernels of [`sketchcomm.sketch_compiled`][sketchcomm.sketch_compiled] (or, without numba, the numpy
+kernels of [`sketchcomm.sketch_numpy`][sketchcomm.sketch_numpy]) compute it straight into the
+output, with no ``d``-element temporary, and give the same values: the median only selects among
+the same fp32 numbers, and sketching adds the same terms in the same order on every path.
+Heavy-hitter selection on the CPU reads a threshold from a strided sample of estimates, keeps the
+coordinates above it in one pass and selects exactly among those: the same set as ``torch.topk``
+(up to ties at the ``k``-th magnitude).
 """
 
 from __future__ import annotations
@@ -58,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sketchcomm import sketch_compiled
 from sketchcomm.hashing import derive_seed, prime_at_most
 from sketchcomm.sketch_numpy import (
     CPU_BLOCK,
@@ -66,18 +66,12 @@ from sketchcomm.sketch_numpy import (
     estimates_at_least,
     median_over_rows,
     median_rows_into,
-    sliding_windows,
+    selection_threshold,
+    sketch_grouped,
     top_magnitudes,
 )
 
 __all__ = ["CPU_BLOCK", "CountSketch", "derive_seed", "prime_at_most"]
-# Strided sample of estimates from which heavy-hitter selection on the CPU sets its threshold.
-_THRESHOLD_SAMPLE = 1 << 16
-# Fewest whole chunks per block for which
-# [`CountSketch.sketch()`][sketchcomm.sketch.CountSketch.sketch] gathers them: a gathered group
-# costs about three passes over it against one for slicing, and saves two numpy calls per chunk and
-# row. Estimation gathers from two chunks per block on (it saves a whole median per chunk).
-_MIN_SKETCH_GROUP = 8
 
 
 class CountSketch:
@@ -150,6 +144,7 @@ class CountSketch:
         # Where, in a chunk repeated twice, row j's rotation of chunk k starts.
         self.rotation_starts = ((columns - offsets) % columns).numpy()
         self.chunk_signs = signs.numpy().astype(np.float32)
+        self.offsets_cpu = offsets.numpy()
         self._fingerprint = derive_seed(dim, rows, columns, self.offsets_list, self.signs_list)
 
     # ------------------------------------------------------------------ hashes
@@ -172,6 +167,16 @@ class CountSketch:
         position = indices - chunk * self.columns
         buckets = (self.offsets[:, chunk] + position[None, :]) % self.columns
         return buckets, self.signs[:, chunk]
+
+    def zero_cells(self, table: Tensor, indices: Tensor) -> None:
+        """Set to zero, in place, the cells ``S[j, h_j(i)]`` of ``table`` (``[rows, columns]``
+        fp32) of every coordinate ``i`` in ``indices`` (int64), in every row."""
+        self._check_table(table)
+        if table.device.type == "cpu" and table.is_contiguous() and sketch_compiled.available():
+            sketch_compiled.zero_cells(table.numpy(), self.offsets_cpu, indices.numpy())
+            return
+        cells, _ = self.buckets_and_signs(indices)
+        table.scatter_(1, cells, 0.0)
 
     # ------------------------------------------------------------------ sketching
     def zeros(self) -> Tensor:
@@ -223,11 +228,16 @@ class CountSketch:
         device and path, so the result is the same bit for bit.
         """
         c = self.columns
+        if x.device.type == "cpu" and sketch_compiled.available():
+            sketch_compiled.sketch_block(
+                x.numpy(), 0, tables.numpy(), self.offsets_cpu, self.chunk_signs
+            )
+            return
         if x.device.type == "cpu":
             # numpy slices cost a fraction of torch's per-op overhead; both views share memory.
             xn, tn = x.numpy(), tables.numpy()
             add, sub = np.add, np.subtract
-            first_sliced = self._accumulate_grouped(xn, tn)
+            first_sliced = sketch_grouped(self, xn, tn)
         else:
             xn, tn = x, tables
             add, sub = torch.add, torch.sub
@@ -244,31 +254,6 @@ class CountSketch:
                 if head < length:
                     wrapped = row[:, : length - head]
                     op(wrapped, chunk[:, head:], out=wrapped)
-
-    def _accumulate_grouped(self, x: np.ndarray, tables: np.ndarray) -> int:
-        """With ``c <= CPU_BLOCK / 8``, add the whole chunks of ``x`` (``[b, d]``) to ``tables``
-        (``[b, r, c]``) ``CPU_BLOCK // c`` chunks at a time: gather each chunk's rotation for a
-        row, ``R[k, m] = sigma_j[k] x[k c + (m - o_jk) mod c]``, and add ``S_j + R[0] + R[1] + ...``
-        left to right (numpy reduces a non-contiguous axis in order). Returns the first chunk
-        left for the sliced path: all of them when ``c`` is large, else the last partial one."""
-        c = self.columns
-        group = CPU_BLOCK // c
-        if group < _MIN_SKETCH_GROUP:
-            return 0
-        batch, whole = len(x), self.dim // c
-        for first in range(0, whole, group):
-            count = min(group, whole - first)
-            chunks = x[:, first * c : (first + count) * c].reshape(batch, count, c)
-            doubled = np.concatenate((chunks, chunks), axis=2).reshape(batch, -1)
-            windows = sliding_windows(doubled, c)
-            base = np.arange(count) * (2 * c)
-            for j in range(self.rows):
-                starts = base + self.rotation_starts[j, first : first + count]
-                rotated = windows[:, starts]
-                rotated *= self.chunk_signs[j, first : first + count, None]
-                rotated[:, 0] += tables[:, j]
-                np.add.reduce(rotated, axis=1, out=tables[:, j])
-        return whole
 
     # ------------------------------------------------------------------ recovery
     def row_estimates(self, table: Tensor) -> list[Tensor]:
@@ -289,6 +274,24 @@ class CountSketch:
                 f"{table.dtype}"
             )
 
+    @staticmethod
+    def _finite_cpu(table: Tensor) -> bool:
+        if sketch_compiled.available() and table.is_contiguous():
+            return sketch_compiled.all_finite(table.numpy())
+        return bool(torch.isfinite(table).all())
+
+    def _check_out(self, out: Tensor | None, device: torch.device) -> None:
+        if out is not None and (
+            out.shape != (self.dim,)
+            or out.dtype != torch.float32
+            or out.device != device
+            or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"out must be a contiguous ({self.dim},) fp32 tensor on {device}, got "
+                f"{tuple(out.shape)} {out.dtype} on {out.device}"
+            )
+
     def estimate(self, table: Tensor, out: Tensor | None = None) -> Tensor:
         """Median-over-rows estimate of every coordinate, shape ``[dim]`` fp32.
 
@@ -299,20 +302,20 @@ class CountSketch:
         gathers; the values are the same.
         """
         self._check_table(table)
-        if out is not None and (
-            out.shape != (self.dim,)
-            or out.dtype != torch.float32
-            or out.device != table.device
-            or not out.is_contiguous()
-        ):
-            raise ValueError(
-                f"out must be a contiguous ({self.dim},) fp32 tensor on {table.device}, got "
-                f"{tuple(out.shape)} {out.dtype} on {out.device}"
-            )
+        self._check_out(out, table.device)
         if table.device.type != "cpu":
             estimate = median_over_rows(self.row_estimates(table))
             return estimate if out is None else out.copy_(estimate)
         result = torch.empty(self.dim, dtype=torch.float32) if out is None else out
+        if sketch_compiled.available() and self._finite_cpu(table):
+            sketch_compiled.estimate_into(
+                table.contiguous().numpy(),
+                self.offsets_cpu,
+                self.chunk_signs,
+                self.dim,
+                result.numpy(),
+            )
+            return result
         target, scratch = result.numpy(), cpu_scratch(self)
         for start, windows in cpu_blocks(self, table):
             median_rows_into(windows, target[start : start + len(windows[0])], scratch)
@@ -324,7 +327,9 @@ class CountSketch:
         per_row = table.gather(1, buckets) * signs
         return median_over_rows(list(per_row.unbind(0)))
 
-    def heavy_hitters(self, table: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def heavy_hitters(
+        self, table: Tensor, k: int, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The ``k`` coordinates with the largest estimated magnitude: ``(indices, estimates)``.
 
         Returns ``([k] int64, [k] fp32)`` in no particular order: the same set as
@@ -334,35 +339,59 @@ class CountSketch:
         pass keeps the coordinates with ``|estimate| >= t``, and if there are at least ``k`` of
         them they contain every top-``k`` coordinate, which an exact selection then picks. If
         there are fewer, the whole estimate is selected from instead.
+
+        With ``out`` (a contiguous ``[dim]`` fp32 tensor on the table's device) the top-``k``
+        vector, the estimates at ``indices`` and zero elsewhere, is written into ``out``; the
+        compiled CPU kernel writes it during the threshold pass, so reusing one ``out`` costs no
+        separate zeroing or scatter pass.
         """
         if not 1 <= k <= self.dim:
             raise ValueError(f"k must be in [1, {self.dim}], got {k}")
         self._check_table(table)
-        if table.device.type == "cpu" and bool(torch.isfinite(table).all()):
-            threshold = self._selection_threshold(table, k)
+        self._check_out(out, table.device)
+        if table.device.type == "cpu" and self._finite_cpu(table):
+            threshold = selection_threshold(self, table, k)
             if threshold is not None:
-                indices, values = estimates_at_least(self, table, threshold)
+                fused = out is not None and sketch_compiled.available()
+                indices, values = self._estimates_at_least(
+                    table, threshold, k, out.numpy() if fused else None
+                )
                 if len(indices) >= k:
                     keep = top_magnitudes(values, k)
-                    return torch.from_numpy(indices[keep]), torch.from_numpy(values[keep])
+                    chosen = torch.from_numpy(indices[keep]), torch.from_numpy(values[keep])
+                    if not fused:
+                        return _written(chosen, out)
+                    dropped = np.ones(len(indices), dtype=bool)
+                    dropped[keep] = False
+                    out.numpy()[indices[dropped]] = 0.0
+                    return chosen
             estimates = self.estimate(table)
             indices = torch.from_numpy(top_magnitudes(estimates.numpy(), k))
-            return indices, estimates[indices]
+            return _written((indices, estimates[indices]), out)
         estimates = self.estimate(table)
         indices = estimates.abs().topk(k, sorted=False).indices
-        return indices, estimates[indices]
+        return _written((indices, estimates[indices]), out)
 
-    def _selection_threshold(self, table: Tensor, k: int) -> float | None:
-        """A magnitude exceeded by about ``1.5 k + 4 sqrt(k)`` estimates, read from a strided
-        sample; ``None`` where the sample is too small to be worth it (the caller then selects
-        from the whole estimate)."""
-        stride = self.dim // _THRESHOLD_SAMPLE
-        if stride < 4:
-            return None
-        magnitudes = self.estimate_at(table, torch.arange(0, self.dim, stride)).abs().numpy()
-        expected = k / self.dim * len(magnitudes)
-        rank = math.ceil(1.5 * expected + 4 * math.sqrt(expected) + 8)
-        if rank >= len(magnitudes) // 4:
-            return None
-        position = len(magnitudes) - rank
-        return float(np.partition(magnitudes, position)[position])
+    def _estimates_at_least(
+        self, table: Tensor, threshold: float, k: int, dense: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if sketch_compiled.available():
+            return sketch_compiled.estimates_above(
+                table.contiguous().numpy(),
+                self.offsets_cpu,
+                self.chunk_signs,
+                self.dim,
+                threshold,
+                capacity=2 * k + 64,
+                dense=dense,
+            )
+        return estimates_at_least(self, table, threshold)
+
+
+def _written(chosen: tuple[Tensor, Tensor], out: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``chosen = (indices, values)``, after writing them into ``out`` (zero elsewhere) if given."""
+    if out is not None:
+        indices, values = chosen
+        out.zero_()
+        out[indices] = values
+    return chosen

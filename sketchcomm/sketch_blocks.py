@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sketchcomm import sketch_compiled
 from sketchcomm.sketch import CountSketch
 
 __all__ = ["sketch_block_into"]
@@ -49,6 +50,10 @@ def sketch_block_into(sketch: CountSketch, block: Tensor, offset: int, tables: T
     if not len(block) or not block.shape[1]:
         return tables
     x = block.to(device=sketch.device, dtype=torch.float32).contiguous()
+    if x.device.type == "cpu" and sketch_compiled.available():
+        tn = tables.numpy()
+        sketch_compiled.sketch_block(x.numpy(), offset, tn, sketch.offsets_cpu, sketch.chunk_signs)
+        return tables
     if x.device.type == "cpu":
         xn, tn = x.numpy(), tables.numpy()
         add, sub = np.add, np.subtract

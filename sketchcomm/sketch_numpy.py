@@ -11,12 +11,15 @@ tensor([2., 1.])
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from sketchcomm import sketch_compiled
 
 if TYPE_CHECKING:
     from sketchcomm.sketch import CountSketch
@@ -28,6 +31,8 @@ __all__ = [
     "estimates_at_least",
     "median_over_rows",
     "median_rows_into",
+    "selection_threshold",
+    "sketch_grouped",
     "sliding_windows",
     "top_magnitudes",
 ]
@@ -38,6 +43,13 @@ CPU_BLOCK = 1 << 15
 # Largest signed, doubled table (``16 r c`` bytes) that estimation builds: below glibc's largest
 # mmap threshold (32 MiB), so its memory is reused from call to call instead of faulted in anew.
 _MAX_DOUBLED_TABLE_BYTES = 16 << 20
+# Strided sample of estimates from which heavy-hitter selection on the CPU sets its threshold.
+_THRESHOLD_SAMPLE = 1 << 16
+# Fewest whole chunks per block for which
+# [`sketch_grouped()`][sketchcomm.sketch_numpy.sketch_grouped] gathers them: a gathered group
+# costs about three passes over it against one for slicing, and saves two numpy calls per chunk and
+# row. Estimation gathers from two chunks per block on (it saves a whole median per chunk).
+_MIN_SKETCH_GROUP = 8
 
 
 def _median3(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
@@ -118,6 +130,55 @@ def sliding_windows(values: np.ndarray, width: int) -> np.ndarray:
     shape = (*values.shape[:-1], values.shape[-1] - width + 1, width)
     strides = (*values.strides, values.strides[-1])
     return np.lib.stride_tricks.as_strided(values, shape, strides, writeable=False)
+
+
+def sketch_grouped(sketch: CountSketch, x: np.ndarray, tables: np.ndarray) -> int:
+    """With ``c <= CPU_BLOCK / 8``, add the whole chunks of ``x`` (``[b, d]``) to ``tables``
+    (``[b, r, c]``) ``CPU_BLOCK // c`` chunks at a time: gather each chunk's rotation for a
+    row, ``R[k, m] = sigma_j[k] x[k c + (m - o_jk) mod c]``, and add ``S_j + R[0] + R[1] + ...``
+    left to right (numpy reduces a non-contiguous axis in order). Returns the first chunk
+    left for the sliced path: all of them when ``c`` is large, else the last partial one."""
+    c = sketch.columns
+    group = CPU_BLOCK // c
+    if group < _MIN_SKETCH_GROUP:
+        return 0
+    batch, whole = len(x), sketch.dim // c
+    for first in range(0, whole, group):
+        count = min(group, whole - first)
+        chunks = x[:, first * c : (first + count) * c].reshape(batch, count, c)
+        doubled = np.concatenate((chunks, chunks), axis=2).reshape(batch, -1)
+        windows = sliding_windows(doubled, c)
+        base = np.arange(count) * (2 * c)
+        for j in range(sketch.rows):
+            starts = base + sketch.rotation_starts[j, first : first + count]
+            rotated = windows[:, starts]
+            rotated *= sketch.chunk_signs[j, first : first + count, None]
+            rotated[:, 0] += tables[:, j]
+            np.add.reduce(rotated, axis=1, out=tables[:, j])
+    return whole
+
+
+def selection_threshold(sketch: CountSketch, table: Tensor, k: int) -> float | None:
+    """A magnitude exceeded by about ``1.5 k + 4 sqrt(k)`` of the estimates from ``table``, read
+    from a strided sample; ``None`` where the sample is too small to be worth it (the caller then
+    selects from the whole estimate)."""
+    stride = sketch.dim // _THRESHOLD_SAMPLE
+    if stride < 4:
+        return None
+    if sketch_compiled.available():
+        tn = table.contiguous().numpy()
+        estimates = sketch_compiled.estimates_strided(
+            tn, sketch.offsets_cpu, sketch.chunk_signs, sketch.dim, stride
+        )
+        magnitudes = np.abs(estimates)
+    else:
+        magnitudes = sketch.estimate_at(table, torch.arange(0, sketch.dim, stride)).abs().numpy()
+    expected = k / sketch.dim * len(magnitudes)
+    rank = math.ceil(1.5 * expected + 4 * math.sqrt(expected) + 8)
+    if rank >= len(magnitudes) // 4:
+        return None
+    position = len(magnitudes) - rank
+    return float(np.partition(magnitudes, position)[position])
 
 
 def top_magnitudes(values: np.ndarray, k: int) -> np.ndarray:

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.kernels import TARGET_RATIO
+from sketchcomm import sketch_compiled
 from sketchcomm.cli import main
 from sketchcomm.sketch import CPU_BLOCK, CountSketch, prime_at_most
+from sketchcomm.sketch_blocks import sketch_block_into
 from sketchcomm.sketch_numpy import median_over_rows
 
 
@@ -266,11 +269,107 @@ def test_heavy_hitters_of_a_non_finite_table_follow_torch_topk() -> None:
 def test_quick_kernel_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "kernels.json"
     argv = ["bench", "kernels", "--quick", "--sizes", "1e5", "--rows", "1", "3"]
+    argv += ["--paths", "numpy", "compiled"]
     assert main([*argv, "--json", str(path), "--markdown", str(tmp_path / "k.md")]) == 0
     report = json.loads(path.read_text())
-    assert [(c["size"], c["rows"]) for c in report["cases"]] == [(100_000, 1), (100_000, 3)]
+    cases = [(c["path"], c["size"], c["rows"]) for c in report["cases"]]
+    assert cases == [(p, 100_000, r) for r in (1, 3) for p in ("numpy", "compiled")]
     for case in report["cases"]:
         assert all(math.isfinite(r) and r > 0 for r in case["ratios"].values())
-        assert case["within_target"] == (case["ratios"]["sketch+unsketch"] <= 5.0)
+        assert case["within_target"] == (case["ratios"]["sketch+unsketch"] <= TARGET_RATIO)
     table = (tmp_path / "k.md").read_text()
-    assert table in capsys.readouterr().out and table.count("| cpu | 1e5 |") == 2
+    out = capsys.readouterr().out
+    assert table in out and table.count("| cpu | numpy | 1e5 |") == 2
+    assert table.count("| cpu | compiled | 1e5 |") == 2
+
+
+def numpy_kernels_agree(monkeypatch: pytest.MonkeyPatch, compute) -> None:
+    """``compute()`` gives the same tensors, bit for bit, with the compiled kernels and with the
+    numpy fallback forced by ``SKETCHCOMM_KERNELS=numpy``."""
+    pytest.importorskip("numba")
+    monkeypatch.delenv(sketch_compiled.ENVIRONMENT_VARIABLE, raising=False)
+    assert sketch_compiled.available()
+    compiled = compute()
+    monkeypatch.setenv(sketch_compiled.ENVIRONMENT_VARIABLE, "numpy")
+    assert not sketch_compiled.available()
+    fallback = compute()
+    for a, b in zip(compiled, fallback, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("dim", "rows", "columns"),
+    [
+        (10_007, 1, 211),
+        (10_007, 2, 211),
+        (10_007, 4, 211),
+        (10_007, 7, 211),
+        (100_003, 3, 997),
+        (100_003, 5, 4999),
+        (200_001, 3, 40_009),
+        (300_007, 3, 5003),
+    ],
+)
+def test_compiled_kernels_equal_the_numpy_path(
+    monkeypatch: pytest.MonkeyPatch, dim: int, rows: int, columns: int
+) -> None:
+    """Sketch (into a table already holding values, and a batch), blocks sketched at offsets that
+    cross chunks, the estimate, the heavy hitters with a sampled threshold and the table with
+    their cells zeroed: the compiled kernels and the numpy path give the same bits (the sketch's
+    sums in the same order, the median from the same network)."""
+    cs = CountSketch(dim, rows, columns, seed=rows)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(3, dim, generator=g) * 10.0 ** torch.randint(-3, 4, (3, dim), generator=g)
+    start = torch.randn(rows, columns, generator=g)
+    cut = dim // 3 + 17
+    k = dim // 100
+
+    def compute() -> list[torch.Tensor]:
+        table = cs.sketch(x[0], out=start.clone())
+        blocks = torch.zeros(3, rows, columns)
+        sketch_block_into(cs, x[:, :cut], 0, blocks)
+        sketch_block_into(cs, x[:, cut:], cut, blocks)
+        indices, values = cs.heavy_hitters(table, k)
+        order = indices.argsort()
+        zeroed = table.clone()
+        cs.zero_cells(zeroed, indices)
+        estimate = cs.estimate(table)
+        return [table, cs.sketch_batch(x), blocks, estimate, values[order], zeroed]
+
+    numpy_kernels_agree(monkeypatch, compute)
+
+
+def test_compiled_threshold_pass_keeps_every_coordinate_above_it() -> None:
+    """With more coordinates at or above the threshold than room for them, the pass is repeated
+    with room for all: every coordinate of an exactly sketched vector of ones is found."""
+    pytest.importorskip("numba")
+    dim = 300_000
+    cs = CountSketch(dim, 1, prime_at_most(300_100))
+    table = cs.sketch(torch.ones(dim))
+    indices, values = sketch_compiled.estimates_above(
+        table.numpy(), cs.offsets_cpu, cs.chunk_signs, dim, 1.0, capacity=5
+    )
+    assert sorted(indices.tolist()) == list(range(dim)) and (values == 1.0).all()
+    indices, values = cs.heavy_hitters(table, 10)
+    assert len(set(indices.tolist())) == 10 and torch.equal(values, torch.ones(10))
+
+
+@pytest.mark.parametrize("path", ["compiled", "numpy"])
+@pytest.mark.parametrize("dim", [300_007, 20_011])
+def test_heavy_hitters_write_the_top_k_vector_into_out(
+    monkeypatch: pytest.MonkeyPatch, path: str, dim: int
+) -> None:
+    """``out`` (holding garbage from an earlier step) ends as the estimates at the selected
+    coordinates and zeros elsewhere, with the sampled threshold (300007) and without (20011)."""
+    if path == "compiled":
+        pytest.importorskip("numba")
+    monkeypatch.setenv(sketch_compiled.ENVIRONMENT_VARIABLE, path)
+    cs = CountSketch(dim, 3, prime_at_most(max(dim // 60, 500)), seed=4)
+    table = cs.sketch(torch.randn(dim, generator=torch.Generator().manual_seed(4)))
+    k = dim // 100
+    out = torch.full((dim,), 7.0)
+    indices, values = cs.heavy_hitters(table, k, out=out)
+    assert_top_k(cs.estimate(table), indices, values, k)
+    expected = torch.zeros(dim)
+    expected[indices] = values
+    assert torch.equal(out, expected)

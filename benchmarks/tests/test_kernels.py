@@ -36,3 +36,17 @@ def test_bench_kernels_rejects_bad_numbers(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "kernels", *argv])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_hook_step_runs_both_hooks_on_ddp_buckets() -> None:
+    """DDP's rebuilt buckets of the 13.7M-parameter transformer hold every parameter; the sketch
+    hook compressed them, and every variant's time is a positive ratio to the copy."""
+    from benchmarks.hook_step import hook_step_report, markdown_hook_table
+
+    report = hook_step_report(repeats=1, warmup=2)
+    assert sum(report["buckets"]) == report["parameters"] > 13_000_000
+    assert len(report["buckets"]) > 1 and report["compressed_bucket_steps"] > 0
+    assert report["per_copy"]["copy"] == 1.0 and report["per_powersgd"]["powersgd"] == 1.0
+    assert all(r > 0 for r in report["per_copy"].values())
+    assert markdown_hook_table(report).count("\n") == len(report["seconds"]) + 1

@@ -1,0 +1,335 @@
+"""Compiled CPU kernels (numba) for [`CountSketch`][sketchcomm.sketch.CountSketch]: sketching all
+rows in one pass over the vector, the median-over-rows estimate straight into the output, the
+threshold pass of heavy-hitter selection, and zeroing the cells of selected coordinates.
+
+They compute what the numpy kernels of [`sketchcomm.sketch_numpy`][sketchcomm.sketch_numpy]
+compute, bit for bit: every table cell receives ``sigma_j[k] x[k c + l]`` one chunk after the
+other in chunk order (the same fp32 additions, since ``t - x == t + (-x)``), and the median over
+rows is the same ``min``/``max`` network (``r`` in {3, 5}), mean of two (``r = 2``) or selection
+of the middle value(s) of the sorted rows. Coordinate ``i = k c + l`` has row ``j``'s estimate
+``sigma_j[k] S[j, (o_jk + l) mod c]``; inside chunk ``k`` the positions ``l`` are cut where a row
+wraps around (at ``c - o_jk``), so that every row is read contiguously between two cuts.
+
+The kernels are compiled on first use and cached on disk (``cache=True``), for one signature each:
+fp32 C-contiguous vectors and tables, int64 offsets, fp32 signs. When numba is not importable, or
+the environment variable ``SKETCHCOMM_KERNELS`` is ``numpy``, [`available()`][
+sketchcomm.sketch_compiled.available] is false and the numpy kernels run instead.
+
+>>> import numpy as np
+>>> tables = np.zeros((1, 1, 3), dtype=np.float32)
+>>> offsets, signs = np.array([[1]]), np.array([[-1.0]], dtype=np.float32)
+>>> sketch_block(np.array([[1.0, 2.0, 3.0]], dtype=np.float32), 0, tables, offsets, signs)
+>>> tables.tolist()
+[[[-3.0, -1.0, -2.0]]]
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # the numpy kernels run instead
+    numba = None
+
+__all__ = [
+    "ENVIRONMENT_VARIABLE",
+    "all_finite",
+    "available",
+    "estimate_into",
+    "estimates_above",
+    "estimates_strided",
+    "sketch_block",
+    "zero_cells",
+]
+
+# ``SKETCHCOMM_KERNELS=numpy`` forces the numpy kernels even where numba is installed.
+ENVIRONMENT_VARIABLE = "SKETCHCOMM_KERNELS"
+# Positions of one chunk handled together while sketching: the slice of ``x`` stays in L1 while
+# it is added to every row.
+_SKETCH_BLOCK = 2048
+
+
+def available() -> bool:
+    """Whether the compiled kernels run: numba is importable and ``SKETCHCOMM_KERNELS`` is not
+    ``numpy``."""
+    return numba is not None and os.environ.get(ENVIRONMENT_VARIABLE, "") != "numpy"
+
+
+def _jit(fn):
+    if numba is None:
+        return fn
+    return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
+
+
+@_jit
+def _add_signed(target, source, sign):
+    """``target += sign * source[:len(target)]``."""
+    for t in range(len(target)):
+        target[t] += sign * source[t]
+
+
+@_jit
+def _sketch_block(x, offset, tables, offsets, signs):
+    batch, n = x.shape
+    rows, columns = tables.shape[1], tables.shape[2]
+    position, end = offset, offset + n
+    while position < end:
+        k = position // columns
+        first = position - k * columns
+        last = min(columns, end - k * columns)
+        for begin in range(first, last, _SKETCH_BLOCK):
+            stop = min(last, begin + _SKETCH_BLOCK)
+            base = k * columns - offset
+            for j in range(rows):
+                sign = signs[j, k]
+                start = offsets[j, k] + begin
+                if start >= columns:
+                    start -= columns
+                head = min(stop - begin, columns - start)
+                for b in range(batch):
+                    _add_signed(tables[b, j, start : start + head], x[b, base + begin :], sign)
+                    if head < stop - begin:
+                        wrapped = x[b, base + begin + head : base + stop]
+                        _add_signed(tables[b, j, : len(wrapped)], wrapped, sign)
+        position = k * columns + last
+
+
+def sketch_block(
+    x: np.ndarray, offset: int, tables: np.ndarray, offsets: np.ndarray, signs: np.ndarray
+) -> None:
+    """Add to ``tables`` (``[b, r, c]`` fp32) the sketches of the vectors equal to the rows of
+    ``x`` (``[b, n]`` fp32) at coordinates ``offset .. offset + n - 1`` and zero elsewhere, with
+    chunk offsets ``offsets`` (``[r, chunks]`` int64) and signs ``signs`` (``[r, chunks]`` fp32);
+    one pass over ``x`` for all rows."""
+    _sketch_block(x, offset, tables, offsets, signs)
+
+
+@_jit
+def _median_small(values, r):
+    """Median of ``values[:r]`` (sorted in place), the mean of the middle two for even ``r``."""
+    for i in range(1, r):
+        v = values[i]
+        m = i - 1
+        while m >= 0 and values[m] > v:
+            values[m + 1] = values[m]
+            m -= 1
+        values[m + 1] = v
+    if r % 2:
+        return values[r // 2]
+    return (values[r // 2 - 1] + values[r // 2]) * np.float32(0.5)
+
+
+@_jit
+def _segment(table, offsets, signs, k, begin, end, out, scratch, starts):
+    """Estimates of positions ``begin .. end - 1`` of chunk ``k`` into ``out[:end - begin]``, for
+    a range in which no row wraps around. ``scratch`` (fp32) and ``starts`` (int64) hold ``r``
+    elements."""
+    rows, columns = table.shape
+    n = end - begin
+    for j in range(rows):
+        start = offsets[j, k] + begin
+        starts[j] = start - columns if start >= columns else start
+    if rows == 1:
+        a, sa = table[0, starts[0] :], signs[0, k]
+        for t in range(n):
+            out[t] = sa * a[t]
+    elif rows == 3:
+        a, b, c = table[0, starts[0] :], table[1, starts[1] :], table[2, starts[2] :]
+        sa, sb, sc = signs[0, k], signs[1, k], signs[2, k]
+        for t in range(n):
+            va, vb, vc = sa * a[t], sb * b[t], sc * c[t]
+            low = min(va, vb)
+            high = min(max(va, vb), vc)
+            out[t] = max(low, high)
+    elif rows == 5:
+        a, b, c = table[0, starts[0] :], table[1, starts[1] :], table[2, starts[2] :]
+        d, e = table[3, starts[3] :], table[4, starts[4] :]
+        sa, sb, sc, sd, se = signs[0, k], signs[1, k], signs[2, k], signs[3, k], signs[4, k]
+        for t in range(n):
+            va, vb, vc, vd, ve = sa * a[t], sb * b[t], sc * c[t], sd * d[t], se * e[t]
+            low = max(min(va, vb), min(vc, vd))
+            high = min(max(va, vb), max(vc, vd))
+            out[t] = max(min(ve, low), min(max(ve, low), high))
+    elif rows == 2:
+        a, b = table[0, starts[0] :], table[1, starts[1] :]
+        sa, sb = signs[0, k], signs[1, k]
+        for t in range(n):
+            out[t] = (sa * a[t] + sb * b[t]) * np.float32(0.5)
+    else:
+        for t in range(n):
+            for j in range(rows):
+                scratch[j] = signs[j, k] * table[j, starts[j] + t]
+            out[t] = _median_small(scratch, rows)
+
+
+@_jit
+def _chunk_cuts(offsets, k, length, columns, cuts):
+    """Sorted positions of chunk ``k`` (``0 = cuts[0] < ... = length``) where a row wraps around;
+    returns how many cuts there are."""
+    rows = offsets.shape[0]
+    count = 0
+    cuts[count] = 0
+    count += 1
+    for j in range(rows):
+        wrap = columns - offsets[j, k]
+        if 0 < wrap < length:
+            cuts[count] = wrap
+            count += 1
+    cuts[count] = length
+    count += 1
+    cuts[:count].sort()
+    return count
+
+
+@_jit
+def _estimate_into(table, offsets, signs, dim, out):
+    rows, columns = table.shape
+    chunks = offsets.shape[1]
+    cuts = np.empty(rows + 2, dtype=np.int64)
+    scratch = np.empty(rows, dtype=np.float32)
+    starts = np.empty(rows, dtype=np.int64)
+    for k in range(chunks):
+        length = min(columns, dim - k * columns)
+        count = _chunk_cuts(offsets, k, length, columns, cuts)
+        for m in range(count - 1):
+            begin, end = cuts[m], cuts[m + 1]
+            if end > begin:
+                _segment(
+                    table,
+                    offsets,
+                    signs,
+                    k,
+                    begin,
+                    end,
+                    out[k * columns + begin :],
+                    scratch,
+                    starts,
+                )
+
+
+def estimate_into(
+    table: np.ndarray, offsets: np.ndarray, signs: np.ndarray, dim: int, out: np.ndarray
+) -> None:
+    """Write the median-over-rows estimate of the ``dim`` coordinates from ``table`` (``[r, c]``
+    fp32) into ``out`` (``[dim]`` fp32)."""
+    _estimate_into(table, offsets, signs, dim, out)
+
+
+@_jit
+def _estimates_above(
+    table, offsets, signs, dim, threshold, block, found_indices, found_values, dense
+):
+    rows, columns = table.shape
+    chunks = offsets.shape[1]
+    cuts = np.empty(rows + 2, dtype=np.int64)
+    scratch = np.empty(rows, dtype=np.float32)
+    starts = np.empty(rows, dtype=np.int64)
+    capacity = len(found_indices)
+    found = 0
+    for k in range(chunks):
+        length = min(columns, dim - k * columns)
+        count = _chunk_cuts(offsets, k, length, columns, cuts)
+        for m in range(count - 1):
+            for begin in range(cuts[m], cuts[m + 1], len(block)):
+                end = min(cuts[m + 1], begin + len(block))
+                target = dense[k * columns + begin :] if len(dense) else block
+                _segment(table, offsets, signs, k, begin, end, target, scratch, starts)
+                for t in range(end - begin):
+                    value = target[t]
+                    if abs(value) >= threshold:
+                        if found < capacity:
+                            found_indices[found] = k * columns + begin + t
+                            found_values[found] = value
+                        found += 1
+                    else:
+                        target[t] = 0.0
+    return found
+
+
+def estimates_above(
+    table: np.ndarray,
+    offsets: np.ndarray,
+    signs: np.ndarray,
+    dim: int,
+    threshold: float,
+    capacity: int,
+    dense: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """All coordinates whose ``|estimate| >= threshold`` and their estimates, in one pass; at
+    most ``capacity`` are kept, but the count is exact: where it exceeds ``capacity`` the pass is
+    repeated with room for all. With ``dense`` (``[dim]`` fp32) the estimates at or above the
+    threshold are also written there, and zeros elsewhere; else no ``[dim]`` vector is made."""
+    block = np.empty(min(dim, 4096), dtype=np.float32)
+    target = np.empty(0, dtype=np.float32) if dense is None else dense
+    while True:
+        indices = np.empty(capacity, dtype=np.int64)
+        values = np.empty(capacity, dtype=np.float32)
+        found = _estimates_above(
+            table, offsets, signs, dim, np.float32(threshold), block, indices, values, target
+        )
+        if found <= capacity:
+            return indices[:found], values[:found]
+        capacity = found
+
+
+@_jit
+def _zero_cells(table, offsets, indices):
+    rows, columns = table.shape
+    for i in indices:
+        k = i // columns
+        position = i - k * columns
+        for j in range(rows):
+            cell = offsets[j, k] + position
+            table[j, cell - columns if cell >= columns else cell] = 0.0
+
+
+def zero_cells(table: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> None:
+    """Set to zero the cells of ``table`` (``[r, c]`` fp32) that the coordinates ``indices``
+    (int64) hash to, one per row."""
+    _zero_cells(table, offsets, indices)
+
+
+@_jit
+def _estimates_strided(table, offsets, signs, dim, stride, out):
+    rows, columns = table.shape
+    scratch = np.empty(rows, dtype=np.float32)
+    n = 0
+    for k in range(offsets.shape[1]):
+        base = k * columns
+        for i in range(-(-base // stride) * stride, min(base + columns, dim), stride):
+            position = i - base
+            for j in range(rows):
+                cell = offsets[j, k] + position
+                scratch[j] = signs[j, k] * table[j, cell - columns if cell >= columns else cell]
+            if rows == 3:
+                a, b, c = scratch[0], scratch[1], scratch[2]
+                out[n] = max(min(a, b), min(max(a, b), c))
+            else:
+                out[n] = _median_small(scratch, rows)
+            n += 1
+
+
+def estimates_strided(
+    table: np.ndarray, offsets: np.ndarray, signs: np.ndarray, dim: int, stride: int
+) -> np.ndarray:
+    """The estimates of coordinates ``0, stride, 2 stride, ... < dim`` (fp32)."""
+    out = np.empty(-(-dim // stride), dtype=np.float32)
+    _estimates_strided(table, offsets, signs, dim, stride, out)
+    return out
+
+
+@_jit
+def _all_finite(table):
+    # x * 0 is 0 for a finite x and NaN for an infinite or NaN one; the sum stays 0 iff all are.
+    total = np.float32(0.0)
+    for value in table.ravel():
+        total += value * np.float32(0.0)
+    return total == 0.0
+
+
+def all_finite(table: np.ndarray) -> bool:
+    """Whether every element of ``table`` (C-contiguous fp32) is finite."""
+    return bool(_all_finite(table))
