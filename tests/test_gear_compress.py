@@ -49,7 +49,7 @@ def held_bytes(ct: CompressedTensor) -> int:
     return total
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_pack_roundtrip_and_density(bits: int) -> None:
     codes = torch.randint(0, 2**bits, (3, 64, 5), dtype=torch.uint8)
     packed = pack_codes(codes, bits)
@@ -62,10 +62,15 @@ def test_pack_layout_puts_row_planes_in_the_bits_of_a_byte() -> None:
     codes = torch.tensor([[1, 0], [2, 1], [3, 2], [0, 3]], dtype=torch.uint8)
     assert pack_codes(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4, 0 | 1 << 2 | 2 << 4 | 3 << 6]]
     assert pack_codes(codes, 4).tolist() == [[1 | 3 << 4, 0 | 2 << 4], [2, 1 | 3 << 4]]
+    # 3 bits: the low two bits as 2-bit codes (2 rows of bytes), then the high bit (1 row).
+    codes = torch.arange(8, dtype=torch.uint8)[:, None]
+    packed = pack_codes(codes, 3).flatten().tolist()
+    assert packed[:2] == [0 | 2 << 2 | 0 << 4 | 2 << 6, 1 | 3 << 2 | 1 << 4 | 3 << 6]
+    assert packed[2] == 0b11110000
 
 
 @pytest.mark.parametrize("mode", ["token", "channel"])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantization_error_is_within_half_a_step(bits: int, mode: str) -> None:
     x = kv_like((2, 3, 64, 32))
     q = quantize(x, bits, 16, mode)
@@ -188,7 +193,7 @@ def test_concatenation_along_a_leading_dim() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"bits": 3}, "bits"),
+        ({"bits": 5}, "bits"),
         ({"bits": "four"}, "bits"),
         ({"group_size": 6}, "group_size"),
         ({"group_size": 0}, "group_size"),
@@ -200,6 +205,7 @@ def test_concatenation_along_a_leading_dim() -> None:
         ({"buffer_size": 48, "group_size": 32}, "buffer_size"),
         ({"key_mode": "row"}, "key_mode"),
         ({"enabled": "yes"}, "enabled"),
+        ({"decoded_buffer": 1}, "decoded_buffer"),
     ],
 )
 def test_invalid_config_names_the_parameter(kwargs: dict, name: str) -> None:

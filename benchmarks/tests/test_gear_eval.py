@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import pytest
@@ -11,7 +12,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from benchmarks import gear as gear_cli
-from benchmarks.gear_evaluate import Candidate, evaluate_caches, markdown_table
+from benchmarks.gear_evaluate import Candidate, decode_in_lockstep, evaluate_caches, markdown_table
+from benchmarks.gear_frontier import block_compressor
+from benchmarks.gear_simulate import simulate
 from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes, generation_eval
 from sketchcomm.gear.generation import agreement, greedy_tokens, left_pad
 
@@ -251,3 +254,53 @@ def test_quanto_cache_bytes_come_from_its_packed_tensors(model) -> None:
             assert packed.dtype == torch.uint8 and packed.numel() == q.numel() // 2
             expected += packed.numel() + q._scale.nbytes + q._shift.nbytes
     assert cache_nbytes(cache) == expected
+
+
+@pytest.mark.parametrize("prefill", [40, 48])
+def test_one_pass_computation_equals_the_decoding_loop(model, prefill) -> None:
+    """The one-pass teacher-forced computation gives the decoding loop's likelihood and bytes,
+    with the prompt length a multiple of the block or not."""
+    half = copy.deepcopy(model).half()  # a float16 cache: the buffer counts 2 bytes per entry
+    ids = torch.randint(3, 64, (2, 81), generator=torch.Generator().manual_seed(8))
+    config = small(bits=2, rank=1, outlier_ratio=0.02)
+    loop = decode_in_lockstep(half, ids, prefill, [GEARCache(config, config=half.config)])[0]
+    one_pass = simulate(half, ids, prefill, 16, block_compressor(config))
+    assert one_pass.nll.sum().item() == pytest.approx(loop.nll, rel=2e-3)
+    assert one_pass.kv_bytes == cache_nbytes(loop.cache)
+    exact = simulate(model, ids, prefill, 16, block_compressor(None), torch.float32)
+    assert exact.kv_bytes == 2 * exact.kv_float16_bytes  # float32 entries, every one counted
+    with torch.inference_mode():
+        logits = model(ids).logits[:, prefill:-1].log_softmax(-1)
+    expected = -logits.gather(-1, ids[:, prefill + 1 :, None]).sum()
+    assert exact.nll.sum().item() == pytest.approx(expected.item(), rel=1e-5)
+    # Compression changes the predictions: the computation does not ignore the compressor.
+    assert one_pass.nll.sum().item() != pytest.approx(exact.nll.sum().item(), rel=1e-4)
+
+
+def test_frontier_runs_end_to_end(tmp_path, model, tokenizer, capsys) -> None:
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    out, plot = tmp_path / "frontier.json", tmp_path / "frontier.png"
+    args = parse(
+        [
+            *("--model", str(tmp_path / "tiny"), "--dtype", "float32", "--frontier", "--quick"),
+            *("--bits", "4", "3", "--group-size", "16", "--buffer-size", "16"),
+            *("--json", str(out), "--plot", str(plot)),
+        ]
+    )
+    assert gear_cli.run(args) == 0
+    report = json.loads(out.read_text())
+    points = report["points"]
+    assert [(p["method"], p["bits"]) for p in points] == [
+        ("quant-only", 4),
+        ("GEAR", 4),
+        ("quant-only", 3),
+        ("GEAR", 3),
+    ]
+    assert all(p["text"] == "docstrings" and p["prefill"] == 64 for p in points)
+    # Every byte counted: GEAR holds more than quantization alone, 3 bits less than 4.
+    by = {(p["method"], p["bits"]): p["kv_bytes"] for p in points}
+    assert by["quant-only", 3] < by["quant-only", 4] < by["GEAR", 4]
+    assert all(1 < p["compression"] < 16 for p in points)
+    assert plot.stat().st_size > 0
+    assert report["markdown"] in capsys.readouterr().out

@@ -22,7 +22,7 @@ from sketchcomm.validation import check_int
 
 QuantMode = Literal["channel", "token"]
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class GEARConfig:
     """Settings of GEAR compression, validated on construction.
 
     Attributes:
-        bits: bits per quantized entry, one of 2, 4, 8; ``None`` or ``"none"`` disables
+        bits: bits per quantized entry, one of 2, 3, 4, 8; ``None`` or ``"none"`` disables
             compression (the cache then behaves exactly like ``DynamicCache``).
         enabled: a switch that disables compression regardless of ``bits`` when ``False``.
         group_size: number of entries sharing one scale and one minimum (asymmetric min-max
@@ -50,6 +50,10 @@ class GEARConfig:
             streaming strategy of GEAR). With ``key_mode="channel"`` it must be a multiple of
             ``group_size``.
         seed: seed of the random start of the power iteration (compression is deterministic).
+        decoded_buffer: keep the compressed blocks also decompressed, in the model's dtype, each
+            block decompressed once when it is compressed; decoding steps then copy them instead
+            of decompressing the whole cache. Faster steps for the memory of an uncompressed
+            cache on top (counted in ``nbytes``); off by default.
 
     >>> from sketchcomm.gear import GEARConfig
     >>> config = GEARConfig(bits=2, rank=4, group_size=32, buffer_size=32)
@@ -69,6 +73,7 @@ class GEARConfig:
     power_iters: int = 3
     buffer_size: int = 64
     seed: int = 0
+    decoded_buffer: bool = False
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -97,6 +102,8 @@ class GEARConfig:
         check_int("power_iters", self.power_iters, minimum=1)
         check_int("buffer_size", self.buffer_size, minimum=1)
         check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.decoded_buffer, bool):
+            raise ValueError(f"decoded_buffer must be a bool, got {self.decoded_buffer!r}")
         per_channel = "channel" in (self.key_mode, self.value_mode)
         if self.compresses and per_channel and self.buffer_size % self.group_size:
             raise ValueError(
