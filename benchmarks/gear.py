@@ -82,7 +82,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "caches; 0 skips this (default: %(default)s)",
     )
 
-    gear = parser.add_argument_group("GEAR settings (one value, or one per --bits value)")
+    from sketchcomm.gear.config import GEARConfig
+
+    recipe = GEARConfig()
+    gear = parser.add_argument_group(
+        "GEAR settings (one value, or one per --bits value; defaults: GEARConfig's)"
+    )
     gear.add_argument(
         "--bits",
         type=int,
@@ -95,7 +100,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--rank",
         type=non_negative_int,
         nargs="+",
-        default=[2],
+        default=[recipe.rank],
         help="rank of the low-rank term fitted to the quantization residual of each block of "
         "--buffer-size tokens and each head (default: %(default)s)",
     )
@@ -103,20 +108,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--outlier-ratio",
         type=_ratio,
         nargs="+",
-        default=[0.02],
+        default=[recipe.outlier_ratio],
         help="fraction of the entries of each block kept exactly, half the largest and half the "
         "smallest (default: %(default)s)",
     )
     gear.add_argument(
+        "--outlier-scope",
+        default=recipe.outlier_scope,
+        choices=["matrix", "row"],
+        help="outliers chosen among all entries of a block, or per row: per channel of the "
+        "keys, per token of the values (default: %(default)s)",
+    )
+    gear.add_argument(
         "--group-size",
         type=positive_int,
-        default=64,
+        default=recipe.group_size,
         help="entries sharing a float16 scale and minimum (default: %(default)s)",
+    )
+    gear.add_argument(
+        "--value-group-size",
+        type=positive_int,
+        default=recipe.value_group_size,
+        help="group size of the values when it differs from --group-size (default: "
+        "%(default)s, the same)",
     )
     gear.add_argument(
         "--buffer-size",
         type=positive_int,
-        default=64,
+        default=recipe.buffer_size,
         help="recent tokens kept in full precision; compressed in blocks of this many tokens "
         "(default: %(default)s)",
     )
@@ -217,6 +236,8 @@ def gear_configs(args: argparse.Namespace) -> list:
         GEARConfig(
             bits=bits,
             group_size=args.group_size,
+            value_group_size=args.value_group_size,
+            outlier_scope=args.outlier_scope,
             key_mode=args.key_mode,
             value_mode=args.value_mode,
             outlier_ratio=ratio,

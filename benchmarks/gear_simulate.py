@@ -128,7 +128,7 @@ def simulate(
     name = "sketchcomm_streaming_simulation"
     AttentionInterface.register(name, attention)
     # transformers has a setter (set_attn_implementation) but no public getter for this field.
-    previous = getattr(model.config, "_attn_implementation")
+    previous = getattr(model.config, "_attn_implementation")  # noqa: B009
     model.set_attn_implementation(name)
     try:
         logits = model(input_ids, use_cache=False).logits

@@ -206,6 +206,10 @@ def test_concatenation_along_a_leading_dim() -> None:
         ({"key_mode": "row"}, "key_mode"),
         ({"enabled": "yes"}, "enabled"),
         ({"decoded_buffer": 1}, "decoded_buffer"),
+        ({"corrected": "keys"}, "corrected"),
+        ({"outlier_scope": "column"}, "outlier_scope"),
+        ({"value_group_size": 6}, "value_group_size"),
+        ({"value_mode": "channel", "value_group_size": 48}, "value group size"),
     ],
 )
 def test_invalid_config_names_the_parameter(kwargs: dict, name: str) -> None:
@@ -227,3 +231,14 @@ def test_bad_tensors_are_rejected() -> None:
         compress(torch.ones(4, 4, dtype=torch.int64), config)
     with pytest.raises(ValueError, match="non-finite"):
         compress(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), config)
+
+
+def test_correction_of_one_kind_only() -> None:
+    """``corrected="key"``: keys get outliers and low rank, values are quantized only."""
+    x = kv_like((2, 3, 64, 32))
+    config = GEARConfig(bits=2, rank=2, outlier_ratio=0.04, corrected="key")
+    keys, values = compress(x, config, "key"), compress(x, config, "value")
+    assert keys.factor_a is not None and keys.outlier_index is not None
+    assert values.factor_a is None and values.outlier_index is None
+    plain = compress(x, config.quantization_only(), "value")
+    assert torch.equal(values.decompress(), plain.decompress())

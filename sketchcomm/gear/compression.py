@@ -199,6 +199,8 @@ def compress(
     work = x.float()
 
     outlier_index = outlier_value = mask = outlier_rows = None
+    if config.corrected not in ("both", kind):  # quantization only for this kind
+        config = config.quantization_only()
     if config.outlier_scope == "row":
         # One row per channel (along the tokens) or per token (along the channels).
         lines = work.transpose(-1, -2) if mode == "channel" else work

@@ -52,6 +52,9 @@ class GEARConfig:
             range of their own group.
         rank: rank ``r`` of the low-rank term ``L`` of each ``[tokens, head_dim]`` matrix; 0 turns
             it off.
+        corrected: which tensors get the low-rank and sparse parts: ``"both"``, or only the
+            ``"key"`` or the ``"value"`` tensors (the others are quantized only). On SmolLM2 the
+            keys carry most of the quantization's error (docs/gear.md).
         power_iters: number of power-iteration loops used to fit ``L``.
         buffer_size: number ``n_b`` of most recent tokens kept in full precision by the cache; the
             buffer is compressed in blocks of ``n_b`` tokens once it holds ``n_b`` tokens (the
@@ -80,6 +83,7 @@ class GEARConfig:
     outlier_ratio: float = 0.02
     outlier_scope: OutlierScope = "matrix"
     rank: int = 2
+    corrected: Literal["both", "key", "value"] = "both"
     power_iters: int = 3
     buffer_size: int = 64
     seed: int = 0
@@ -114,6 +118,8 @@ class GEARConfig:
             raise ValueError(f"outlier_ratio must be a number in [0, 0.5), got {ratio!r}")
         if self.outlier_scope not in ("matrix", "row"):
             raise ValueError(f"outlier_scope must be 'matrix' or 'row', got {self.outlier_scope!r}")
+        if self.corrected not in ("both", "key", "value"):
+            raise ValueError(f"corrected must be 'both', 'key' or 'value', got {self.corrected!r}")
         check_int("rank", self.rank, minimum=0)
         check_int("power_iters", self.power_iters, minimum=1)
         check_int("buffer_size", self.buffer_size, minimum=1)
@@ -160,5 +166,5 @@ class GEARConfig:
             f"{name} {self.bits}-bit g{self.group_size}"
             f"{'' if self.value_group_size is None else f'/{self.value_group_size}'} r{self.rank} "
             f"s{100 * self.outlier_ratio:g}%{'/row' if self.outlier_scope == 'row' else ''} "
-            f"nb{self.buffer_size}"
+            f"nb{self.buffer_size}{'' if self.corrected == 'both' else f' {self.corrected}s'}"
         )
