@@ -45,7 +45,7 @@ def tokens() -> torch.Tensor:
 
 
 def small_config(**kwargs) -> GEARConfig:
-    return GEARConfig(**{"group_size": 16, "buffer_size": 16, **kwargs})
+    return GEARConfig(**{"group_size": 16, "buffer_size": 16, "corrected": "both", **kwargs})
 
 
 @torch.inference_mode()
@@ -381,6 +381,7 @@ def test_per_row_outliers_and_value_groups_come_back_exactly() -> None:
         rank=0,
         outlier_ratio=0.25,  # 8 per side in a channel of 64 tokens, 1 in a token of 8 channels
         outlier_scope="row",
+        corrected="both",
         group_size=16,
         value_group_size=4,
         buffer_size=16,

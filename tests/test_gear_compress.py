@@ -88,7 +88,13 @@ def test_eight_bit_is_nearly_exact() -> None:
     assert rel_error(x, compress(x, config, "key").decompress()) < 1e-2
     assert rel_error(x, compress(x, config, "value").decompress()) < 1e-2
     assert (
-        rel_error(x, compress(x, GEARConfig(bits=4, rank=0, outlier_ratio=0.0)).decompress()) > 0.05
+        rel_error(
+            x,
+            compress(
+                x, GEARConfig(bits=4, corrected="both", rank=0, outlier_ratio=0.0)
+            ).decompress(),
+        )
+        > 0.05
     )
 
 
@@ -103,7 +109,12 @@ def test_padding_of_a_partial_group() -> None:
 def test_error_falls_as_rank_rises(kind: str) -> None:
     x = kv_like((2, 2, 128, 64), seed=1)
     errors = [
-        rel_error(x, compress(x, GEARConfig(bits=2, rank=r, outlier_ratio=0.0), kind).decompress())
+        rel_error(
+            x,
+            compress(
+                x, GEARConfig(bits=2, corrected="both", rank=r, outlier_ratio=0.0), kind
+            ).decompress(),
+        )
         for r in (0, 2, 8, 32)
     ]
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
@@ -113,7 +124,12 @@ def test_error_falls_as_rank_rises(kind: str) -> None:
 def test_error_falls_as_outlier_ratio_rises(kind: str) -> None:
     x = kv_like((2, 2, 128, 64), seed=2)
     errors = [
-        rel_error(x, compress(x, GEARConfig(bits=2, rank=0, outlier_ratio=s), kind).decompress())
+        rel_error(
+            x,
+            compress(
+                x, GEARConfig(bits=2, corrected="both", rank=0, outlier_ratio=s), kind
+            ).decompress(),
+        )
         for s in (0.0, 0.01, 0.04, 0.1)
     ]
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
@@ -122,7 +138,7 @@ def test_error_falls_as_outlier_ratio_rises(kind: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_outliers_are_the_extremes_and_come_back_exactly(dtype: torch.dtype) -> None:
     x = kv_like((2, 3, 64, 32), seed=3).to(dtype)
-    ct = compress(x, GEARConfig(bits=2, rank=2, outlier_ratio=0.05), "value")
+    ct = compress(x, GEARConfig(bits=2, corrected="both", rank=2, outlier_ratio=0.05), "value")
     y = ct.decompress()
     assert y.dtype == dtype
     per_side = round(0.05 * 64 * 32 / 2)
@@ -138,9 +154,15 @@ def test_outliers_are_the_extremes_and_come_back_exactly(dtype: torch.dtype) -> 
 def test_nbytes_counts_every_held_tensor() -> None:
     x = kv_like((2, 3, 64, 64)).half()
     for config in (
-        GEARConfig(bits=2, rank=4, outlier_ratio=0.02),
-        GEARConfig(bits=4, rank=2, outlier_ratio=0.02),
-        GEARConfig(bits=8, rank=0, outlier_ratio=0.0),
+        GEARConfig(
+            bits=2, group_size=64, buffer_size=64, corrected="both", rank=4, outlier_ratio=0.02
+        ),
+        GEARConfig(
+            bits=4, group_size=64, buffer_size=64, corrected="both", rank=2, outlier_ratio=0.02
+        ),
+        GEARConfig(
+            bits=8, group_size=64, buffer_size=64, corrected="both", rank=0, outlier_ratio=0.0
+        ),
     ):
         ct = compress(x, config, "key")
         assert ct.nbytes == held_bytes(ct)
@@ -159,7 +181,7 @@ def test_nbytes_counts_every_held_tensor() -> None:
 
 def test_codes_are_really_packed() -> None:
     x = kv_like((1, 2, 64, 64))
-    ct = compress(x, GEARConfig(bits=2, rank=0, outlier_ratio=0.0), "key")
+    ct = compress(x, GEARConfig(bits=2, corrected="both", rank=0, outlier_ratio=0.0), "key")
     assert ct.quantized.codes.dtype == torch.uint8
     assert ct.quantized.codes.numel() == x.numel() // 4
 
@@ -182,7 +204,7 @@ def test_power_iteration_approaches_truncated_svd() -> None:
 
 
 def test_concatenation_along_a_leading_dim() -> None:
-    config = GEARConfig(bits=4, rank=2, outlier_ratio=0.02)
+    config = GEARConfig(bits=4, corrected="both", rank=2, outlier_ratio=0.02)
     x = kv_like((2, 3, 4, 64, 16))
     whole = compress(x, config, "key")
     parts = CompressedTensor.cat([compress(x[:, :, :1], config), compress(x[:, :, 1:], config)], 2)

@@ -67,25 +67,27 @@ class GEARConfig:
             cache on top (counted in ``nbytes``); off by default.
 
     >>> from sketchcomm.gear import GEARConfig
-    >>> config = GEARConfig(bits=2, rank=4, group_size=32, buffer_size=32)
+    >>> GEARConfig().describe()  # the default: rank 1 on the keys, key groups of 32 tokens
+    'GEAR 4-bit g32/64 r1 s0% nb32 keys'
+    >>> config = GEARConfig(bits=2, rank=4, outlier_ratio=0.02, corrected="both")
     >>> config.describe()
-    'GEAR 2-bit g32 r4 s2% nb32'
+    'GEAR 2-bit g32/64 r4 s2% nb32'
     >>> config.quantization_only().describe()  # the same quantization, no low rank, no outliers
-    'quant-only 2-bit g32 r0 s0% nb32'
+    'quant-only 2-bit g32/64 r0 s0% nb32'
     """
 
     bits: int | None = 4
     enabled: bool = True
-    group_size: int = 64
-    value_group_size: int | None = None
+    group_size: int = 32
+    value_group_size: int | None = 64
     key_mode: QuantMode = "channel"
     value_mode: QuantMode = "token"
-    outlier_ratio: float = 0.02
+    outlier_ratio: float = 0.0
     outlier_scope: OutlierScope = "matrix"
-    rank: int = 2
-    corrected: Literal["both", "key", "value"] = "both"
+    rank: int = 1
+    corrected: Literal["both", "key", "value"] = "key"
     power_iters: int = 3
-    buffer_size: int = 64
+    buffer_size: int = 32
     seed: int = 0
     decoded_buffer: bool = False
 
@@ -158,7 +160,7 @@ class GEARConfig:
         return dataclasses.replace(self, rank=0, outlier_ratio=0.0)
 
     def describe(self) -> str:
-        """A short human-readable summary, e.g. ``GEAR 4-bit g64 r2 s2% nb64``."""
+        """A short human-readable summary, e.g. ``GEAR 4-bit g32/64 r1 s0% nb32 keys``."""
         if not self.compresses:
             return "uncompressed"
         name = "GEAR" if self.rank or self.outlier_ratio else "quant-only"
@@ -166,5 +168,6 @@ class GEARConfig:
             f"{name} {self.bits}-bit g{self.group_size}"
             f"{'' if self.value_group_size is None else f'/{self.value_group_size}'} r{self.rank} "
             f"s{100 * self.outlier_ratio:g}%{'/row' if self.outlier_scope == 'row' else ''} "
-            f"nb{self.buffer_size}{'' if self.corrected == 'both' else f' {self.corrected}s'}"
+            f"nb{self.buffer_size}"
+            f"{f' {self.corrected}s' if name == 'GEAR' and self.corrected != 'both' else ''}"
         )
