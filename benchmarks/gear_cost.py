@@ -27,7 +27,7 @@ CACHES = {
     "dynamic": "DynamicCache",
     "gear4": "GEAR 4-bit (default recipe), decompressed chunk by chunk every step",
     "gear4-decoded": "GEAR 4-bit (default recipe) with decoded_buffer=True",
-    "quant4": "quantization only, 4-bit (default recipe without outliers)",
+    "quant4": "quantization only, 4-bit (default recipe without the low-rank term)",
     "gear2": "GEAR 2-bit (default recipe)",
     "quanto4": "transformers QuantizedCache(backend='quanto', nbits=4)",
     "none": "no cache kept: the model and one prefill (the memory baseline)",
