@@ -82,20 +82,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "caches; 0 skips this (default: %(default)s)",
     )
 
-    gear = parser.add_argument_group("GEAR settings (one value, or one per --bits value)")
+    from sketchcomm.gear.config import GEARConfig
+
+    recipe = GEARConfig()
+    gear = parser.add_argument_group(
+        "GEAR settings (one value, or one per --bits value; defaults: GEARConfig's)"
+    )
     gear.add_argument(
         "--bits",
         type=int,
         nargs="+",
         default=[4, 2],
-        choices=[2, 4, 8],
+        choices=[2, 3, 4, 8],
         help="bit widths to evaluate (default: %(default)s)",
     )
     gear.add_argument(
         "--rank",
         type=non_negative_int,
         nargs="+",
-        default=[2],
+        default=[recipe.rank],
         help="rank of the low-rank term fitted to the quantization residual of each block of "
         "--buffer-size tokens and each head (default: %(default)s)",
     )
@@ -103,20 +108,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--outlier-ratio",
         type=_ratio,
         nargs="+",
-        default=[0.02],
+        default=[recipe.outlier_ratio],
         help="fraction of the entries of each block kept exactly, half the largest and half the "
         "smallest (default: %(default)s)",
     )
     gear.add_argument(
+        "--outlier-scope",
+        default=recipe.outlier_scope,
+        choices=["matrix", "row"],
+        help="outliers chosen among all entries of a block, or per row: per channel of the "
+        "keys, per token of the values (default: %(default)s)",
+    )
+    gear.add_argument(
         "--group-size",
         type=positive_int,
-        default=64,
+        default=recipe.group_size,
         help="entries sharing a float16 scale and minimum (default: %(default)s)",
+    )
+    gear.add_argument(
+        "--value-group-size",
+        type=positive_int,
+        default=recipe.value_group_size,
+        help="group size of the values when it differs from --group-size (default: "
+        "%(default)s, the same)",
     )
     gear.add_argument(
         "--buffer-size",
         type=positive_int,
-        default=64,
+        default=recipe.buffer_size,
         help="recent tokens kept in full precision; compressed in blocks of this many tokens "
         "(default: %(default)s)",
     )
@@ -144,6 +163,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="skip the QuantizedCache(backend='quanto') baseline",
     )
 
+    frontier = parser.add_argument_group("frontier (perplexity against KV bytes)")
+    frontier.add_argument(
+        "--frontier",
+        action="store_true",
+        help="measure the frontier instead: quantization only and GEAR at every --bits value "
+        "(one-pass teacher-forced computation, benchmarks/gear_simulate.py) and quanto at 2 and "
+        "4 bits (decoding loop), on every --texts text and --prefills length, --tokens steps",
+    )
+    frontier.add_argument(
+        "--texts",
+        nargs="+",
+        default=["docstrings", "license"],
+        choices=["docstrings", "license"],
+        help="texts of the frontier: standard-library docstrings and the GNU GPL-3 text "
+        "(default: %(default)s)",
+    )
+    frontier.add_argument(
+        "--prefills",
+        type=positive_int,
+        nargs="+",
+        default=[512, 2048],
+        help="prompt lengths of the frontier (default: %(default)s)",
+    )
+
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=Path, default=None, help="write all results to this file")
     out.add_argument("--markdown", type=Path, default=None, help="write the Markdown table here")
@@ -157,7 +200,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help="a smoke run in well under two minutes: prefill 64, 32 decoding steps, 8 generated "
-        "tokens, no quanto baseline (overrides those options)",
+        "tokens, no quanto baseline (overrides those options); with --frontier: one text, "
+        "prompt 64, 32 steps, no quanto",
     )
     out.add_argument(
         "--threads",
@@ -192,6 +236,8 @@ def gear_configs(args: argparse.Namespace) -> list:
         GEARConfig(
             bits=bits,
             group_size=args.group_size,
+            value_group_size=args.value_group_size,
+            outlier_scope=args.outlier_scope,
             key_mode=args.key_mode,
             value_mode=args.value_mode,
             outlier_ratio=ratio,
@@ -259,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.frontier:
+        return run_frontier(args)
     if args.quick:
         args.prefill, args.tokens, args.generate, args.no_quanto = 64, 32, 8, True
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
@@ -330,4 +378,65 @@ def run(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         log(f"wrote {args.json}")
+    return 0
+
+
+def run_frontier(args: argparse.Namespace) -> int:
+    """Measure the frontier (``--frontier``); print its Markdown table, write JSON and a plot."""
+    import torch
+    from transformers.utils import is_optimum_quanto_available
+
+    from benchmarks.gear_frontier import (
+        TEXTS,
+        markdown_frontier,
+        one_pass_points,
+        quanto_points,
+    )
+    from sketchcomm.gear.loading import load_model, text_segments
+
+    if args.quick:
+        args.prefills, args.tokens, args.texts, args.no_quanto = [64], 32, args.texts[:1], True
+    configs = []
+    for config in gear_configs(args):
+        configs.extend([config.quantization_only(), config])
+    model, tokenizer = load_model(args.model, args.gguf_file, args.dtype)
+    quanto_bits = [b for b in args.bits if b in (2, 4)]
+    notes = []
+    if not args.no_quanto and not is_optimum_quanto_available():
+        notes.append("quanto baseline skipped: optimum-quanto is not installed")
+    points = []
+    for name in args.texts:
+        text = TEXTS[name]()
+        for prefill in args.prefills:
+            ids = text_segments(tokenizer, text, 1, prefill + args.tokens + 1, args.offset)
+            print(f"{name}, prompt {prefill}: one pass", file=sys.stderr, flush=True)
+            points.extend(one_pass_points(model, ids, prefill, configs, name))
+            if quanto_bits and not args.no_quanto and is_optimum_quanto_available():
+                print(f"{name}, prompt {prefill}: quanto", file=sys.stderr, flush=True)
+                points.extend(quanto_points(model, ids, prefill, quanto_bits, name))
+    table = markdown_frontier(points)
+    print(table)
+    for note in notes:
+        print(note, file=sys.stderr)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n", encoding="utf-8")
+    if args.plot is not None:
+        from benchmarks.gear_plots import plot_frontier
+
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_frontier(points, args.plot)
+    if args.json is not None:
+        report = {
+            "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "threads": torch.get_num_threads(),
+            "notes": notes,
+            "points": [
+                {**dataclasses.asdict(p), "compression": p.compression, "increase": p.increase}
+                for p in points
+            ],
+            "markdown": table,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0

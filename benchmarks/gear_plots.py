@@ -46,3 +46,45 @@ def plot_error_against_bits(results: Sequence[CacheResult], path: str | os.PathL
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def plot_frontier(points: Sequence, path: str | os.PathLike[str]) -> None:
+    """Write a PNG of perplexity increase (percent, symlog) against compression (float16 bytes
+    over bytes held), one panel per text and prompt length, one line per method.
+
+    ``points`` are :class:`benchmarks.gear_frontier.FrontierPoint` objects.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple[str, int], list] = {}
+    for point in points:
+        panels.setdefault((point.text, point.prefill), []).append(point)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True
+    )
+    for axis, ((text, prefill), group) in zip(axes[0], panels.items(), strict=True):
+        methods: dict[str, list] = {}
+        for point in group:
+            methods.setdefault(point.method, []).append(point)
+        for method, members in methods.items():
+            members.sort(key=lambda p: p.compression)
+            axis.plot(
+                [p.compression for p in members],
+                [p.increase for p in members],
+                marker="o",
+                label=method,
+            )
+            for p in members:
+                axis.annotate(f"{p.bits}b", (p.compression, p.increase), fontsize=7)
+        axis.set_title(f"{text}, prompt {prefill} + {group[0].tokens} steps", fontsize=9)
+        axis.set_xlabel("KV compression (float16 bytes / bytes held)")
+        axis.set_yscale("symlog", linthresh=0.1)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("perplexity increase (%)")
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

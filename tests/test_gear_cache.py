@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def tokens() -> torch.Tensor:
 
 
 def small_config(**kwargs) -> GEARConfig:
-    return GEARConfig(**{"group_size": 16, "buffer_size": 16, **kwargs})
+    return GEARConfig(**{"group_size": 16, "buffer_size": 16, "corrected": "both", **kwargs})
 
 
 @torch.inference_mode()
@@ -342,3 +343,53 @@ def test_deepcopy_and_reset_of_a_model_cache(model, tokens) -> None:
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.nbytes == 0
     assert torch.equal(decode_logits(model, cache, tokens, prefill=40), fresh_logits)
+
+
+def test_decoded_buffer_returns_what_decompression_returns() -> None:
+    """``decoded_buffer=True`` keeps each block decompressed once; every step, crop and row
+    selection reads back exactly what decompressing the blocks again gives."""
+    config = small_config(bits=2, rank=1, outlier_ratio=0.05, outlier_scope="row")
+    keys, values = layer_states(3, 2, 90)
+    plain = GEARLayer(config)
+    kept = GEARLayer(dataclasses.replace(config, decoded_buffer=True))
+    for layer in (plain, kept):
+        layer.update(keys[..., :40, :], values[..., :40, :])
+    for start, stop in ((40, 41), (41, 60), (60, 61), (61, 70)):
+        got = kept.update(keys[..., start:stop, :], values[..., start:stop, :])
+        want = plain.update(keys[..., start:stop, :], values[..., start:stop, :])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    stream = kept.streams[0]
+    assert stream.compressed_blocks == 3
+    decoded = stream.decoded_keys.numel() * stream.decoded_keys.element_size() * 2
+    assert kept.nbytes == plain.nbytes + decoded
+    for layer in (plain, kept):
+        layer.crop(-25)  # into the compressed blocks
+        layer.select_rows(torch.tensor([1, 0, 0]))  # beam-search style: rows copied
+    rows = torch.tensor([1, 0, 0])
+    got = kept.update(keys[rows, :, 80:82], values[rows, :, 80:82])
+    want = plain.update(keys[rows, :, 80:82], values[rows, :, 80:82])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert kept.streams[0].decoded_keys.shape[-2] == 16 * kept.streams[0].compressed_blocks
+
+
+def test_per_row_outliers_and_value_groups_come_back_exactly() -> None:
+    """Outliers picked per channel of the keys and per token of the values are restored bit
+    for bit; a separate value group size sets the values' scale count."""
+    keys, values = layer_states(1, 2, 64)
+    config = GEARConfig(
+        bits=2,
+        rank=0,
+        outlier_ratio=0.25,  # 8 per side in a channel of 64 tokens, 1 in a token of 8 channels
+        outlier_scope="row",
+        corrected="both",
+        group_size=16,
+        value_group_size=4,
+        buffer_size=16,
+    )
+    for states, kind, axis in ((keys, "key", -2), (values, "value", -1)):
+        stored = compress(states, config, kind)
+        restored = stored.decompress()
+        top = states.argmax(dim=axis, keepdim=True)  # each row's largest entry is an outlier
+        assert torch.equal(restored.gather(axis, top), states.gather(axis, top))
+        assert stored.outlier_index.dtype == torch.uint8
+    assert compress(values, config, "value").quantized.scale.shape[-1] == 8 // 4

@@ -49,7 +49,7 @@ def held_bytes(ct: CompressedTensor) -> int:
     return total
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_pack_roundtrip_and_density(bits: int) -> None:
     codes = torch.randint(0, 2**bits, (3, 64, 5), dtype=torch.uint8)
     packed = pack_codes(codes, bits)
@@ -62,10 +62,15 @@ def test_pack_layout_puts_row_planes_in_the_bits_of_a_byte() -> None:
     codes = torch.tensor([[1, 0], [2, 1], [3, 2], [0, 3]], dtype=torch.uint8)
     assert pack_codes(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4, 0 | 1 << 2 | 2 << 4 | 3 << 6]]
     assert pack_codes(codes, 4).tolist() == [[1 | 3 << 4, 0 | 2 << 4], [2, 1 | 3 << 4]]
+    # 3 bits: the low two bits as 2-bit codes (2 rows of bytes), then the high bit (1 row).
+    codes = torch.arange(8, dtype=torch.uint8)[:, None]
+    packed = pack_codes(codes, 3).flatten().tolist()
+    assert packed[:2] == [0 | 2 << 2 | 0 << 4 | 2 << 6, 1 | 3 << 2 | 1 << 4 | 3 << 6]
+    assert packed[2] == 0b11110000
 
 
 @pytest.mark.parametrize("mode", ["token", "channel"])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantization_error_is_within_half_a_step(bits: int, mode: str) -> None:
     x = kv_like((2, 3, 64, 32))
     q = quantize(x, bits, 16, mode)
@@ -83,7 +88,13 @@ def test_eight_bit_is_nearly_exact() -> None:
     assert rel_error(x, compress(x, config, "key").decompress()) < 1e-2
     assert rel_error(x, compress(x, config, "value").decompress()) < 1e-2
     assert (
-        rel_error(x, compress(x, GEARConfig(bits=4, rank=0, outlier_ratio=0.0)).decompress()) > 0.05
+        rel_error(
+            x,
+            compress(
+                x, GEARConfig(bits=4, corrected="both", rank=0, outlier_ratio=0.0)
+            ).decompress(),
+        )
+        > 0.05
     )
 
 
@@ -98,7 +109,12 @@ def test_padding_of_a_partial_group() -> None:
 def test_error_falls_as_rank_rises(kind: str) -> None:
     x = kv_like((2, 2, 128, 64), seed=1)
     errors = [
-        rel_error(x, compress(x, GEARConfig(bits=2, rank=r, outlier_ratio=0.0), kind).decompress())
+        rel_error(
+            x,
+            compress(
+                x, GEARConfig(bits=2, corrected="both", rank=r, outlier_ratio=0.0), kind
+            ).decompress(),
+        )
         for r in (0, 2, 8, 32)
     ]
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
@@ -108,7 +124,12 @@ def test_error_falls_as_rank_rises(kind: str) -> None:
 def test_error_falls_as_outlier_ratio_rises(kind: str) -> None:
     x = kv_like((2, 2, 128, 64), seed=2)
     errors = [
-        rel_error(x, compress(x, GEARConfig(bits=2, rank=0, outlier_ratio=s), kind).decompress())
+        rel_error(
+            x,
+            compress(
+                x, GEARConfig(bits=2, corrected="both", rank=0, outlier_ratio=s), kind
+            ).decompress(),
+        )
         for s in (0.0, 0.01, 0.04, 0.1)
     ]
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
@@ -117,7 +138,7 @@ def test_error_falls_as_outlier_ratio_rises(kind: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_outliers_are_the_extremes_and_come_back_exactly(dtype: torch.dtype) -> None:
     x = kv_like((2, 3, 64, 32), seed=3).to(dtype)
-    ct = compress(x, GEARConfig(bits=2, rank=2, outlier_ratio=0.05), "value")
+    ct = compress(x, GEARConfig(bits=2, corrected="both", rank=2, outlier_ratio=0.05), "value")
     y = ct.decompress()
     assert y.dtype == dtype
     per_side = round(0.05 * 64 * 32 / 2)
@@ -133,9 +154,15 @@ def test_outliers_are_the_extremes_and_come_back_exactly(dtype: torch.dtype) -> 
 def test_nbytes_counts_every_held_tensor() -> None:
     x = kv_like((2, 3, 64, 64)).half()
     for config in (
-        GEARConfig(bits=2, rank=4, outlier_ratio=0.02),
-        GEARConfig(bits=4, rank=2, outlier_ratio=0.02),
-        GEARConfig(bits=8, rank=0, outlier_ratio=0.0),
+        GEARConfig(
+            bits=2, group_size=64, buffer_size=64, corrected="both", rank=4, outlier_ratio=0.02
+        ),
+        GEARConfig(
+            bits=4, group_size=64, buffer_size=64, corrected="both", rank=2, outlier_ratio=0.02
+        ),
+        GEARConfig(
+            bits=8, group_size=64, buffer_size=64, corrected="both", rank=0, outlier_ratio=0.0
+        ),
     ):
         ct = compress(x, config, "key")
         assert ct.nbytes == held_bytes(ct)
@@ -154,7 +181,7 @@ def test_nbytes_counts_every_held_tensor() -> None:
 
 def test_codes_are_really_packed() -> None:
     x = kv_like((1, 2, 64, 64))
-    ct = compress(x, GEARConfig(bits=2, rank=0, outlier_ratio=0.0), "key")
+    ct = compress(x, GEARConfig(bits=2, corrected="both", rank=0, outlier_ratio=0.0), "key")
     assert ct.quantized.codes.dtype == torch.uint8
     assert ct.quantized.codes.numel() == x.numel() // 4
 
@@ -177,7 +204,7 @@ def test_power_iteration_approaches_truncated_svd() -> None:
 
 
 def test_concatenation_along_a_leading_dim() -> None:
-    config = GEARConfig(bits=4, rank=2, outlier_ratio=0.02)
+    config = GEARConfig(bits=4, corrected="both", rank=2, outlier_ratio=0.02)
     x = kv_like((2, 3, 4, 64, 16))
     whole = compress(x, config, "key")
     parts = CompressedTensor.cat([compress(x[:, :, :1], config), compress(x[:, :, 1:], config)], 2)
@@ -188,7 +215,7 @@ def test_concatenation_along_a_leading_dim() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"bits": 3}, "bits"),
+        ({"bits": 5}, "bits"),
         ({"bits": "four"}, "bits"),
         ({"group_size": 6}, "group_size"),
         ({"group_size": 0}, "group_size"),
@@ -200,6 +227,11 @@ def test_concatenation_along_a_leading_dim() -> None:
         ({"buffer_size": 48, "group_size": 32}, "buffer_size"),
         ({"key_mode": "row"}, "key_mode"),
         ({"enabled": "yes"}, "enabled"),
+        ({"decoded_buffer": 1}, "decoded_buffer"),
+        ({"corrected": "keys"}, "corrected"),
+        ({"outlier_scope": "column"}, "outlier_scope"),
+        ({"value_group_size": 6}, "value_group_size"),
+        ({"value_mode": "channel", "value_group_size": 48}, "value group size"),
     ],
 )
 def test_invalid_config_names_the_parameter(kwargs: dict, name: str) -> None:
@@ -221,3 +253,14 @@ def test_bad_tensors_are_rejected() -> None:
         compress(torch.ones(4, 4, dtype=torch.int64), config)
     with pytest.raises(ValueError, match="non-finite"):
         compress(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), config)
+
+
+def test_correction_of_one_kind_only() -> None:
+    """``corrected="key"``: keys get outliers and low rank, values are quantized only."""
+    x = kv_like((2, 3, 64, 32))
+    config = GEARConfig(bits=2, rank=2, outlier_ratio=0.04, corrected="key")
+    keys, values = compress(x, config, "key"), compress(x, config, "value")
+    assert keys.factor_a is not None and keys.outlier_index is not None
+    assert values.factor_a is None and values.outlier_index is None
+    plain = compress(x, config.quantization_only(), "value")
+    assert torch.equal(values.decompress(), plain.decompress())

@@ -32,26 +32,26 @@ def smollm2():
 def test_four_bit_gear_keeps_the_greedy_continuation_and_compresses(smollm2) -> None:
     model, tokenizer = smollm2
     # A prompt long enough for most of it to be compressed before the first new token: 309
-    # tokens are four blocks of 64 plus 53 buffered; the 12 tokens fed back during generation
-    # complete the fifth block, compressed by the last call, which leaves one token buffered.
+    # tokens are nine blocks of 32 plus 21 buffered; the 12 tokens fed back during generation
+    # complete the tenth block, compressed by the last call, which leaves one token buffered.
     prompt = text_segments(tokenizer, default_text(), batch=1, length=309, offset=2000)
     mask = torch.ones_like(prompt)
     reference_cache = DynamicCache(config=model.config)
     reference = greedy_tokens(model, prompt, mask, reference_cache, 13, tokenizer.eos_token_id)
 
-    cache = GEARCache(GEARConfig(bits=4, rank=1, outlier_ratio=0.01), config=model.config)
+    cache = GEARCache(GEARConfig(), config=model.config)  # the default recipe
     tokens = greedy_tokens(model, prompt, mask, cache, 13, tokenizer.eos_token_id)
     assert torch.equal(tokens[:, :8], reference[:, :8])
 
     layer = cache.layers[0]
     (stream,) = layer.streams
-    assert stream.compressed_blocks == 5 and stream.keys.shape[-2] == 1
+    assert stream.compressed_blocks == 10 and stream.keys.shape[-2] == 1
     buffered = sum(
         t.numel() * t.element_size()
         for layer in cache.layers
         for t in (layer.streams[0].keys, layer.streams[0].values)
     )
-    # The five compressed blocks hold under a third of the float16 bytes of their 320 tokens.
+    # The ten compressed blocks hold under a third of the float16 bytes of their 320 tokens.
     assert cache_nbytes(cache) - buffered < float16_nbytes(reference_cache) * 320 / 321 / 3
 
 

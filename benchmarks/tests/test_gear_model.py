@@ -34,3 +34,30 @@ def test_bench_gear_quick_writes_json_markdown_and_plot(tmp_path) -> None:
     assert all(r["kv_bytes"] < reference["kv_bytes"] for r in others)
     assert paths["md"].read_text().strip() == report["markdown"].strip()
     assert paths["png"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_one_pass_computation_equals_the_decoding_loop_on_smollm2() -> None:
+    """On the real model, the frontier's one-pass computation gives the decoding loop's
+    likelihood and bytes for the default recipe (float16 model, float16 cache)."""
+    import torch
+
+    from benchmarks.gear_evaluate import decode_in_lockstep
+    from benchmarks.gear_frontier import block_compressor
+    from benchmarks.gear_simulate import simulate
+    from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes
+    from sketchcomm.gear.loading import default_text, load_model, text_segments
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(dtype="float32")
+    ids = text_segments(tokenizer, default_text(), batch=1, length=64 + 40 + 1, offset=500)
+    config = GEARConfig(bits=2)
+    loop = decode_in_lockstep(model, ids, 64, [GEARCache(config, config=model.config)])[0]
+    one_pass = simulate(model, ids, 64, config.buffer_size, block_compressor(config))
+    assert one_pass.nll.sum().item() == pytest.approx(loop.nll, rel=5e-3)
+    # The loop's cache is float32 (the model's dtype), the one-pass count a float16 buffer.
+    buffer = sum(
+        t.numel() * t.element_size()
+        for layer in loop.cache.layers
+        for t in (layer.streams[0].keys, layer.streams[0].values)
+    )
+    assert one_pass.kv_bytes == cache_nbytes(loop.cache) - buffer // 2

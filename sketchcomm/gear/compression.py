@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from .config import GEARConfig
+from .config import GEARConfig, QuantMode
 from .lowrank import power_iteration
 from .quantization import GroupQuantized, quantize
 
@@ -50,6 +50,10 @@ class CompressedTensor:
         n: tokens per matrix.
         d: channels per matrix.
         dtype: dtype of the original tensor (and of the outlier values).
+        outlier_rows: ``None`` when ``outlier_index`` holds flat indices; ``"channel"`` or
+            ``"token"`` when the outliers were chosen per row (``outlier_scope="row"``): then
+            ``outlier_index`` is ``[..., rows, 2k]`` ``uint8`` positions within each channel
+            (along the tokens) or each token (along the channels).
 
     >>> import torch
     >>> from sketchcomm.gear import GEARConfig, compress
@@ -69,6 +73,7 @@ class CompressedTensor:
     n: int
     d: int
     dtype: torch.dtype
+    outlier_rows: QuantMode | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -107,13 +112,25 @@ class CompressedTensor:
             )
         if self.outlier_index is not None:
             values.view(*values.shape[:-2], self.n * self.d).scatter_(
-                -1, self.outlier_index.long(), self.outlier_value.float()
+                -1,
+                self.flat_outlier_index(),
+                self.outlier_value.float().flatten(-2 if self.outlier_rows else -1),
             )
         if out is None:
             return values.to(dtype or self.dtype)
         if out.shape != values.shape:
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(values.shape)}")
         return out.copy_(values)
+
+    def flat_outlier_index(self) -> torch.Tensor:
+        """The outliers' flat indices ``i * d + j`` into each ``[n, d]`` matrix, ``[..., 2k']``."""
+        index = self.outlier_index.long()
+        if self.outlier_rows is None:
+            return index
+        rows = torch.arange(index.shape[-2], device=index.device)[:, None]
+        if self.outlier_rows == "channel":  # row = channel j, position = token i
+            return (index * self.d + rows).flatten(-2)
+        return (rows * self.d + index).flatten(-2)
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CompressedTensor:
         """A copy with ``fn`` applied to every held tensor; ``fn`` must act on leading dims only."""
@@ -181,22 +198,44 @@ def compress(
     mode = config.mode_for(kind)
     work = x.float()
 
-    outlier_index = outlier_value = mask = None
-    per_side = round(config.outlier_ratio * n * d / 2)
-    if per_side > 0:
-        flat = work.reshape(*x.shape[:-2], n * d)
-        index = torch.cat(
-            [
-                flat.topk(per_side, dim=-1).indices,
-                flat.topk(per_side, dim=-1, largest=False).indices,
-            ],
-            dim=-1,
-        )
-        outlier_value = x.reshape(flat.shape).gather(-1, index)
-        mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, index, True).view(work.shape)
-        outlier_index = index.to(torch.int16 if n * d <= 2**15 else torch.int32)
+    outlier_index = outlier_value = mask = outlier_rows = None
+    if config.corrected not in ("both", kind):  # quantization only for this kind
+        config = config.quantization_only()
+    if config.outlier_scope == "row":
+        # One row per channel (along the tokens) or per token (along the channels).
+        lines = work.transpose(-1, -2) if mode == "channel" else work
+        per_side = round(config.outlier_ratio * lines.shape[-1] / 2)
+        if per_side > 0:
+            index = torch.cat(
+                [
+                    lines.topk(per_side, dim=-1).indices,
+                    lines.topk(per_side, dim=-1, largest=False).indices,
+                ],
+                dim=-1,
+            )
+            source = x.transpose(-1, -2) if mode == "channel" else x
+            outlier_value = source.gather(-1, index)
+            mask = torch.zeros_like(lines, dtype=torch.bool).scatter_(-1, index, True)
+            mask = mask.transpose(-1, -2) if mode == "channel" else mask
+            outlier_index = index.to(torch.uint8 if lines.shape[-1] <= 256 else torch.int16)
+            outlier_rows = mode
+    else:
+        per_side = round(config.outlier_ratio * n * d / 2)
+        if per_side > 0:
+            flat = work.reshape(*x.shape[:-2], n * d)
+            index = torch.cat(
+                [
+                    flat.topk(per_side, dim=-1).indices,
+                    flat.topk(per_side, dim=-1, largest=False).indices,
+                ],
+                dim=-1,
+            )
+            outlier_value = x.reshape(flat.shape).gather(-1, index)
+            mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, index, True)
+            mask = mask.view(work.shape)
+            outlier_index = index.to(torch.int16 if n * d <= 2**15 else torch.int32)
 
-    quantized = quantize(work, config.bits, config.group_size, mode, exclude=mask)
+    quantized = quantize(work, config.bits, config.group_size_for(kind), mode, exclude=mask)
 
     factor_a = factor_b = None
     if config.rank > 0:
@@ -215,4 +254,5 @@ def compress(
         n=n,
         d=d,
         dtype=x.dtype,
+        outlier_rows=outlier_rows,
     )

@@ -16,7 +16,8 @@ and read back as ``x̂ = m + s q``, so that ``|x - x̂| <= s / 2`` (up to the fl
 ``m`` and ``s``, which are stored in float16). Entries flagged in an exclusion mask (the outliers
 of GEAR) are left out of ``m`` and ``M``, which shrinks the step ``s`` of their group.
 
-Codes are packed ``8 / b`` to a ``uint8`` (four 2-bit, two 4-bit or one 8-bit code per byte) in
+Codes are packed ``8 / b`` to a ``uint8`` (four 2-bit, two 4-bit or one 8-bit code per byte; a
+3-bit code is a 2-bit and a 1-bit plane) in
 the ``[..., n, d]`` layout of the data in both modes, planes of tokens sharing a byte (see
 [`pack_codes()`][sketchcomm.gear.quantization.pack_codes]), so that unpacking yields ``[..., n, d]``
 directly, without a transpose. A grouped axis whose length is not a multiple of ``g`` is padded by
@@ -26,6 +27,7 @@ stored (and counted) too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -34,21 +36,34 @@ import torch
 from .config import QuantMode
 
 
+def rows_multiple(bits: int) -> int:
+    """The row count [`pack_codes()`][sketchcomm.gear.quantization.pack_codes] needs a multiple
+    of: ``8 / b`` codes share a byte, and 3-bit codes are a 2-bit and a 1-bit plane (8 rows)."""
+    _check_bits(bits)
+    return 8 if bits == 3 else 8 // bits
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``b``-bit codes ``[..., m, k]`` (``uint8``, below ``2^b``) into ``[..., m*b/8, k]``.
 
-    The rows are cut into ``p = 8 / b`` planes of ``m / p`` consecutive rows; byte ``[i, c]``
-    holds row ``i + j*m/p`` of column ``c`` in its bits ``j*b`` to ``j*b + b - 1``. Unpacking is
-    then a few bitwise operations and one concatenation of contiguous planes.
+    For ``b`` in 1, 2, 4, 8 the rows are cut into ``p = 8 / b`` planes of ``m / p`` consecutive
+    rows; byte ``[i, c]`` holds row ``i + j*m/p`` of column ``c`` in its bits ``j*b`` to
+    ``j*b + b - 1``. Unpacking is then a few bitwise operations and one concatenation of
+    contiguous planes. 3-bit codes are stored as their low two bits packed as 2-bit codes
+    (``m/4`` rows) followed by their high bit packed as 1-bit codes (``m/8`` rows).
     """
     _check_bits(bits)
     if codes.dtype != torch.uint8 or codes.dim() < 2:
         raise ValueError(
             f"codes must be a uint8 tensor [..., m, k], got {codes.dtype} {tuple(codes.shape)}"
         )
+    if codes.shape[-2] % rows_multiple(bits):
+        raise ValueError(
+            f"the row count ({codes.shape[-2]}) must be a multiple of {rows_multiple(bits)}"
+        )
+    if bits == 3:
+        return torch.cat([pack_codes(codes & 3, 2), pack_codes(codes >> 2, 1)], dim=-2)
     per_byte = 8 // bits
-    if codes.shape[-2] % per_byte:
-        raise ValueError(f"the row count ({codes.shape[-2]}) must be a multiple of {per_byte}")
     if per_byte == 1:
         return codes.contiguous()
     planes = codes.chunk(per_byte, dim=-2)
@@ -62,6 +77,10 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of [`pack_codes()`][sketchcomm.gear.quantization.pack_codes]: ``[..., m*b/8, k]``
     bytes to ``[..., m, k]`` codes."""
     _check_bits(bits)
+    if bits == 3:
+        low_rows = packed.shape[-2] * 2 // 3
+        low = unpack_codes(packed[..., :low_rows, :], 2)
+        return low | (unpack_codes(packed[..., low_rows:, :], 1) << 2)
     per_byte = 8 // bits
     if per_byte == 1:
         return packed
@@ -163,7 +182,7 @@ def quantize(
 
     Args:
         x: floating-point tensor ``[..., n, d]``.
-        bits: 2, 4 or 8.
+        bits: 2, 3, 4 or 8 (1 is accepted too).
         group_size: entries per group along the grouped axis; a group never spans more than
             that axis (rounded up to a multiple of 4).
         mode: ``"token"`` (groups along ``d``) or ``"channel"`` (groups along ``n``).
@@ -190,10 +209,10 @@ def quantize(
     n, d = x.shape[-2:]
     if mode == "token":
         group = min(group_size, _round_up(d, 4))
-        rows, cols, reduce_dim = _round_up(n, 4), _round_up(d, group), -1
+        rows, cols, reduce_dim = _round_up(n, rows_multiple(bits)), _round_up(d, group), -1
     else:
         group = min(group_size, _round_up(n, 4))
-        rows, cols, reduce_dim = _round_up(n, group), d, -2
+        rows, cols, reduce_dim = _round_up(n, math.lcm(group, rows_multiple(bits))), d, -2
     work = _pad(x.float(), rows, cols)
     if mode == "token":
         grouped = work.view(*work.shape[:-1], cols // group, group)
@@ -238,5 +257,5 @@ def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits must be 2, 4 or 8, got {bits!r}")
+    if bits not in (1, 2, 3, 4, 8):
+        raise ValueError(f"bits must be 1, 2, 3, 4 or 8, got {bits!r}")

@@ -33,6 +33,9 @@ import torch
 from .compression import CompressedTensor, compress
 from .config import GEARConfig
 
+DECOMPRESS_CHUNK = 8
+"""Blocks decompressed together when no decoded buffer is kept."""
+
 
 class BlockStream:
     """GEAR's streaming store for ``b`` rows of one attention layer (see the module docstring).
@@ -82,6 +85,9 @@ class BlockStream:
         self.values = value_states[..., phase:, :] * real
         self.compressed_keys: CompressedTensor | None = None
         self.compressed_values: CompressedTensor | None = None
+        # With config.decoded_buffer: the compressed blocks decompressed once, in the model's dtype.
+        self.decoded_keys: torch.Tensor | None = None
+        self.decoded_values: torch.Tensor | None = None
 
     @property
     def compressed_blocks(self) -> int:
@@ -98,16 +104,27 @@ class BlockStream:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add states ``[b, kv_heads, q, head_dim]``; return ``[b, kv_heads, T + q, head_dim]``."""
         self.compress_full_blocks()
-        keys = self._assemble(self.compressed_keys, self.keys, key_states)
-        values = self._assemble(self.compressed_values, self.values, value_states)
+        keys = self._assemble(self.compressed_keys, self.decoded_keys, self.keys, key_states)
+        values = self._assemble(
+            self.compressed_values, self.decoded_values, self.values, value_states
+        )
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         return keys, values
 
     def _assemble(
-        self, stored: CompressedTensor | None, buffer: torch.Tensor, new: torch.Tensor
+        self,
+        stored: CompressedTensor | None,
+        decoded: torch.Tensor | None,
+        buffer: torch.Tensor,
+        new: torch.Tensor,
     ) -> torch.Tensor:
-        """Zeros, decompressed blocks, buffer and new states, in sequence order."""
+        """Zeros, decompressed blocks, buffer and new states, in sequence order.
+
+        The blocks come from ``decoded`` when it is kept, else they are decompressed
+        ``DECOMPRESS_CHUNK`` blocks at a time straight into the result, so that the float32
+        temporaries stay the size of a chunk, not of the cache.
+        """
         batch, heads, _, head_dim = new.shape
         start = self.phase
         compressed = 0 if stored is None else stored.shape[2] * stored.shape[3]
@@ -115,8 +132,15 @@ class BlockStream:
             batch, heads, self.length + new.shape[-2], head_dim, dtype=self.dtype, device=new.device
         )
         out[..., :start, :] = 0
-        if stored is not None:
-            stored.decompress(out=out[..., start : start + compressed, :].view(stored.shape))
+        if decoded is not None:
+            out[..., start : start + compressed, :] = decoded
+        elif stored is not None:
+            blocks, block = stored.shape[2], stored.shape[3]
+            for first in range(0, blocks, DECOMPRESS_CHUNK):
+                last = min(first + DECOMPRESS_CHUNK, blocks)
+                target = out[..., start + first * block : start + last * block, :]
+                part = stored.apply(lambda t, a=first, b=last: t[:, :, a:b])
+                part.decompress(out=target.view(part.shape))
         start += compressed
         out[..., start : start + buffer.shape[-2], :] = buffer
         out[..., start + buffer.shape[-2] :, :] = new
@@ -136,6 +160,19 @@ class BlockStream:
             )
             for t, kind in ((self.keys, "key"), (self.values, "value"))
         )
+        if self.config.decoded_buffer:
+            decoded = [
+                t.decompress(self.dtype).reshape(batch, heads, count, head_dim)
+                for t in (new_keys, new_values)
+            ]
+            if self.decoded_keys is not None:
+                decoded = [
+                    torch.cat([old, part], dim=-2)
+                    for old, part in zip(
+                        (self.decoded_keys, self.decoded_values), decoded, strict=True
+                    )
+                ]
+            self.decoded_keys, self.decoded_values = decoded
         if self.compressed_keys is None:
             self.compressed_keys, self.compressed_values = new_keys, new_values
         else:
@@ -168,8 +205,13 @@ class BlockStream:
                     (self.compressed_values, self.values),
                 )
             )
+            if self.decoded_keys is not None:
+                tokens = kept * self.config.buffer_size
+                self.decoded_keys = self.decoded_keys[..., :tokens, :].clone()
+                self.decoded_values = self.decoded_values[..., :tokens, :].clone()
             if kept == 0:
                 self.compressed_keys = self.compressed_values = None
+                self.decoded_keys = self.decoded_values = None
             else:
                 self.compressed_keys, self.compressed_values = (
                     t.apply(lambda x: x[:, :, :kept].clone())
@@ -188,13 +230,18 @@ class BlockStream:
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (acting on the batch dimension only) to every held tensor."""
         self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.decoded_keys is not None:
+            self.decoded_keys, self.decoded_values = fn(self.decoded_keys), fn(self.decoded_values)
         if self.compressed_keys is not None:
             self.compressed_keys = self.compressed_keys.apply(fn)
             self.compressed_values = self.compressed_values.apply(fn)
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor held: the buffer, then those of the compressed keys and values."""
+        """Every tensor held: the buffer, the decoded blocks if kept, then those of the compressed
+        keys and values."""
         held = [self.keys, self.values]
+        if self.decoded_keys is not None:
+            held.extend([self.decoded_keys, self.decoded_values])
         for stored in (self.compressed_keys, self.compressed_values):
             if stored is not None:
                 held.extend(stored.tensors())
