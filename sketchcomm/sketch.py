@@ -38,15 +38,15 @@ from row ``j`` reads ``s_j(i) * S[j, (o_jk + l) mod c]`` with ``o_jk = (b_j + a_
 signed, doubled row ``[S_j, S_j, -S_j, -S_j]`` (length ``4c``) the estimates of chunk ``k`` are the
 contiguous window of ``c`` elements starting at ``o_jk`` (``o_jk + 2c`` when ``sigma_j[k] < 0``).
 
-On other devices than the CPU the windows are gathered into ``r`` vectors of ``d`` elements and the
-median over rows is taken with elementwise ``min``/``max`` (pure torch). On the CPU the compiled
-kernels of [`sketchcomm.sketch_compiled`][sketchcomm.sketch_compiled] (or, without numba, the numpy
-kernels of [`sketchcomm.sketch_numpy`][sketchcomm.sketch_numpy]) compute it straight into the
-output, with no ``d``-element temporary, and give the same values: the median only selects among
-the same fp32 numbers, and sketching adds the same terms in the same order on every path.
-Heavy-hitter selection on the CPU reads a threshold from a strided sample of estimates, keeps the
-coordinates above it in one pass and selects exactly among those: the same set as ``torch.topk``
-(up to ties at the ``k``-th magnitude).
+On CUDA the Triton kernels of [`sketchcomm.sketch_triton`][sketchcomm.sketch_triton] run
+(one launch for all rows); on other devices the windows are gathered and the median taken with
+``min``/``max`` (pure torch). On the CPU the compiled kernels of
+[`sketchcomm.sketch_compiled`][sketchcomm.sketch_compiled] (without numba, the numpy kernels of
+[`sketchcomm.sketch_numpy`][sketchcomm.sketch_numpy]) write the estimate straight into the output.
+Every path gives the same values: the median only selects among the same fp32 numbers, and
+sketching adds the same terms in the same order. Heavy-hitter selection keeps the coordinates
+above a threshold read from a strided sample and selects exactly among those: the same set as
+``torch.topk`` (up to ties at the ``k``-th magnitude).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sketchcomm import sketch_compiled
+from sketchcomm import sketch_compiled, sketch_triton
 from sketchcomm.hashing import derive_seed, prime_at_most
 from sketchcomm.sketch_numpy import (
     CPU_BLOCK,
@@ -227,6 +227,9 @@ class CountSketch:
         Every table cell receives its terms one chunk after the other, in chunk order, on every
         device and path, so the result is the same bit for bit.
         """
+        if sketch_triton.supported(x):
+            sketch_triton.sketch_into(self, x, tables)
+            return
         c = self.columns
         if x.device.type == "cpu" and sketch_compiled.available():
             sketch_compiled.sketch_block(
@@ -303,6 +306,9 @@ class CountSketch:
         """
         self._check_table(table)
         self._check_out(out, table.device)
+        if sketch_triton.supported(table):
+            out = table.new_empty(self.dim) if out is None else out
+            return sketch_triton.estimate_into(self, table.contiguous(), out)
         if table.device.type != "cpu":
             estimate = median_over_rows(self.row_estimates(table))
             return estimate if out is None else out.copy_(estimate)
@@ -334,16 +340,11 @@ class CountSketch:
 
         Returns ``([k] int64, [k] fp32)`` in no particular order: the same set as
         ``estimate(table).abs().topk(k)`` up to ties at the ``k``-th magnitude, with the same
-        estimates. On the CPU, for a finite table, a threshold ``t`` is taken from a strided sample
-        of estimates, at a rank where about ``1.5 k`` coordinates are expected above it; one blocked
-        pass keeps the coordinates with ``|estimate| >= t``, and if there are at least ``k`` of
-        them they contain every top-``k`` coordinate, which an exact selection then picks. If
-        there are fewer, the whole estimate is selected from instead.
-
-        With ``out`` (a contiguous ``[dim]`` fp32 tensor on the table's device) the top-``k``
-        vector, the estimates at ``indices`` and zero elsewhere, is written into ``out``; the
-        compiled CPU kernel writes it during the threshold pass, so reusing one ``out`` costs no
-        separate zeroing or scatter pass.
+        estimates. On the CPU and CUDA, for a finite table, a threshold ``t`` is read from a strided
+        sample of estimates (about ``1.5 k`` expected above it); one pass keeps the coordinates with
+        ``|estimate| >= t`` and, if at least ``k``, an exact selection picks among them, else
+        among the whole estimate. With ``out`` (contiguous ``[dim]`` fp32 on the table's device)
+        the top-``k`` vector (zero elsewhere) is written into it, on the CPU during that pass.
         """
         if not 1 <= k <= self.dim:
             raise ValueError(f"k must be in [1, {self.dim}], got {k}")
@@ -368,6 +369,8 @@ class CountSketch:
             estimates = self.estimate(table)
             indices = torch.from_numpy(top_magnitudes(estimates.numpy(), k))
             return _written((indices, estimates[indices]), out)
+        if sketch_triton.supported(table):
+            return _written(sketch_triton.heavy_hitters(self, table.contiguous(), k), out)
         estimates = self.estimate(table)
         indices = estimates.abs().topk(k, sorted=False).indices
         return _written((indices, estimates[indices]), out)

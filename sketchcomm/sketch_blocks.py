@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sketchcomm import sketch_compiled
+from sketchcomm import sketch_compiled, sketch_triton
 from sketchcomm.sketch import CountSketch
 
 __all__ = ["sketch_block_into"]
@@ -50,6 +50,8 @@ def sketch_block_into(sketch: CountSketch, block: Tensor, offset: int, tables: T
     if not len(block) or not block.shape[1]:
         return tables
     x = block.to(device=sketch.device, dtype=torch.float32).contiguous()
+    if sketch_triton.supported(x):
+        return sketch_triton.sketch_into(sketch, x, tables, offset=offset)
     if x.device.type == "cpu" and sketch_compiled.available():
         tn = tables.numpy()
         sketch_compiled.sketch_block(x.numpy(), offset, tn, sketch.offsets_cpu, sketch.chunk_signs)
