@@ -35,6 +35,7 @@ parameters with the model's); the decision is logged and warned once, and
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -162,7 +163,8 @@ class OptimizerWatch:
     """
 
     def __init__(self, parameters: Any, on_optimizer: Any) -> None:
-        self.ids = {id(p) for p in parameters}
+        # Weak references, compared by identity: an id alone could be reused by a later tensor.
+        self.owned = {id(p): weakref.ref(p) for p in parameters}
         self.on_optimizer = on_optimizer
         self.handle = register_optimizer_step_pre_hook(self.pre_step)
 
@@ -171,7 +173,11 @@ class OptimizerWatch:
         return self.handle is not None
 
     def pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        owned = [id(p) in self.ids for group in optimizer.param_groups for p in group["params"]]
+        owned = [
+            (ref := self.owned.get(id(p))) is not None and ref() is p
+            for group in optimizer.param_groups
+            for p in group["params"]
+        ]
         if owned and all(owned):
             self.remove()
             self.on_optimizer(optimizer)

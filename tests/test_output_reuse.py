@@ -31,6 +31,7 @@ def train(rank: int, world: int, reuse: bool, state_kwargs: dict, ddp_kwargs: di
     state = SketchState(compression=20, start_iter=2, **state_kwargs)
     state.register(model, sketch_hook if reuse else fresh_output_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    state.attach(optimizer)  # both runs treat the optimizer alike, whichever hook
     pointers: dict[int, set[int]] = {}
     for step in range(6):
         index = batches(step)
