@@ -2,7 +2,10 @@
 
 ``run_ranks(fn, world_size, *args)`` spawns one process per rank, initialises
 ``torch.distributed`` with gloo through a file store, calls ``fn(rank, world_size, *args)`` and
-returns the per-rank results in rank order. A failure on any rank ends the others at once and is
+returns the per-rank results in rank order. The ranks are forked from a server process that
+imported torch and sketchcomm once per test process (a fresh interpreter per rank would pay
+torch's import, seconds, every time) and run with the caller's environment variables, as spawned
+processes would. A failure on any rank ends the others at once and is
 re-raised here with the rank's traceback; a rank that does not finish within ``timeout`` seconds
 fails the test instead of hanging it.
 """
@@ -20,12 +23,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+#: What the server process imports before it forks the ranks.
+PRELOADED = ["torch", "torch.distributed", "torch.nn.parallel", "sketchcomm", "sketchcomm.privacy"]
+
 
 class RankFailed(RuntimeError):
     pass
 
 
-def _entry(fn: Callable, rank: int, world: int, store: str, out: str, args: tuple) -> None:
+def _entry(
+    fn: Callable, rank: int, world: int, store: str, out: str, args: tuple, environment: dict
+) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -39,12 +49,16 @@ def _entry(fn: Callable, rank: int, world: int, store: str, out: str, args: tupl
 
 
 def run_ranks(fn: Callable, world_size: int = 2, *args: Any, timeout: float = 240.0) -> list[Any]:
-    context = mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED)
+    environment = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         outs = [os.path.join(tmp, f"rank{r}.pt") for r in range(world_size)]
         procs = [
-            context.Process(target=_entry, args=(fn, r, world_size, store, outs[r], args))
+            context.Process(
+                target=_entry, args=(fn, r, world_size, store, outs[r], args, environment)
+            )
             for r in range(world_size)
         ]
         for p in procs:
