@@ -96,9 +96,7 @@ def _sketch_space_step(
     else:
         bucket.error_table.add_(summed)
     update, indices = recover(bucket.error_table)
-    bucket.sketch.zero_cells(bucket.error_table, indices)
-    if bucket.momentum_table is not None:
-        bucket.sketch.zero_cells(bucket.momentum_table, indices)
+    bucket.sketch.zero_cells(bucket.error_table, indices, bucket.momentum_table)
     return update
 
 

@@ -168,15 +168,21 @@ class CountSketch:
         buckets = (self.offsets[:, chunk] + position[None, :]) % self.columns
         return buckets, self.signs[:, chunk]
 
-    def zero_cells(self, table: Tensor, indices: Tensor) -> None:
+    def zero_cells(self, table: Tensor, indices: Tensor, other: Tensor | None = None) -> None:
         """Set to zero, in place, the cells ``S[j, h_j(i)]`` of ``table`` (``[rows, columns]``
-        fp32) of every coordinate ``i`` in ``indices`` (int64), in every row."""
-        self._check_table(table)
-        if table.device.type == "cpu" and table.is_contiguous() and sketch_compiled.available():
-            sketch_compiled.zero_cells(table.numpy(), self.offsets_cpu, indices.numpy())
+        fp32) of every coordinate ``i`` in ``indices`` (int64), in every row; the same cells of
+        ``other`` too (a second table, e.g. the momentum next to the error) in the same pass."""
+        tables = [table] if other is None else [table, other]
+        for t in tables:
+            self._check_table(t)
+        cpu = all(t.device.type == "cpu" and t.is_contiguous() for t in tables)
+        if cpu and sketch_compiled.available():
+            second = None if other is None else other.numpy()
+            sketch_compiled.zero_cells(table.numpy(), self.offsets_cpu, indices.numpy(), second)
             return
         cells, _ = self.buckets_and_signs(indices)
-        table.scatter_(1, cells, 0.0)
+        for t in tables:
+            t.scatter_(1, cells, 0.0)
 
     # ------------------------------------------------------------------ sketching
     def zeros(self) -> Tensor:

@@ -326,20 +326,27 @@ def estimates_above(
 
 
 @_jit
-def _zero_cells(table, offsets, indices):
+def _zero_cells(table, other, offsets, indices):
     rows, columns = table.shape
+    both = other.size > 0
     for i in indices:
         k = i // columns
         position = i - k * columns
         for j in range(rows):
             cell = offsets[j, k] + position
-            table[j, cell - columns if cell >= columns else cell] = 0.0
+            cell = cell - columns if cell >= columns else cell
+            table[j, cell] = 0.0
+            if both:
+                other[j, cell] = 0.0
 
 
-def zero_cells(table: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> None:
+def zero_cells(
+    table: np.ndarray, offsets: np.ndarray, indices: np.ndarray, other: np.ndarray | None = None
+) -> None:
     """Set to zero the cells of ``table`` (``[r, c]`` fp32) that the coordinates ``indices``
-    (int64) hash to, one per row."""
-    _zero_cells(table, offsets, indices)
+    (int64) hash to, one per row, and the same cells of ``other`` (like ``table``) if given."""
+    second = np.empty((0, 0), dtype=np.float32) if other is None else other
+    _zero_cells(table, second, offsets, indices)
 
 
 @_jit
@@ -357,6 +364,11 @@ def _estimates_strided(table, offsets, signs, dim, stride, out):
             if rows == 3:
                 a, b, c = scratch[0], scratch[1], scratch[2]
                 out[n] = max(min(a, b), min(max(a, b), c))
+            elif rows == 5:
+                a, b, c, d, e = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+                low = max(min(a, b), min(c, d))
+                high = min(max(a, b), max(c, d))
+                out[n] = max(min(e, low), min(max(e, low), high))
             else:
                 out[n] = _median_small(scratch, rows)
             n += 1

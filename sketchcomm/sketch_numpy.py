@@ -191,12 +191,19 @@ def selection_threshold(sketch: CountSketch, table: Tensor, k: int) -> float | N
 
 
 def top_magnitudes(values: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the ``k`` largest ``|values|`` (any order; ties at the ``k``-th broken
-    arbitrarily), by introselect instead of a heap."""
+    """Positions of the ``k`` largest ``|values|`` (any order), ties at the ``k``-th magnitude
+    going to the lowest positions: the ``k``-th magnitude by introselect of the magnitudes (no
+    index array to carry along), then one comparison pass."""
     n = len(values)
     if k >= n:
         return np.arange(n)
-    return np.argpartition(np.abs(values), n - k)[n - k :]
+    magnitudes = np.abs(values)
+    kth = np.partition(magnitudes, n - k)[n - k]
+    above = np.flatnonzero(magnitudes > kth)
+    if len(above) == k:
+        return above
+    ties = np.flatnonzero(magnitudes == kth)[: k - len(above)]
+    return np.concatenate((above, ties))
 
 
 def cpu_blocks(sketch: CountSketch, table: Tensor) -> Iterator[tuple[int, list[np.ndarray]]]:
