@@ -338,8 +338,10 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
     Every rank sketches its bucket (plus its residual under local error feedback) into an
     ``[r, c]`` fp32 table, the tables are summed with one allreduce, and every rank recovers the
     same estimate of the summed gradient (see [`SketchState`][sketchcomm.hooks.SketchState] for the
-    recovery modes). The returned future holds one tensor shaped and typed like ``bucket.buffer()``,
-    averaged over the world size. A bucket split into the parts of a restored checkpoint (see
+    recovery modes). The returned future holds ``bucket.buffer()`` itself, the result averaged over
+    the world size written over it (read and written in the bucket's own order through the
+    layout's [`Placement`][sketchcomm.placement.Placement]: no ``d``-element copy into canonical
+    order and back). A bucket split into the parts of a restored checkpoint (see
     [`sketchcomm.bucket_states`][sketchcomm.bucket_states]) sends the parts' tables one after the
     other in the same allreduce.
 
