@@ -17,7 +17,9 @@ with its gradients. Each variant then runs on those buckets, one step after the 
 
 Both hooks are called on the recorded buckets (objects with the ``GradBucket`` methods the hooks
 read) and their futures are waited for, so a step's time is its compute plus world-size-1 gloo
-collectives (no network). Variants are interleaved per repeat and the median is kept.
+collectives (no network). Variants are interleaved per repeat and the median is kept; before
+each call the buckets are restored to the recorded gradients (untimed), since both hooks write
+their result over the bucket.
 """
 
 import os
@@ -206,8 +208,11 @@ def hook_step_report(
 
         variants[f"sketch kernels only ({paths[-1]})"] = kernels_only
         samples: dict[str, list[float]] = {name: [] for name in variants}
+        gradients = [b.flat.clone() for b in buckets]
         for repeat in range(warmup + repeats):
             for name, fn in variants.items():
+                for bucket, gradient in zip(buckets, gradients, strict=True):
+                    bucket.flat.copy_(gradient)  # both hooks write their result over the bucket
                 seconds = _seconds(fn)
                 if repeat >= warmup:
                     samples[name].append(seconds)

@@ -26,12 +26,20 @@ displaced by a rebuild, is found by its parameters:
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
-from sketchcomm.buckets import BucketState
+from sketchcomm.buckets import BucketLayout, BucketState
 
-__all__ = ["check_agreement", "made_for", "split_parts"]
+if TYPE_CHECKING:
+    from sketchcomm.engine import HookState
+
+__all__ = ["bucket_state_for", "check_agreement", "made_for", "split_bucket", "split_parts"]
+
+logger = logging.getLogger(__name__)
 
 
 def _positions(key: tuple) -> frozenset[int] | None:
@@ -96,3 +104,52 @@ def check_agreement(
             + "; ".join(differing)
             + ". Every rank must build its state with the same arguments and seed."
         )
+
+
+def split_bucket(
+    state: HookState, bucket: dist.GradBucket, layout: BucketLayout
+) -> list[tuple[BucketLayout, BucketState | None]] | None:
+    """The parts of ``bucket`` (of ``layout``) to split into, each continuing its state of
+    ``state``, or None (step 3 above)."""
+    split = state.first_step and split_parts(state.buckets, layout.key, state.plain_parts)
+    if not split or made_for(state.buckets, state.held, layout.key) is not None:
+        return None
+    device = bucket.buffer().device
+    for _, part_state in split:
+        if part_state is not None and part_state.sketch.device != device:
+            part_state.to(device)
+    return [(BucketLayout.of(bucket, state.positions, own), s) for own, s in split]
+
+
+def bucket_state_for(
+    state: HookState,
+    bucket: dist.GradBucket,
+    layout: BucketLayout,
+    group: dist.ProcessGroup | None,
+) -> BucketState:
+    """The state of ``state`` that ``bucket`` (of ``layout``) continues, found or made (steps 1,
+    2 and 4 above; a new one is checked across the ranks of ``group``)."""
+    device, index = bucket.buffer().device, bucket.index()
+    current = state.buckets.get(index)
+    found = current if current is not None and current.layout == layout.key else None
+    if found is None:
+        found = made_for(state.buckets, state.held, layout.key)
+        if current is not None and sum(s is current for s in state.buckets.values()) == 1:
+            state.held[current.layout] = current  # displaced: a later rebuild may bring it back
+    if found is not None:
+        state.held.pop(found.layout, None)
+        state.buckets[index] = found
+        if found.sketch.device != device:
+            found.to(device)
+        return found
+    if current is not None:
+        # DDP rebuilt its buckets with other members, or a checkpoint came from another layout.
+        state.stats.state_resets += 1
+        if state.iter > 1:  # DDP's own rebuild after iteration 0 is expected
+            logger.warning(
+                "bucket %d changed layout at iteration %d: state reset", index, state.iter
+            )
+    made = state.new_bucket_state(layout.key, layout.numel, device)
+    check_agreement(index, state.agreement_fields(made), made.sketch.device, group)
+    state.buckets[index] = made
+    return made

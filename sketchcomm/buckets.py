@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sketchcomm.placement import Placement
 from sketchcomm.sketch import CountSketch
 
 
@@ -80,6 +81,12 @@ class BucketLayout:
         order = tuple(i for part in parts for i in part.order)
         slices = tuple(s for part in parts for s in part.slices or ())
         return cls(whole.key, whole.numel, order, slices)
+
+    @property
+    def placement(self) -> Placement:
+        """Where the canonical vector's coordinates lie in the bucket buffer (see
+        [`Placement`][sketchcomm.placement.Placement])."""
+        return Placement(self.slices, self.numel)
 
     def to_canonical(self, flat: Tensor) -> Tensor:
         """The bucket buffer ``[numel]`` in canonical order (the same tensor if already so)."""

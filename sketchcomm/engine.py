@@ -32,7 +32,6 @@ Before the error reaches the caller, the step's raw gradients are discarded on e
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 
@@ -40,15 +39,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sketchcomm.bucket_states import check_agreement, made_for, split_parts
+from sketchcomm.bucket_states import bucket_state_for, split_bucket
 from sketchcomm.buckets import BucketLayout, BucketState
 from sketchcomm.failure import RemoteHookError, StepGuard, error_code, error_name
 from sketchcomm.sketch import CountSketch
 from sketchcomm.stats import SketchStats
 
 __all__ = ["BucketContext", "HookState", "RemoteHookError", "resolve_group"]
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -141,56 +138,15 @@ class HookState:
         # to a destroyed group there would make the group join its own thread.
         group = self.process_group
         layout = BucketLayout.of(bucket, self.positions)
-        bucket_state, parts = None, self._split(bucket, layout) if with_state and split else None
+        bucket_state = None
+        parts = split_bucket(self, bucket, layout) if with_state and split else None
         if parts is not None:
             layout = BucketLayout.joined(layout, [part for part, _ in parts])
         elif with_state:
-            bucket_state = self._bucket_state(bucket, layout, group)
+            bucket_state = bucket_state_for(self, bucket, layout, group)
         self.step.buffers.append(bucket.buffer())
         self.step.parameters.extend(bucket.parameters())
         return BucketContext(self, bucket, group, layout, bucket_state, parts)
-
-    def _split(
-        self, bucket: dist.GradBucket, layout: BucketLayout
-    ) -> list[tuple[BucketLayout, BucketState | None]] | None:
-        """The parts of a bucket to split, each continuing its state, or None (see
-        [`sketchcomm.bucket_states`][sketchcomm.bucket_states])."""
-        split = self.first_step and split_parts(self.buckets, layout.key, self.plain_parts)
-        if not split or made_for(self.buckets, self.held, layout.key) is not None:
-            return None
-        device = bucket.buffer().device
-        for _, part_state in split:
-            if part_state is not None and part_state.sketch.device != device:
-                part_state.to(device)
-        return [(BucketLayout.of(bucket, self.positions, own), s) for own, s in split]
-
-    def _bucket_state(
-        self, bucket: dist.GradBucket, layout: BucketLayout, group: dist.ProcessGroup | None
-    ) -> BucketState:
-        device, index = bucket.buffer().device, bucket.index()
-        state = self.buckets.get(index)
-        found = state if state is not None and state.layout == layout.key else None
-        if found is None:
-            found = made_for(self.buckets, self.held, layout.key)
-            if state is not None and sum(s is state for s in self.buckets.values()) == 1:
-                self.held[state.layout] = state  # displaced: a later rebuild may bring it back
-        if found is not None:
-            self.held.pop(found.layout, None)
-            self.buckets[index] = found
-            if found.sketch.device != device:
-                found.to(device)
-            return found
-        if state is not None:
-            # DDP rebuilt its buckets with other members, or a checkpoint came from another layout.
-            self.stats.state_resets += 1
-            if self.iter > 1:  # DDP's own rebuild after iteration 0 is expected
-                logger.warning(
-                    "bucket %d changed layout at iteration %d: state reset", index, self.iter
-                )
-        state = self.new_bucket_state(layout.key, layout.numel, device)
-        check_agreement(index, self.agreement_fields(state), state.sketch.device, group)
-        self.buckets[index] = state
-        return state
 
 
 class BucketContext:
@@ -219,6 +175,7 @@ class BucketContext:
         self.buffer = bucket.buffer()
         self.iteration = state.iter
         self.step = state.step
+        self._packed: tuple[Tensor, Tensor] | None = None
 
     @property
     def sketch(self) -> CountSketch:
@@ -270,6 +227,22 @@ class BucketContext:
                 self.step.local_error = error
         return torch.zeros(shape, dtype=dtype, device=self.buffer.device)
 
+    def build_into(self, numel: int, write: Callable[[Tensor], None]) -> Tensor:
+        """Like `build()`: the ``[numel]`` fp32 message, which ``write(message)`` fills in place,
+        starting from zeros. The message is the head of the buffer the exchange sends (with the
+        failure flags after it), so it is never copied; all zeros when this rank's hook already
+        failed in this step or ``write`` raises."""
+        packed = torch.zeros(numel + self.world, dtype=torch.float32, device=self.buffer.device)
+        message = packed[:numel]
+        if self.step.local_error is None:
+            try:
+                write(message)
+            except Exception as error:  # every rank must learn of it: see the module docstring
+                self.step.local_error = error
+                packed.zero_()
+        self._packed = (message, packed)
+        return message
+
     def record(self, sent_elements: int, sent_bytes: int, *, compressed: bool = True) -> None:
         """Count what this rank sends for the bucket in
         [`SketchStats`][sketchcomm.engine.SketchStats]."""
@@ -288,6 +261,11 @@ class BucketContext:
         return torch.full((self.layout.numel,), float("nan"), device=self.buffer.device)
 
     def _pack(self, message: Tensor) -> Tensor:
+        if self._packed is not None and self._packed[0] is message:
+            packed = self._packed[1]
+            if self.step.local_error is not None:
+                packed[message.numel() + self.rank] = error_code(self.step.local_error)
+            return packed
         flags = torch.zeros(self.world, dtype=message.dtype, device=message.device)
         if self.step.local_error is not None:
             flags[self.rank] = error_code(self.step.local_error)
@@ -321,7 +299,8 @@ class BucketContext:
         self, message: Tensor, decode: Callable[[Tensor], Tensor], *, check_finite: bool = True
     ) -> torch.futures.Future[Tensor]:
         """Sum ``message`` over the ranks asynchronously; ``decode(summed)``, with ``summed``
-        shaped like ``message``, gives the bucket's result ``[d]`` in canonical order (with
+        shaped like ``message``, gives the bucket's result ``[d]`` in canonical order, or the
+        bucket buffer itself holding the result in the bucket's order (with
         ``check_finite`` a non-finite sum never reaches ``decode``: see
         `nonfinite_result()`). Returns the future DDP waits for."""
         packed, shape = self._pack(message), message.shape
@@ -382,13 +361,15 @@ class BucketContext:
                 work.wait()
                 step.discard()
                 raise step.local_error
-        dtype, layout = self.buffer.dtype, self.layout
+        buffer, layout = self.buffer, self.layout
 
         def release(_: torch.futures.Future) -> Tensor:
             value = result[0]
             if isinstance(value, BaseException):
                 raise value
-            return layout.from_canonical(value.to(dtype))
+            if value is buffer:  # the result was written over the bucket, in its own order
+                return value
+            return layout.from_canonical(value.to(buffer.dtype))
 
         return gate.then(release)
 

@@ -64,8 +64,8 @@ from sketchcomm.buckets import BucketState
 from sketchcomm.config import SketchConfig
 from sketchcomm.engine import HookState
 from sketchcomm.optimizers import OptimizerChoice, OptimizerWatch, apply_choice, choose
-from sketchcomm.recovery import decode
-from sketchcomm.second_round import message_size, part_message, second_round
+from sketchcomm.recovery import decode_into
+from sketchcomm.second_round import message_size, part_message_into, second_round
 from sketchcomm.sketch import CountSketch, derive_seed
 from sketchcomm.stats import SketchStats
 from sketchcomm.validation import check_int
@@ -338,8 +338,10 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
     Every rank sketches its bucket (plus its residual under local error feedback) into an
     ``[r, c]`` fp32 table, the tables are summed with one allreduce, and every rank recovers the
     same estimate of the summed gradient (see [`SketchState`][sketchcomm.hooks.SketchState] for the
-    recovery modes). The returned future holds one tensor shaped and typed like ``bucket.buffer()``,
-    averaged over the world size. A bucket split into the parts of a restored checkpoint (see
+    recovery modes). The returned future holds ``bucket.buffer()`` itself, the result averaged over
+    the world size written over it (read and written in the bucket's own order through the
+    layout's [`Placement`][sketchcomm.placement.Placement]: no ``d``-element copy into canonical
+    order and back). A bucket split into the parts of a restored checkpoint (see
     [`sketchcomm.bucket_states`][sketchcomm.bucket_states]) sends the parts' tables one after the
     other in the same allreduce.
 
@@ -355,22 +357,30 @@ def sketch_hook(state: SketchState, bucket: dist.GradBucket) -> torch.futures.Fu
     context = state.open(bucket, split=True)
     if config.second_round:
         return second_round(state, context)
-    parts, decoding = context.parts(), config.decoding
+    parts, decoding, buffer = context.parts(), config.decoding, context.buffer
     sizes = [message_size(part) for part in parts]
-    table = context.build(
-        (sum(sizes),),
-        lambda: torch.cat([part_message(part, part.canonical().float()) for part in parts]),
-    )
+
+    def write(message: Tensor) -> None:
+        for part, piece in zip(parts, message.split(sizes), strict=True):
+            part_message_into(part, piece)
+
+    table = context.build_into(sum(sizes), write)
     context.record(table.numel(), table.numel() * 4)
 
     def finish(summed: Tensor) -> Tensor:
-        results = []
+        # Written over the bucket, in its own order (through fp32 for a half-precision bucket).
+        target = (
+            buffer
+            if buffer.dtype == torch.float32
+            else torch.empty_like(buffer, dtype=torch.float32)
+        )
         for part, piece in zip(parts, summed.split(sizes), strict=True):
+            placement = part.layout.placement
             if part.bucket_state is None:
-                results.append(piece)
+                placement.scatter(piece, target)
             else:
                 table_n = piece.view(part.sketch.table_shape)
-                results.append(decode(decoding, part.bucket_state, table_n).div_(context.world))
-        return torch.cat(results)
+                decode_into(decoding, part.bucket_state, table_n, target, placement, context.world)
+        return buffer if target is buffer else buffer.copy_(target)
 
     return context.allreduce(table, finish)

@@ -7,14 +7,16 @@ the per-bucket tensors live in a [`BucketState`][sketchcomm.buckets.BucketState]
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from sketchcomm.buckets import BucketState
+from sketchcomm.placement import Placement
 
-__all__ = ["DecodeConfig", "decode", "decode_or_exact", "output_buffer"]
+__all__ = ["DecodeConfig", "decode", "decode_into", "decode_or_exact", "output_buffer"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class DecodeConfig:
     momentum: float
 
 
+_Recover = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
 def output_buffer(bucket: BucketState, device: torch.device) -> Tensor:
     """The bucket's ``[d]`` fp32 result vector on ``device``, made once and rewritten every step
     (a fresh ``d``-element vector would be page-faulted in anew each step). The hooks copy the
@@ -49,19 +54,37 @@ def output_buffer(bucket: BucketState, device: torch.device) -> Tensor:
     return bucket.output
 
 
-def _recover(config: DecodeConfig, bucket: BucketState, table: Tensor) -> tuple[Tensor, Tensor]:
+def _recover(
+    config: DecodeConfig,
+    bucket: BucketState,
+    table: Tensor,
+    target: Tensor | None = None,
+    placement: Placement | None = None,
+) -> tuple[Tensor, Tensor]:
     """Dense ``[d]`` fp32 estimate of the sum, and the selected indices (all for dense), written
-    into the bucket's [`output_buffer()`][sketchcomm.recovery.output_buffer]."""
-    sketch, out = bucket.sketch, output_buffer(bucket, table.device)
+    into the bucket's [`output_buffer()`][sketchcomm.recovery.output_buffer], or into ``target``
+    at ``placement``'s positions (then ``target`` is returned)."""
+    sketch = bucket.sketch
+    placed = target is not None and placement is not None and not placement.is_identity
+    out = output_buffer(bucket, table.device) if target is None or placed else target
     if config.recovery == "dense":
-        return sketch.estimate(table, out=out), torch.arange(0)
-    indices, _ = sketch.heavy_hitters(table, bucket.topk, out=out)
-    return out, indices
+        estimate = sketch.estimate(table, out=out)
+        return (placement.scatter(estimate, target) if placed else estimate), torch.arange(0)
+    if placed and table.device.type != "cpu":
+        indices, _ = sketch.heavy_hitters(table, bucket.topk, out=out)
+        return placement.scatter(out, target), indices
+    indices, _ = sketch.heavy_hitters(
+        table, bucket.topk, out=target if placed else out, placement=placement if placed else None
+    )
+    return (target if placed else out), indices
 
 
-def _sketch_space_step(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:
-    """FetchSGD: accumulate momentum and error on the aggregated table, extract the top-k, then
-    zero the cells of both tables that the extracted coordinates hash to."""
+def _sketch_space_step(
+    config: DecodeConfig, bucket: BucketState, summed: Tensor, recover: _Recover
+) -> Tensor:
+    """FetchSGD: accumulate momentum and error on the aggregated table, extract the top-k (with
+    ``recover`` from the error table), then zero the cells of both tables that the extracted
+    coordinates hash to."""
     if bucket.error_table is None:
         bucket.error_table = torch.zeros_like(summed)
     if config.momentum and bucket.momentum_table is None:
@@ -72,10 +95,8 @@ def _sketch_space_step(config: DecodeConfig, bucket: BucketState, summed: Tensor
         bucket.error_table.add_(bucket.momentum_table)
     else:
         bucket.error_table.add_(summed)
-    update, indices = _recover(config, bucket, bucket.error_table)
-    bucket.sketch.zero_cells(bucket.error_table, indices)
-    if bucket.momentum_table is not None:
-        bucket.sketch.zero_cells(bucket.momentum_table, indices)
+    update, indices = recover(bucket.error_table)
+    bucket.sketch.zero_cells(bucket.error_table, indices, bucket.momentum_table)
     return update
 
 
@@ -83,8 +104,52 @@ def decode(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:
     """The estimated sum ``[d]`` (fp32, canonical order) from a summed ``[r, c]`` table, updating
     the bucket's sketch-space error and momentum when ``error_feedback="sketch"``."""
     if config.error_feedback == "sketch":
-        return _sketch_space_step(config, bucket, summed)
+        return _sketch_space_step(
+            config, bucket, summed, lambda table: _recover(config, bucket, table)
+        )
     return _recover(config, bucket, summed)[0]
+
+
+def decode_into(
+    config: DecodeConfig,
+    bucket: BucketState,
+    summed: Tensor,
+    target: Tensor,
+    placement: Placement,
+    divisor: float = 1.0,
+) -> Tensor:
+    """[`decode()`][sketchcomm.recovery.decode] divided by ``divisor`` (positive), written into
+    ``target`` (contiguous fp32, e.g. the bucket buffer) at ``placement``'s positions; returns
+    ``target``. The error and momentum tables keep the sums, as with `decode()`.
+
+    With an odd number of rows the median only selects among the ``r`` signed cells, and the top-k
+    only compares magnitudes, so both commute with a positive scale: the ``[r, c]`` table is
+    divided instead of the ``[d]`` result, bit for bit the same values (``fl(x / w)`` is monotone),
+    the same selection up to ties. With an even number of rows (a mean of two) the result is
+    divided.
+
+    >>> from sketchcomm.sketch import CountSketch
+    >>> sketch = CountSketch(4, 1, 5)
+    >>> bucket = BucketState(("shapes",), sketch, topk=1, candidates=1)
+    >>> table = sketch.sketch(torch.tensor([0.0, 3.0, 0.0, 1.0]))
+    >>> placement, target = Placement(((2, 2), (0, 2)), 4), torch.empty(4)
+    >>> decode_into(DecodeConfig("topk", "none", 0.0), bucket, table, target, placement, 2).tolist()
+    [0.0, 0.0, 0.0, 1.5]
+    """
+    scale_table = divisor != 1 and bucket.sketch.rows % 2 == 1
+
+    def recover(table: Tensor) -> tuple[Tensor, Tensor]:
+        scaled = table / divisor if scale_table else table
+        return _recover(config, bucket, scaled, target, placement)
+
+    if config.error_feedback == "sketch":
+        _sketch_space_step(config, bucket, summed, recover)
+    else:
+        recover(summed)
+    if divisor != 1 and not scale_table:
+        for _, offset, length in placement.segments():
+            target[offset : offset + length].div_(divisor)
+    return target
 
 
 def decode_or_exact(config: DecodeConfig, bucket: BucketState, summed: Tensor) -> Tensor:

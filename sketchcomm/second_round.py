@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 
 from sketchcomm.engine import BucketContext
+from sketchcomm.sketch_blocks import sketch_placed
 
-__all__ = ["message_size", "part_message", "second_round"]
+__all__ = ["message_size", "part_message", "part_message_into", "second_round"]
 
 
 def part_message(part: BucketContext, values: Tensor) -> Tensor:
@@ -22,6 +23,17 @@ def part_message(part: BucketContext, values: Tensor) -> Tensor:
     if part.bucket_state is None:
         return values / part.world
     return part.sketch.sketch(values).reshape(-1)
+
+
+def part_message_into(part: BucketContext, out: Tensor) -> Tensor:
+    """`part_message()` of the part's canonical vector, written into ``out`` (zeros of
+    [`message_size()`][sketchcomm.second_round.message_size]) and read straight from the bucket
+    buffer at the part's [`placement`][sketchcomm.buckets.BucketLayout.placement]; returns
+    ``out``."""
+    placement = part.layout.placement
+    if part.bucket_state is None:
+        return torch.div(placement.gather(part.buffer).float(), part.world, out=out)
+    return sketch_placed(part.sketch, part.buffer, placement, out.view(part.sketch.table_shape))
 
 
 def message_size(part: BucketContext) -> int:

@@ -59,16 +59,16 @@ from torch import Tensor
 
 from sketchcomm import sketch_compiled, sketch_triton
 from sketchcomm.hashing import derive_seed, prime_at_most
+from sketchcomm.heavy_hitters import select_heavy_hitters
+from sketchcomm.placement import Placement
 from sketchcomm.sketch_numpy import (
     CPU_BLOCK,
     cpu_blocks,
     cpu_scratch,
-    estimates_at_least,
+    finite_on_cpu,
     median_over_rows,
     median_rows_into,
-    selection_threshold,
     sketch_grouped,
-    top_magnitudes,
 )
 
 __all__ = ["CPU_BLOCK", "CountSketch", "derive_seed", "prime_at_most"]
@@ -168,15 +168,21 @@ class CountSketch:
         buckets = (self.offsets[:, chunk] + position[None, :]) % self.columns
         return buckets, self.signs[:, chunk]
 
-    def zero_cells(self, table: Tensor, indices: Tensor) -> None:
+    def zero_cells(self, table: Tensor, indices: Tensor, other: Tensor | None = None) -> None:
         """Set to zero, in place, the cells ``S[j, h_j(i)]`` of ``table`` (``[rows, columns]``
-        fp32) of every coordinate ``i`` in ``indices`` (int64), in every row."""
-        self._check_table(table)
-        if table.device.type == "cpu" and table.is_contiguous() and sketch_compiled.available():
-            sketch_compiled.zero_cells(table.numpy(), self.offsets_cpu, indices.numpy())
+        fp32) of every coordinate ``i`` in ``indices`` (int64), in every row; the same cells of
+        ``other`` too (a second table, e.g. the momentum next to the error) in the same pass."""
+        tables = [table] if other is None else [table, other]
+        for t in tables:
+            self._check_table(t)
+        cpu = all(t.device.type == "cpu" and t.is_contiguous() for t in tables)
+        if cpu and sketch_compiled.available():
+            second = None if other is None else other.numpy()
+            sketch_compiled.zero_cells(table.numpy(), self.offsets_cpu, indices.numpy(), second)
             return
         cells, _ = self.buckets_and_signs(indices)
-        table.scatter_(1, cells, 0.0)
+        for t in tables:
+            t.scatter_(1, cells, 0.0)
 
     # ------------------------------------------------------------------ sketching
     def zeros(self) -> Tensor:
@@ -277,21 +283,16 @@ class CountSketch:
                 f"{table.dtype}"
             )
 
-    @staticmethod
-    def _finite_cpu(table: Tensor) -> bool:
-        if sketch_compiled.available() and table.is_contiguous():
-            return sketch_compiled.all_finite(table.numpy())
-        return bool(torch.isfinite(table).all())
-
-    def _check_out(self, out: Tensor | None, device: torch.device) -> None:
+    def _check_out(self, out: Tensor | None, device: torch.device, numel: int = 0) -> None:
+        numel = numel or self.dim
         if out is not None and (
-            out.shape != (self.dim,)
+            out.shape != (numel,)
             or out.dtype != torch.float32
             or out.device != device
             or not out.is_contiguous()
         ):
             raise ValueError(
-                f"out must be a contiguous ({self.dim},) fp32 tensor on {device}, got "
+                f"out must be a contiguous ({numel},) fp32 tensor on {device}, got "
                 f"{tuple(out.shape)} {out.dtype} on {out.device}"
             )
 
@@ -313,7 +314,7 @@ class CountSketch:
             estimate = median_over_rows(self.row_estimates(table))
             return estimate if out is None else out.copy_(estimate)
         result = torch.empty(self.dim, dtype=torch.float32) if out is None else out
-        if sketch_compiled.available() and self._finite_cpu(table):
+        if sketch_compiled.available() and finite_on_cpu(table):
             sketch_compiled.estimate_into(
                 table.contiguous().numpy(),
                 self.offsets_cpu,
@@ -334,67 +335,27 @@ class CountSketch:
         return median_over_rows(list(per_row.unbind(0)))
 
     def heavy_hitters(
-        self, table: Tensor, k: int, out: Tensor | None = None
+        self,
+        table: Tensor,
+        k: int,
+        out: Tensor | None = None,
+        placement: Placement | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The ``k`` coordinates with the largest estimated magnitude: ``(indices, estimates)``.
 
         Returns ``([k] int64, [k] fp32)`` in no particular order: the same set as
         ``estimate(table).abs().topk(k)`` up to ties at the ``k``-th magnitude, with the same
-        estimates. On the CPU and CUDA, for a finite table, a threshold ``t`` is read from a strided
-        sample of estimates (about ``1.5 k`` expected above it); one pass keeps the coordinates with
-        ``|estimate| >= t`` and, if at least ``k``, an exact selection picks among them, else
-        among the whole estimate. With ``out`` (contiguous ``[dim]`` fp32 on the table's device)
-        the top-``k`` vector (zero elsewhere) is written into it, on the CPU during that pass.
+        estimates (see [`sketchcomm.heavy_hitters`][sketchcomm.heavy_hitters]). With ``out``
+        (contiguous ``[dim]`` fp32 on the table's device) the top-``k`` vector (zero elsewhere)
+        is written into it, on the CPU during the selection's pass; with ``placement`` too,
+        coordinate ``i`` is written at ``placement.positions(i)`` (``out`` then a buffer that
+        holds the placement's positions; the others are left as they are).
         """
         if not 1 <= k <= self.dim:
             raise ValueError(f"k must be in [1, {self.dim}], got {k}")
         self._check_table(table)
-        self._check_out(out, table.device)
-        if table.device.type == "cpu" and self._finite_cpu(table):
-            threshold = selection_threshold(self, table, k)
-            if threshold is not None:
-                fused = out is not None and sketch_compiled.available()
-                indices, values = self._estimates_at_least(
-                    table, threshold, k, out.numpy() if fused else None
-                )
-                if len(indices) >= k:
-                    keep = top_magnitudes(values, k)
-                    chosen = torch.from_numpy(indices[keep]), torch.from_numpy(values[keep])
-                    if not fused:
-                        return _written(chosen, out)
-                    dropped = np.ones(len(indices), dtype=bool)
-                    dropped[keep] = False
-                    out.numpy()[indices[dropped]] = 0.0
-                    return chosen
-            estimates = self.estimate(table)
-            indices = torch.from_numpy(top_magnitudes(estimates.numpy(), k))
-            return _written((indices, estimates[indices]), out)
-        if sketch_triton.supported(table):
-            return _written(sketch_triton.heavy_hitters(self, table.contiguous(), k), out)
-        estimates = self.estimate(table)
-        indices = estimates.abs().topk(k, sorted=False).indices
-        return _written((indices, estimates[indices]), out)
-
-    def _estimates_at_least(
-        self, table: Tensor, threshold: float, k: int, dense: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if sketch_compiled.available():
-            return sketch_compiled.estimates_above(
-                table.contiguous().numpy(),
-                self.offsets_cpu,
-                self.chunk_signs,
-                self.dim,
-                threshold,
-                capacity=2 * k + 64,
-                dense=dense,
-            )
-        return estimates_at_least(self, table, threshold)
-
-
-def _written(chosen: tuple[Tensor, Tensor], out: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``chosen = (indices, values)``, after writing them into ``out`` (zero elsewhere) if given."""
-    if out is not None:
-        indices, values = chosen
-        out.zero_()
-        out[indices] = values
-    return chosen
+        if placement is not None and placement.numel != self.dim:
+            raise ValueError(f"placement holds {placement.numel} elements, not {self.dim}")
+        extent = self.dim if placement is None or out is None else max(len(out), placement.extent)
+        self._check_out(out, table.device, extent)
+        return select_heavy_hitters(self, table, k, out, placement)

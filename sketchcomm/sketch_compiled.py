@@ -42,6 +42,7 @@ __all__ = [
     "estimates_above",
     "estimates_strided",
     "sketch_block",
+    "sketch_segments",
     "zero_cells",
 ]
 
@@ -105,6 +106,30 @@ def sketch_block(
     chunk offsets ``offsets`` (``[r, chunks]`` int64) and signs ``signs`` (``[r, chunks]`` fp32);
     one pass over ``x`` for all rows."""
     _sketch_block(x, offset, tables, offsets, signs)
+
+
+@_jit
+def _sketch_segments(flat, starts, positions, lengths, table, offsets, signs):
+    tables = table.reshape((1, table.shape[0], table.shape[1]))
+    for s in range(len(starts)):
+        segment = flat[positions[s] : positions[s] + lengths[s]]
+        _sketch_block(segment.reshape((1, lengths[s])), starts[s], tables, offsets, signs)
+
+
+def sketch_segments(
+    flat: np.ndarray,
+    starts: np.ndarray,
+    positions: np.ndarray,
+    lengths: np.ndarray,
+    table: np.ndarray,
+    offsets: np.ndarray,
+    signs: np.ndarray,
+) -> None:
+    """Add to ``table`` (``[r, c]`` fp32) the sketch of the vector whose coordinates
+    ``starts[s] .. starts[s] + lengths[s] - 1`` are ``flat[positions[s] : positions[s] +
+    lengths[s]]`` (fp32), segment after segment in order of ``starts`` (int64): the table of
+    that vector bit for bit, without building it."""
+    _sketch_segments(flat, starts, positions, lengths, table, offsets, signs)
 
 
 @_jit
@@ -220,7 +245,7 @@ def estimate_into(
 
 @_jit
 def _estimates_above(
-    table, offsets, signs, dim, threshold, block, found_indices, found_values, dense
+    table, offsets, signs, dim, threshold, block, found_indices, found_values, dense, placement
 ):
     rows, columns = table.shape
     chunks = offsets.shape[1]
@@ -229,23 +254,34 @@ def _estimates_above(
     starts = np.empty(rows, dtype=np.int64)
     capacity = len(found_indices)
     found = 0
+    segment, segments = 0, placement.shape[0]
     for k in range(chunks):
         length = min(columns, dim - k * columns)
         count = _chunk_cuts(offsets, k, length, columns, cuts)
         for m in range(count - 1):
-            for begin in range(cuts[m], cuts[m + 1], len(block)):
+            begin = cuts[m]
+            while begin < cuts[m + 1]:
+                position = k * columns + begin
+                while segment + 1 < segments and placement[segment + 1, 0] <= position:
+                    segment += 1
                 end = min(cuts[m + 1], begin + len(block))
-                target = dense[k * columns + begin :] if len(dense) else block
+                if segment + 1 < segments:
+                    end = min(end, placement[segment + 1, 0] - k * columns)
+                if len(dense):
+                    target = dense[placement[segment, 1] + position - placement[segment, 0] :]
+                else:
+                    target = block
                 _segment(table, offsets, signs, k, begin, end, target, scratch, starts)
                 for t in range(end - begin):
                     value = target[t]
                     if abs(value) >= threshold:
                         if found < capacity:
-                            found_indices[found] = k * columns + begin + t
+                            found_indices[found] = position + t
                             found_values[found] = value
                         found += 1
                     else:
                         target[t] = 0.0
+                begin = end
     return found
 
 
@@ -257,18 +293,32 @@ def estimates_above(
     threshold: float,
     capacity: int,
     dense: np.ndarray | None = None,
+    placement: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """All coordinates whose ``|estimate| >= threshold`` and their estimates, in one pass; at
     most ``capacity`` are kept, but the count is exact: where it exceeds ``capacity`` the pass is
-    repeated with room for all. With ``dense`` (``[dim]`` fp32) the estimates at or above the
-    threshold are also written there, and zeros elsewhere; else no ``[dim]`` vector is made."""
+    repeated with room for all. With ``dense`` (fp32) the estimates at or above the threshold are
+    also written there, and zeros elsewhere; else no ``[dim]`` vector is made. ``placement``
+    (``[s, 2]`` int64, rows ``(start, position)`` by increasing ``start``, the first 0) writes
+    coordinates ``start ..`` up to the next segment's start at ``dense[position ..]``; by default
+    coordinate ``i`` goes to ``dense[i]``."""
     block = np.empty(min(dim, 4096), dtype=np.float32)
     target = np.empty(0, dtype=np.float32) if dense is None else dense
+    segments = np.zeros((1, 2), dtype=np.int64) if placement is None else placement
     while True:
         indices = np.empty(capacity, dtype=np.int64)
         values = np.empty(capacity, dtype=np.float32)
         found = _estimates_above(
-            table, offsets, signs, dim, np.float32(threshold), block, indices, values, target
+            table,
+            offsets,
+            signs,
+            dim,
+            np.float32(threshold),
+            block,
+            indices,
+            values,
+            target,
+            segments,
         )
         if found <= capacity:
             return indices[:found], values[:found]
@@ -276,20 +326,27 @@ def estimates_above(
 
 
 @_jit
-def _zero_cells(table, offsets, indices):
+def _zero_cells(table, other, offsets, indices):
     rows, columns = table.shape
+    both = other.size > 0
     for i in indices:
         k = i // columns
         position = i - k * columns
         for j in range(rows):
             cell = offsets[j, k] + position
-            table[j, cell - columns if cell >= columns else cell] = 0.0
+            cell = cell - columns if cell >= columns else cell
+            table[j, cell] = 0.0
+            if both:
+                other[j, cell] = 0.0
 
 
-def zero_cells(table: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> None:
+def zero_cells(
+    table: np.ndarray, offsets: np.ndarray, indices: np.ndarray, other: np.ndarray | None = None
+) -> None:
     """Set to zero the cells of ``table`` (``[r, c]`` fp32) that the coordinates ``indices``
-    (int64) hash to, one per row."""
-    _zero_cells(table, offsets, indices)
+    (int64) hash to, one per row, and the same cells of ``other`` (like ``table``) if given."""
+    second = np.empty((0, 0), dtype=np.float32) if other is None else other
+    _zero_cells(table, second, offsets, indices)
 
 
 @_jit
@@ -307,6 +364,11 @@ def _estimates_strided(table, offsets, signs, dim, stride, out):
             if rows == 3:
                 a, b, c = scratch[0], scratch[1], scratch[2]
                 out[n] = max(min(a, b), min(max(a, b), c))
+            elif rows == 5:
+                a, b, c, d, e = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+                low = max(min(a, b), min(c, d))
+                high = min(max(a, b), max(c, d))
+                out[n] = max(min(e, low), min(max(e, low), high))
             else:
                 out[n] = _median_small(scratch, rows)
             n += 1

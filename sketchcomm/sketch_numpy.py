@@ -29,6 +29,7 @@ __all__ = [
     "cpu_blocks",
     "cpu_scratch",
     "estimates_at_least",
+    "finite_on_cpu",
     "median_over_rows",
     "median_rows_into",
     "selection_threshold",
@@ -158,6 +159,14 @@ def sketch_grouped(sketch: CountSketch, x: np.ndarray, tables: np.ndarray) -> in
     return whole
 
 
+def finite_on_cpu(table: Tensor) -> bool:
+    """Whether every element of the CPU tensor ``table`` is finite (one compiled pass where
+    possible)."""
+    if sketch_compiled.available() and table.is_contiguous():
+        return sketch_compiled.all_finite(table.numpy())
+    return bool(torch.isfinite(table).all())
+
+
 def selection_threshold(sketch: CountSketch, table: Tensor, k: int) -> float | None:
     """A magnitude exceeded by about ``1.5 k + 4 sqrt(k)`` of the estimates from ``table``, read
     from a strided sample; ``None`` where the sample is too small to be worth it (the caller then
@@ -182,12 +191,19 @@ def selection_threshold(sketch: CountSketch, table: Tensor, k: int) -> float | N
 
 
 def top_magnitudes(values: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the ``k`` largest ``|values|`` (any order; ties at the ``k``-th broken
-    arbitrarily), by introselect instead of a heap."""
+    """Positions of the ``k`` largest ``|values|`` (any order), ties at the ``k``-th magnitude
+    going to the lowest positions: the ``k``-th magnitude by introselect of the magnitudes (no
+    index array to carry along), then one comparison pass."""
     n = len(values)
     if k >= n:
         return np.arange(n)
-    return np.argpartition(np.abs(values), n - k)[n - k :]
+    magnitudes = np.abs(values)
+    kth = np.partition(magnitudes, n - k)[n - k]
+    above = np.flatnonzero(magnitudes > kth)
+    if len(above) == k:
+        return above
+    ties = np.flatnonzero(magnitudes == kth)[: k - len(above)]
+    return np.concatenate((above, ties))
 
 
 def cpu_blocks(sketch: CountSketch, table: Tensor) -> Iterator[tuple[int, list[np.ndarray]]]:

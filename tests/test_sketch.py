@@ -12,8 +12,9 @@ import torch
 from benchmarks.kernels import TARGET_RATIO
 from sketchcomm import sketch_compiled
 from sketchcomm.cli import main
+from sketchcomm.placement import Placement
 from sketchcomm.sketch import CPU_BLOCK, CountSketch, prime_at_most
-from sketchcomm.sketch_blocks import sketch_block_into
+from sketchcomm.sketch_blocks import sketch_block_into, sketch_placed
 from sketchcomm.sketch_numpy import median_over_rows
 
 
@@ -315,8 +316,10 @@ def test_compiled_kernels_equal_the_numpy_path(
 ) -> None:
     """Sketch (into a table already holding values, and a batch), blocks sketched at offsets that
     cross chunks, the estimate, the heavy hitters with a sampled threshold and the table with
-    their cells zeroed: the compiled kernels and the numpy path give the same bits (the sketch's
-    sums in the same order, the median from the same network)."""
+    their cells zeroed (alone and with a second table), the sketch read through a placement and
+    the top-k vector written through it: the compiled kernels and the numpy path give the same
+    bits (the sketch's sums in the same order, the median from the same network), and the
+    placed results equal the canonical ones moved into place."""
     cs = CountSketch(dim, rows, columns, seed=rows)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(3, dim, generator=g) * 10.0 ** torch.randint(-3, 4, (3, dim), generator=g)
@@ -333,8 +336,20 @@ def test_compiled_kernels_equal_the_numpy_path(
         order = indices.argsort()
         zeroed = table.clone()
         cs.zero_cells(zeroed, indices)
+        pair = table.clone(), table * 2.0
+        cs.zero_cells(pair[0], indices, pair[1])
+        assert torch.equal(pair[0], zeroed) and torch.equal(pair[1], zeroed * 2.0)
         estimate = cs.estimate(table)
-        return [table, cs.sketch_batch(x), blocks, estimate, values[order], zeroed]
+        # The canonical vector x[0][cut:] + x[0][:cut], read from and written over x[0]'s order.
+        placement = Placement(((cut, dim - cut), (0, cut)), dim)
+        placed = sketch_placed(cs, x[0], placement, start.clone())
+        assert torch.equal(placed, cs.sketch(placement.gather(x[0]), out=start.clone()))
+        placed_top, canonical_top = torch.full((dim,), 7.0), torch.empty(dim)
+        cs.heavy_hitters(table, k, out=placed_top, placement=placement)
+        cs.heavy_hitters(table, k, out=canonical_top)
+        assert torch.equal(placement.scatter(canonical_top, torch.empty(dim)), placed_top)
+        outputs = [table, cs.sketch_batch(x), blocks, estimate, values[order], zeroed]
+        return [*outputs, pair[1], placed, placed_top]
 
     numpy_kernels_agree(monkeypatch, compute)
 
