@@ -264,3 +264,52 @@ def test_correction_of_one_kind_only() -> None:
     assert values.factor_a is None and values.outlier_index is None
     plain = compress(x, config.quantization_only(), "value")
     assert torch.equal(values.decompress(), plain.decompress())
+
+
+@pytest.mark.parametrize(
+    ("bits", "kind", "rank", "outliers", "tokens"),
+    [
+        (2, "key", 2, 0.02, 32),
+        (3, "key", 1, 0.0, 30),
+        (3, "value", 0, 0.0, 32),
+        (4, "key", 1, 0.0, 32),
+        (4, "value", 2, 0.02, 30),
+        (8, "value", 0, 0.0, 32),
+    ],
+)
+def test_compiled_decompression_matches_the_torch_path(
+    monkeypatch, bits: int, kind: str, rank: int, outliers: float, tokens: int
+) -> None:
+    """The fused kernel (unpack, ``m + s q``, ``A Bᵀ``) gives the torch path's ``X̂`` to float32
+    rounding, for padded groups too (30 tokens, 20 channels in groups of 16 / 8), into a new
+    tensor, a float16 result, and a slice of a larger float32 tensor left untouched around it."""
+    pytest.importorskip("numba")
+    from sketchcomm.gear import decode_compiled
+
+    monkeypatch.delenv("SKETCHCOMM_KERNELS", raising=False)
+    assert decode_compiled.available()
+    x = kv_like((2, 3, 4, tokens, 20), seed=bits)
+    config = GEARConfig(
+        bits=bits,
+        rank=rank,
+        outlier_ratio=outliers,
+        corrected="both",
+        group_size=16,
+        value_group_size=8,
+        buffer_size=32,
+    )
+    stored = compress(x, config, kind)
+    compiled = stored.decompress()
+    compiled_half = stored.decompress(torch.float16)
+    big = torch.full((2, 3, 4 * tokens + 7, 20), 7.0)
+    target = big[:, :, 3 : 3 + 4 * tokens].view(2, 3, 4, tokens, 20)
+    stored.decompress(out=target)
+    monkeypatch.setenv("SKETCHCOMM_KERNELS", "numpy")
+    reference = stored.decompress()
+    tolerance = 1e-6 * reference.abs().max().item()
+    assert (compiled - reference).abs().max().item() <= tolerance
+    assert (target - reference).abs().max().item() <= tolerance
+    assert compiled_half.dtype == torch.float16
+    half_reference = reference.half().float()
+    assert torch.allclose(compiled_half.float(), half_reference, atol=tolerance, rtol=1e-3)
+    assert (big[:, :, :3] == 7).all() and (big[:, :, 3 + 4 * tokens :] == 7).all()
