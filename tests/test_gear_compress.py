@@ -81,6 +81,45 @@ def test_quantization_error_is_within_half_a_step(bits: int, mode: str) -> None:
     assert torch.all(err <= step / 2 + slack)
 
 
+@pytest.mark.parametrize("mode", ["token", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_eight_bit_metadata_keeps_each_group_within_its_levels(bits: int, mode: str) -> None:
+    """With ``metadata="8bit"`` every group's minimum is at most its smallest entry and its
+    range fits in the ``2^b`` levels, so the error stays within half the decoded step; that step
+    is at most 2^(1/16) times float16's step plus the minimum code's spacing over the levels; it
+    takes 2 bytes per group plus 6 per matrix instead of 4 per group."""
+    x = kv_like((2, 3, 64, 32), seed=bits)
+    exact = quantize(x, bits, 16, mode)
+    small = quantize(x, bits, 16, mode, metadata="8bit")
+    axis = -1 if mode == "token" else -2
+    step, floor = (t.repeat_interleave(16, dim=axis) for t in small.steps_and_minima())
+    assert small.scale.dtype == small.minimum.dtype == torch.uint8
+    assert torch.all(floor <= x + 1e-5)
+    levels = (1 << bits) - 1
+    assert torch.all(x <= floor + levels * step + 1e-4)
+    assert torch.all((small.dequantize() - x).abs() <= step / 2 + 1e-4)
+    spacing = small.matrix_scales[..., 1].float()[..., None, None]
+    bound = exact.scale.float() * 2 ** (1 / 16) * 1.002 + spacing / levels + 1e-6
+    assert torch.all(small.steps_and_minima()[0] <= bound)
+    groups = exact.scale.numel()
+    assert exact.nbytes - small.nbytes == 2 * groups - 6 * 2 * 3
+
+
+def test_eight_bit_metadata_through_compress_and_cat() -> None:
+    """GEAR with 8-bit metadata: joining compressed parts keeps each part's decompression, and
+    the error is close to that of float16 metadata."""
+    x = kv_like((1, 2, 4, 32, 64))
+    config = GEARConfig(bits=4, metadata="8bit")
+    parts = [compress(x[:, :, :2], config, "key"), compress(x[:, :, 2:], config, "key")]
+    joined = CompressedTensor.cat(parts, dim=2)
+    assert torch.equal(joined.decompress(), torch.cat([p.decompress() for p in parts], dim=2))
+    assert joined.quantized.matrix_scales.shape == (1, 2, 4, 3)
+    exact = compress(x, GEARConfig(bits=4), "key")
+    assert rel_error(x, joined.decompress()) < 1.1 * rel_error(x, exact.decompress())
+    with pytest.raises(ValueError, match="metadata"):
+        CompressedTensor.cat([parts[0], compress(x[:, :, 2:], GEARConfig(bits=4), "key")], 2)
+
+
 def test_eight_bit_is_nearly_exact() -> None:
     x = kv_like((2, 3, 64, 64))
     config = GEARConfig(bits=8, rank=0, outlier_ratio=0.0)
@@ -232,6 +271,7 @@ def test_concatenation_along_a_leading_dim() -> None:
         ({"outlier_scope": "column"}, "outlier_scope"),
         ({"value_group_size": 6}, "value_group_size"),
         ({"value_mode": "channel", "value_group_size": 48}, "value group size"),
+        ({"metadata": "float8"}, "metadata"),
     ],
 )
 def test_invalid_config_names_the_parameter(kwargs: dict, name: str) -> None:
@@ -267,18 +307,18 @@ def test_correction_of_one_kind_only() -> None:
 
 
 @pytest.mark.parametrize(
-    ("bits", "kind", "rank", "outliers", "tokens"),
+    ("bits", "kind", "rank", "outliers", "tokens", "metadata"),
     [
-        (2, "key", 2, 0.02, 32),
-        (3, "key", 1, 0.0, 30),
-        (3, "value", 0, 0.0, 32),
-        (4, "key", 1, 0.0, 32),
-        (4, "value", 2, 0.02, 30),
-        (8, "value", 0, 0.0, 32),
+        (2, "key", 2, 0.02, 32, "float16"),
+        (3, "key", 1, 0.0, 30, "float16"),
+        (3, "value", 0, 0.0, 32, "8bit"),
+        (4, "key", 1, 0.0, 32, "8bit"),
+        (4, "value", 2, 0.02, 30, "float16"),
+        (8, "value", 0, 0.0, 32, "float16"),
     ],
 )
 def test_compiled_decompression_matches_the_torch_path(
-    monkeypatch, bits: int, kind: str, rank: int, outliers: float, tokens: int
+    monkeypatch, bits: int, kind: str, rank: int, outliers: float, tokens: int, metadata: str
 ) -> None:
     """The fused kernel (unpack, ``m + s q``, ``A Bᵀ``) gives the torch path's ``X̂`` to float32
     rounding, for padded groups too (30 tokens, 20 channels in groups of 16 / 8), into a new
@@ -297,6 +337,7 @@ def test_compiled_decompression_matches_the_torch_path(
         group_size=16,
         value_group_size=8,
         buffer_size=32,
+        metadata=metadata,
     )
     stored = compress(x, config, kind)
     compiled = stored.decompress()

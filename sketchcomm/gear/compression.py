@@ -179,8 +179,8 @@ class CompressedTensor:
             (matrix_stride, block_stride, strides[-2]),
             quantized.codes.reshape(*shape, *quantized.codes.shape[-2:]).contiguous().numpy(),
             *(
-                t.reshape(*shape, *t.shape[-2:]).float().contiguous().numpy()
-                for t in (quantized.scale, quantized.minimum)
+                t.reshape(*shape, *t.shape[-2:]).contiguous().numpy()
+                for t in quantized.steps_and_minima()
             ),
             quantized.bits,
             group_rows,
@@ -316,7 +316,9 @@ def compress(
             mask = mask.view(work.shape)
             outlier_index = index.to(torch.int16 if n * d <= 2**15 else torch.int32)
 
-    quantized = quantize(work, config.bits, config.group_size_for(kind), mode, exclude=mask)
+    quantized = quantize(
+        work, config.bits, config.group_size_for(kind), mode, exclude=mask, metadata=config.metadata
+    )
 
     factor_a = factor_b = None
     if config.rank > 0:
