@@ -30,7 +30,7 @@ CACHES = {
     "gear4": "GEAR 4-bit (default recipe), decompressed chunk by chunk every step",
     "gear4-decoded": "GEAR 4-bit (default recipe) with decoded_buffer=True",
     "quant4": "quantization only, 4-bit (default recipe without the low-rank term)",
-    "gear4-m8": "GEAR 4-bit (default recipe) with metadata='8bit'",
+    "gear4-m16": "GEAR 4-bit (default recipe) with metadata='float16' (the former default)",
     "gear2": "GEAR 2-bit (default recipe)",
     "quanto4": "transformers QuantizedCache(backend='quanto', nbits=4)",
     "none": "no cache kept: the model and one prefill (the memory baseline)",
@@ -52,8 +52,8 @@ def make_cache(name: str, model):
     recipe = GEARConfig(bits=2 if name == "gear2" else 4)
     if name == "gear4-decoded":
         recipe = dataclasses.replace(recipe, decoded_buffer=True)
-    if name == "gear4-m8":
-        recipe = dataclasses.replace(recipe, metadata="8bit")
+    if name == "gear4-m16":
+        recipe = dataclasses.replace(recipe, metadata="float16")
     if name == "quant4":
         recipe = recipe.quantization_only()
     return GEARCache(recipe, config=model.config)

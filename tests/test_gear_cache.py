@@ -348,13 +348,13 @@ def test_deepcopy_and_reset_of_a_model_cache(model, tokens) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_decompression_steps_match_the_torch_path(model, tokens, monkeypatch, dtype):
     """Decoding through the fused CPU kernel gives the logits of the torch decompression path
-    (``SKETCHCOMM_KERNELS=numpy``) to float rounding, at 4 and 3 bits (8-bit metadata) with the
-    low-rank term."""
+    (``SKETCHCOMM_KERNELS=numpy``) to float rounding, at 4 bits (float16 metadata) and 3 bits
+    (8-bit metadata) with the low-rank term."""
     pytest.importorskip("numba")
     model = copy.deepcopy(model).to(dtype)
     configs = (
-        small_config(bits=4, rank=1),
-        small_config(bits=3, rank=2, outlier_ratio=0.02, metadata="8bit"),
+        small_config(bits=4, rank=1, metadata="float16"),
+        small_config(bits=3, rank=2, outlier_ratio=0.02),
     )
     for config in configs:
         monkeypatch.delenv("SKETCHCOMM_KERNELS", raising=False)

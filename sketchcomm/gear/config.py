@@ -66,10 +66,10 @@ class GEARConfig:
             block decompressed once when it is compressed; decoding steps then copy them instead
             of decompressing the whole cache. Faster steps for the memory of an uncompressed
             cache on top (counted in ``nbytes``); off by default.
-        metadata: ``"float16"`` (default) stores every group's step and minimum in float16
-            (32 bits per group); ``"8bit"`` stores a uint8 code for each (16 bits per group,
-            plus three float16 numbers per block matrix), see
-            [`sketchcomm.gear.quantization`][sketchcomm.gear.quantization].
+        metadata: ``"8bit"`` (default) stores a uint8 code for every group's step and one for
+            its minimum (16 bits per group, plus three float16 numbers per block matrix), see
+            [`sketchcomm.gear.quantization`][sketchcomm.gear.quantization]; ``"float16"`` stores
+            both in float16 (32 bits per group, the former default).
 
     >>> from sketchcomm.gear import GEARConfig
     >>> GEARConfig().describe()  # the default: rank 1 on the keys, key groups of 32 tokens
@@ -95,7 +95,7 @@ class GEARConfig:
     buffer_size: int = 32
     seed: int = 0
     decoded_buffer: bool = False
-    metadata: MetadataFormat = "float16"
+    metadata: MetadataFormat = "8bit"
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -176,6 +176,6 @@ class GEARConfig:
             f"{name} {self.bits}-bit g{self.group_size}"
             f"{'' if self.value_group_size is None else f'/{self.value_group_size}'} r{self.rank} "
             f"s{100 * self.outlier_ratio:g}%{'/row' if self.outlier_scope == 'row' else ''} "
-            f"nb{self.buffer_size}{' m8' if self.metadata == '8bit' else ''}"
+            f"nb{self.buffer_size}{' m16' if self.metadata == 'float16' else ''}"
             f"{f' {self.corrected}s' if name == 'GEAR' and self.corrected != 'both' else ''}"
         )

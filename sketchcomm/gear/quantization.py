@@ -291,6 +291,10 @@ STEP_CODES_PER_OCTAVE = 16
 """Step codes per doubling of the step with 8-bit metadata: a code ``c`` stands for
 ``σ 2^{c/16}``, so that 256 codes span 16 octaves."""
 
+STEP_FACTORS = torch.exp2(torch.arange(256, dtype=torch.float64) / STEP_CODES_PER_OCTAVE).float()
+"""``2^{c/16}`` for every step code ``c``, computed once, so that decoding is a table look-up that
+gives the same float32 step whatever the shape of the batch."""
+
 
 def _half_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
     """``x`` in float16, rounded towards ``direction`` (``-inf``: at most ``x``; ``inf``: at
@@ -330,7 +334,9 @@ def encode_metadata(
     lowest = largest * 2.0 ** (-255 / STEP_CODES_PER_OCTAVE)
     sigma = torch.where(torch.isfinite(smallest), torch.maximum(smallest, lowest), largest)
     sigma = _half_toward(torch.where(sigma > 0, sigma, 1.0), -torch.inf)
-    ratio = needed / sigma.float()[..., None, None]
+    # In float64, so that a code never depends on how the batch is laid out (vectorised float32
+    # logarithms can differ in the last bit, which would flip a ceiling).
+    ratio = needed.double() / sigma.double()[..., None, None]
     scale = (STEP_CODES_PER_OCTAVE * torch.log2(ratio.clamp_min(1.0))).ceil_().clamp_(0, 255)
     matrix_scales = torch.stack([base, span, sigma], dim=-1)
     return scale.to(torch.uint8), minimum.to(torch.uint8), matrix_scales
@@ -341,7 +347,7 @@ def decode_metadata(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 steps ``s' = σ 2^{c/16}`` and minima ``m' = μ + a δ`` of 8-bit metadata."""
     base, span, sigma = (matrix_scales[..., k, None, None].float() for k in range(3))
-    steps = sigma * torch.exp2(scale.float() / STEP_CODES_PER_OCTAVE)
+    steps = sigma * STEP_FACTORS.to(scale.device)[scale.long()]
     return steps, base + minimum.float() * span
 
 
