@@ -240,7 +240,7 @@ class CompressedTensor:
 
 
 def decompresses_in_place(out: torch.Tensor) -> bool:
-    """Whether [`CompressedTensor.decompress()`][sketchcomm.gear.CompressedTensor.decompress]
+    """Whether [`CompressedTensor.decompress()`][sketchcomm.gear.compression.CompressedTensor.decompress]
     writes straight into ``out`` with no temporary: a float32 CPU tensor whose ``[n, d]`` matrices
     are contiguous, and the compiled kernel available."""
     return (
