@@ -240,9 +240,10 @@ class CompressedTensor:
 
 
 def decompresses_in_place(out: torch.Tensor) -> bool:
-    """Whether [`CompressedTensor.decompress()`][sketchcomm.gear.compression.CompressedTensor.decompress]
-    writes straight into ``out`` with no temporary: a float32 CPU tensor whose ``[n, d]`` matrices
-    are contiguous, and the compiled kernel available."""
+    """Whether decompressing into ``out`` writes straight into it with no temporary (see
+    [`CompressedTensor.decompress()`][sketchcomm.gear.compression.CompressedTensor.decompress]):
+    a float32 CPU tensor whose ``[n, d]`` matrices are contiguous, and the compiled kernel
+    available."""
     return (
         decode_compiled.available()
         and out.device.type == "cpu"
