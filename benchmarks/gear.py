@@ -140,6 +140,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     gear.add_argument(
+        "--metadata",
+        default=recipe.metadata,
+        choices=["float16", "8bit"],
+        help="each group's step and minimum in float16, or as 8-bit codes (default: %(default)s)",
+    )
+    gear.add_argument(
         "--power-iters",
         type=positive_int,
         default=3,
@@ -244,6 +250,7 @@ def gear_configs(args: argparse.Namespace) -> list:
             rank=rank,
             power_iters=args.power_iters,
             buffer_size=args.buffer_size,
+            metadata=args.metadata,
         )
         for bits, rank, ratio in zip(args.bits, ranks, ratios, strict=True)
     ]

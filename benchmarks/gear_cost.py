@@ -2,11 +2,13 @@
 
 A process loads the model, builds one cache, prefills ``B`` segments of ``P`` tokens and decodes
 ``N`` steps (teacher-forced), and reports the median wall time of a step, the bytes the cache
-holds at the end and the process's peak resident memory (``ru_maxrss``). Peak memory includes
-the model and every temporary of the steps (decompressed keys and values, attention), which
-``nbytes`` alone does not show; running each cache in a fresh interpreter keeps one cache's
-peak from hiding another's. ``peak - model`` subtracts the peak of a process that only loads
-the model and runs the same prefill without keeping a cache.
+holds at the end and the process's peak resident memory (``ru_maxrss``). With one thread the
+process's CPU time of a step (``cpu ms/step``) is also reported: on a machine shared with other
+jobs it is steadier than the wall time, which counts the time the process waited for a core.
+Peak memory includes the model and every temporary of the steps (decompressed keys and values,
+attention), which ``nbytes`` alone does not show; running each cache in a fresh interpreter
+keeps one cache's peak from hiding another's. ``peak - model`` subtracts the peak of a process
+that only loads the model and runs the same prefill without keeping a cache.
 
 Run ``python -m benchmarks.gear_cost CACHE`` for one measurement (JSON on stdout), or
 :func:`measure_all` for every cache, each in its own subprocess.
@@ -28,6 +30,7 @@ CACHES = {
     "gear4": "GEAR 4-bit (default recipe), decompressed chunk by chunk every step",
     "gear4-decoded": "GEAR 4-bit (default recipe) with decoded_buffer=True",
     "quant4": "quantization only, 4-bit (default recipe without the low-rank term)",
+    "gear4-m16": "GEAR 4-bit (default recipe) with metadata='float16' (the former default)",
     "gear2": "GEAR 2-bit (default recipe)",
     "quanto4": "transformers QuantizedCache(backend='quanto', nbits=4)",
     "none": "no cache kept: the model and one prefill (the memory baseline)",
@@ -49,6 +52,8 @@ def make_cache(name: str, model):
     recipe = GEARConfig(bits=2 if name == "gear2" else 4)
     if name == "gear4-decoded":
         recipe = dataclasses.replace(recipe, decoded_buffer=True)
+    if name == "gear4-m16":
+        recipe = dataclasses.replace(recipe, metadata="float16")
     if name == "quant4":
         recipe = recipe.quantization_only()
     return GEARCache(recipe, config=model.config)
@@ -63,7 +68,7 @@ def measure(name: str, batch: int, prefill: int, steps: int, dtype: str) -> dict
 
     model, tokenizer = load_model(dtype=dtype)
     ids = text_segments(tokenizer, default_text(), batch, prefill + steps + 1, offset=0)
-    times = []
+    times, cpu_times = [], []
     with torch.inference_mode():
         if name == "none":
             model(ids[:, :prefill], use_cache=False)
@@ -72,14 +77,16 @@ def measure(name: str, batch: int, prefill: int, steps: int, dtype: str) -> dict
             cache = make_cache(name, model)
             model(ids[:, :prefill], cache=cache, use_cache=True)
             for i in range(steps):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 model(ids[:, prefill + i : prefill + i + 1], cache=cache, use_cache=True)
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
             held = cache_nbytes(cache)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     return {
         "cache": name,
         "ms_per_step": 1000 * statistics.median(times) if times else None,
+        "cpu_ms_per_step": 1000 * statistics.median(cpu_times) if cpu_times else None,
         "held_bytes": held,
         "peak_rss_bytes": peak,
         "batch": batch,
@@ -114,14 +121,17 @@ def markdown_cost(results: list[dict]) -> str:
     caches = [r for r in results if r["cache"] != "none"]
     reference = caches[0]
     lines = [
-        "| cache | ms/step | vs first | KV bytes held | peak RSS (MiB) | peak − model (MiB) |",
-        "|---|---|---|---|---|---|",
+        "| cache | ms/step | vs first | cpu ms/step | vs first | KV bytes held | peak RSS (MiB) "
+        "| peak − model (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     mib = 2**20
     for r in caches:
         lines.append(
             f"| {CACHES[r['cache']]} | {r['ms_per_step']:.1f} "
-            f"| {r['ms_per_step'] / reference['ms_per_step']:.2f}× | {r['held_bytes']:,} "
+            f"| {r['ms_per_step'] / reference['ms_per_step']:.2f}× "
+            f"| {r['cpu_ms_per_step']:.1f} "
+            f"| {r['cpu_ms_per_step'] / reference['cpu_ms_per_step']:.2f}× | {r['held_bytes']:,} "
             f"| {r['peak_rss_bytes'] / mib:.0f} "
             f"| {(r['peak_rss_bytes'] - baseline['peak_rss_bytes']) / mib:.0f} |"
         )

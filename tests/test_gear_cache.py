@@ -345,6 +345,26 @@ def test_deepcopy_and_reset_of_a_model_cache(model, tokens) -> None:
     assert torch.equal(decode_logits(model, cache, tokens, prefill=40), fresh_logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decompression_steps_match_the_torch_path(model, tokens, monkeypatch, dtype):
+    """Decoding through the fused CPU kernel gives the logits of the torch decompression path
+    (``SKETCHCOMM_KERNELS=numpy``) to float rounding, at 4 bits (float16 metadata) and 3 bits
+    (8-bit metadata) with the low-rank term."""
+    pytest.importorskip("numba")
+    model = copy.deepcopy(model).to(dtype)
+    configs = (
+        small_config(bits=4, rank=1, metadata="float16"),
+        small_config(bits=3, rank=2, outlier_ratio=0.02),
+    )
+    for config in configs:
+        monkeypatch.delenv("SKETCHCOMM_KERNELS", raising=False)
+        compiled = decode_logits(model, GEARCache(config, config=model.config), tokens, 40)
+        monkeypatch.setenv("SKETCHCOMM_KERNELS", "numpy")
+        reference = decode_logits(model, GEARCache(config, config=model.config), tokens, 40)
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        assert (compiled.float() - reference.float()).abs().max().item() < tolerance
+
+
 def test_decoded_buffer_returns_what_decompression_returns() -> None:
     """``decoded_buffer=True`` keeps each block decompressed once; every step, crop and row
     selection reads back exactly what decompressing the blocks again gives."""

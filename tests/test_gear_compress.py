@@ -81,6 +81,49 @@ def test_quantization_error_is_within_half_a_step(bits: int, mode: str) -> None:
     assert torch.all(err <= step / 2 + slack)
 
 
+@pytest.mark.parametrize("mode", ["token", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_eight_bit_metadata_keeps_each_group_within_its_levels(bits: int, mode: str) -> None:
+    """With ``metadata="8bit"`` every group's minimum is at most its smallest entry and its
+    range fits in the ``2^b`` levels, so the error stays within half the decoded step; that step
+    is at most 2^(1/16) times the exact step plus the minimum code's spacing over the levels; it
+    takes 2 bytes per group plus 6 per matrix instead of 4 per group."""
+    x = kv_like((2, 3, 64, 32), seed=bits)
+    exact = quantize(x, bits, 16, mode)
+    small = quantize(x, bits, 16, mode, metadata="8bit")
+    axis = -1 if mode == "token" else -2
+    step, floor = (t.repeat_interleave(16, dim=axis) for t in small.steps_and_minima())
+    assert small.scale.dtype == small.minimum.dtype == torch.uint8
+    assert torch.all(floor <= x + 1e-5)
+    levels = (1 << bits) - 1
+    assert torch.all(x <= floor + levels * step + 1e-4)
+    assert torch.all((small.dequantize() - x).abs() <= step / 2 + 1e-4)
+    grouped = x.view(2, 3, 64, 2, 16) if mode == "token" else x.view(2, 3, 4, 16, 32)
+    reduce = -1 if mode == "token" else -2
+    true_step = (grouped.amax(reduce) - grouped.amin(reduce)) / levels
+    spacing = small.matrix_scales[..., 1].float()[..., None, None]
+    bound = (true_step + spacing / levels) * 2 ** (1 / 16) * (1 + 1e-5) + 1e-6
+    assert torch.all(small.steps_and_minima()[0] <= bound)
+    groups = exact.scale.numel()
+    assert exact.nbytes - small.nbytes == 2 * groups - 6 * 2 * 3
+
+
+def test_eight_bit_metadata_through_compress_and_cat() -> None:
+    """GEAR with 8-bit metadata: joining compressed parts keeps each part's decompression, and
+    the error is close to that of float16 metadata."""
+    x = kv_like((1, 2, 4, 32, 64))
+    config = GEARConfig(bits=4, metadata="8bit")
+    parts = [compress(x[:, :, :2], config, "key"), compress(x[:, :, 2:], config, "key")]
+    joined = CompressedTensor.cat(parts, dim=2)
+    assert torch.equal(joined.decompress(), torch.cat([p.decompress() for p in parts], dim=2))
+    assert joined.quantized.matrix_scales.shape == (1, 2, 4, 3)
+    float16 = GEARConfig(bits=4, metadata="float16")
+    exact = compress(x, float16, "key")
+    assert rel_error(x, joined.decompress()) < 1.1 * rel_error(x, exact.decompress())
+    with pytest.raises(ValueError, match="metadata"):
+        CompressedTensor.cat([parts[0], compress(x[:, :, 2:], float16, "key")], 2)
+
+
 def test_eight_bit_is_nearly_exact() -> None:
     x = kv_like((2, 3, 64, 64))
     config = GEARConfig(bits=8, rank=0, outlier_ratio=0.0)
@@ -164,19 +207,22 @@ def test_nbytes_counts_every_held_tensor() -> None:
             bits=8, group_size=64, buffer_size=64, corrected="both", rank=0, outlier_ratio=0.0
         ),
     ):
-        ct = compress(x, config, "key")
-        assert ct.nbytes == held_bytes(ct)
-        # Independent expectation from the layout: codes, float16 scale and minimum per group of
-        # 64, float16 factors, int16 index and float16 value per outlier.
-        matrices, entries = 2 * 3, 64 * 64
-        outliers = 2 * round(config.outlier_ratio * entries / 2)
-        expected = matrices * (
-            entries * config.bits // 8
-            + 2 * 2 * entries // 64
-            + 2 * config.rank * (64 + 64)
-            + (2 + 2) * outliers
-        )
-        assert ct.nbytes == expected
+        for metadata, group_bytes, matrix_bytes in (("float16", 4, 0), ("8bit", 2, 6)):
+            ct = compress(x, dataclasses.replace(config, metadata=metadata), "key")
+            assert ct.nbytes == held_bytes(ct)
+            # Independent expectation from the layout: codes, a scale and a minimum per group of
+            # 64 (float16, or uint8 codes plus three float16 per matrix), float16 factors, int16
+            # index and float16 value per outlier.
+            matrices, entries = 2 * 3, 64 * 64
+            outliers = 2 * round(config.outlier_ratio * entries / 2)
+            expected = matrices * (
+                entries * config.bits // 8
+                + group_bytes * entries // 64
+                + matrix_bytes
+                + 2 * config.rank * (64 + 64)
+                + (2 + 2) * outliers
+            )
+            assert ct.nbytes == expected
 
 
 def test_codes_are_really_packed() -> None:
@@ -232,6 +278,7 @@ def test_concatenation_along_a_leading_dim() -> None:
         ({"outlier_scope": "column"}, "outlier_scope"),
         ({"value_group_size": 6}, "value_group_size"),
         ({"value_mode": "channel", "value_group_size": 48}, "value group size"),
+        ({"metadata": "float8"}, "metadata"),
     ],
 )
 def test_invalid_config_names_the_parameter(kwargs: dict, name: str) -> None:
@@ -264,3 +311,53 @@ def test_correction_of_one_kind_only() -> None:
     assert values.factor_a is None and values.outlier_index is None
     plain = compress(x, config.quantization_only(), "value")
     assert torch.equal(values.decompress(), plain.decompress())
+
+
+@pytest.mark.parametrize(
+    ("bits", "kind", "rank", "outliers", "tokens", "metadata"),
+    [
+        (2, "key", 2, 0.02, 32, "float16"),
+        (3, "key", 1, 0.0, 30, "float16"),
+        (3, "value", 0, 0.0, 32, "8bit"),
+        (4, "key", 1, 0.0, 32, "8bit"),
+        (4, "value", 2, 0.02, 30, "float16"),
+        (8, "value", 0, 0.0, 32, "float16"),
+    ],
+)
+def test_compiled_decompression_matches_the_torch_path(
+    monkeypatch, bits: int, kind: str, rank: int, outliers: float, tokens: int, metadata: str
+) -> None:
+    """The fused kernel (unpack, ``m + s q``, ``A Bᵀ``) gives the torch path's ``X̂`` to float32
+    rounding, for padded groups too (30 tokens, 20 channels in groups of 16 / 8), into a new
+    tensor, a float16 result, and a slice of a larger float32 tensor left untouched around it."""
+    pytest.importorskip("numba")
+    from sketchcomm.gear import decode_compiled
+
+    monkeypatch.delenv("SKETCHCOMM_KERNELS", raising=False)
+    assert decode_compiled.available()
+    x = kv_like((2, 3, 4, tokens, 20), seed=bits)
+    config = GEARConfig(
+        bits=bits,
+        rank=rank,
+        outlier_ratio=outliers,
+        corrected="both",
+        group_size=16,
+        value_group_size=8,
+        buffer_size=32,
+        metadata=metadata,
+    )
+    stored = compress(x, config, kind)
+    compiled = stored.decompress()
+    compiled_half = stored.decompress(torch.float16)
+    big = torch.full((2, 3, 4 * tokens + 7, 20), 7.0)
+    target = big[:, :, 3 : 3 + 4 * tokens].view(2, 3, 4, tokens, 20)
+    stored.decompress(out=target)
+    monkeypatch.setenv("SKETCHCOMM_KERNELS", "numpy")
+    reference = stored.decompress()
+    tolerance = 1e-6 * reference.abs().max().item()
+    assert (compiled - reference).abs().max().item() <= tolerance
+    assert (target - reference).abs().max().item() <= tolerance
+    assert compiled_half.dtype == torch.float16
+    half_reference = reference.half().float()
+    assert torch.allclose(compiled_half.float(), half_reference, atol=tolerance, rtol=1e-3)
+    assert (big[:, :, :3] == 7).all() and (big[:, :, 3 + 4 * tokens :] == 7).all()

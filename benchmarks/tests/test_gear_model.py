@@ -38,7 +38,9 @@ def test_bench_gear_quick_writes_json_markdown_and_plot(tmp_path) -> None:
 
 def test_one_pass_computation_equals_the_decoding_loop_on_smollm2() -> None:
     """On the real model, the frontier's one-pass computation gives the decoding loop's
-    likelihood and bytes for the default recipe (float16 model, float16 cache)."""
+    likelihood and bytes for the default recipe, both with the cache in the model's dtype
+    (float32). (With a float16 cache in the one pass only, the inputs' rounding can move a
+    2-bit group's step code, which shifts this short run's likelihood by about 1.5 %.)"""
     import torch
 
     from benchmarks.gear_evaluate import decode_in_lockstep
@@ -52,12 +54,8 @@ def test_one_pass_computation_equals_the_decoding_loop_on_smollm2() -> None:
     ids = text_segments(tokenizer, default_text(), batch=1, length=64 + 40 + 1, offset=500)
     config = GEARConfig(bits=2)
     loop = decode_in_lockstep(model, ids, 64, [GEARCache(config, config=model.config)])[0]
-    one_pass = simulate(model, ids, 64, config.buffer_size, block_compressor(config))
-    assert one_pass.nll.sum().item() == pytest.approx(loop.nll, rel=5e-3)
-    # The loop's cache is float32 (the model's dtype), the one-pass count a float16 buffer.
-    buffer = sum(
-        t.numel() * t.element_size()
-        for layer in loop.cache.layers
-        for t in (layer.streams[0].keys, layer.streams[0].values)
+    one_pass = simulate(
+        model, ids, 64, config.buffer_size, block_compressor(config), cache_dtype=torch.float32
     )
-    assert one_pass.kv_bytes == cache_nbytes(loop.cache) - buffer // 2
+    assert one_pass.nll.sum().item() == pytest.approx(loop.nll, rel=5e-3)
+    assert one_pass.kv_bytes == cache_nbytes(loop.cache)

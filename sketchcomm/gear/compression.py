@@ -26,12 +26,14 @@ bits, against 16 for float16.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
+from . import decode_compiled
 from .config import GEARConfig, QuantMode
 from .lowrank import power_iteration
 from .quantization import GroupQuantized, quantize
@@ -98,18 +100,20 @@ class CompressedTensor:
     ) -> torch.Tensor:
         """Return ``X̂`` (``D̂ + L``, and the exact outliers) as ``[..., n, d]`` in ``dtype``.
 
+        On the CPU ``D̂ + L`` is computed by the fused kernel of
+        [`sketchcomm.gear.decode_compiled`][sketchcomm.gear.decode_compiled] (straight into a
+        float32 ``out``, with no temporary), elsewhere or without numba by torch operations.
+
         Args:
             dtype: dtype of the result; defaults to the dtype of the original tensor.
             out: optional tensor of shape ``[..., n, d]`` to write the result into (its dtype
                 wins over ``dtype``); it may be a strided view, e.g. a slice of a larger tensor.
         """
-        values = self.quantized.dequantize().contiguous()
-        if self.factor_a is not None:
-            rank = self.factor_a.shape[-1]
-            values.view(-1, self.n, self.d).baddbmm_(
-                self.factor_a.reshape(-1, self.n, rank).float(),
-                self.factor_b.reshape(-1, self.d, rank).float().transpose(1, 2),
-            )
+        if out is not None and out.shape != self.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(self.shape)}")
+        values = self._compiled_lossy_part(out)
+        if values is None:
+            values = self._lossy_part()
         if self.outlier_index is not None:
             values.view(*values.shape[:-2], self.n * self.d).scatter_(
                 -1,
@@ -118,9 +122,73 @@ class CompressedTensor:
             )
         if out is None:
             return values.to(dtype or self.dtype)
-        if out.shape != values.shape:
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(values.shape)}")
-        return out.copy_(values)
+        return values if values is out else out.copy_(values)
+
+    def _lossy_part(self) -> torch.Tensor:
+        """``D̂ + L`` as a new float32 tensor ``[..., n, d]``, with torch operations."""
+        values = self.quantized.dequantize().contiguous()
+        if self.factor_a is not None:
+            rank = self.factor_a.shape[-1]
+            values.view(-1, self.n, self.d).baddbmm_(
+                self.factor_a.reshape(-1, self.n, rank).float(),
+                self.factor_b.reshape(-1, self.d, rank).float().transpose(1, 2),
+            )
+        return values
+
+    def _compiled_lossy_part(self, out: torch.Tensor | None) -> torch.Tensor | None:
+        """``D̂ + L`` written by the compiled kernel, into ``out`` when it is a float32 tensor whose
+        ``[n, d]`` matrices are contiguous, else into a new float32 tensor; ``None`` when the kernel
+        does not run (not on the CPU, or numba unavailable)."""
+        quantized = self.quantized
+        if not (decode_compiled.available() and quantized.codes.device.type == "cpu"):
+            return None
+        lead = self.shape[:-2]
+        blocks = lead[-1] if lead else 1
+        shape = (math.prod(lead[:-1]), blocks)
+        in_place = out is not None and decompresses_in_place(out)
+        target = out if in_place else torch.empty(self.shape)
+        strides = target.stride()
+        if len(lead) > 1 and any(  # leading strides that cannot be merged into one
+            strides[k] != strides[k + 1] * target.shape[k + 1] for k in range(len(lead) - 2)
+        ):
+            in_place, target = False, torch.empty(self.shape)
+            strides = target.stride()
+        rows = quantized.codes.shape[-2] * 8 // quantized.bits
+        cols = quantized.codes.shape[-1]
+        if quantized.mode == "token":
+            group_rows, group_cols = 1, cols // quantized.scale.shape[-1]
+        else:
+            group_rows, group_cols = rows // quantized.scale.shape[-2], 1
+        rank = 0 if self.factor_a is None else self.factor_a.shape[-1]
+        factor_a = (
+            torch.zeros(*shape, self.n, 0)
+            if self.factor_a is None
+            else self.factor_a.reshape(*shape, self.n, rank).float()
+        )
+        factor_bt = (
+            torch.zeros(*shape, 0, self.d)
+            if self.factor_b is None
+            else self.factor_b.reshape(*shape, self.d, rank).transpose(-1, -2).float().contiguous()
+        )
+        matrix_stride = strides[-4] if len(lead) > 1 else 0
+        block_stride = strides[-3] if lead else 0
+        storage = torch.as_strided(target, (target.untyped_storage().nbytes() // 4,), (1,), 0)
+        decode_compiled.dequantize_into(
+            storage.numpy(),
+            target.storage_offset(),
+            (matrix_stride, block_stride, strides[-2]),
+            quantized.codes.reshape(*shape, *quantized.codes.shape[-2:]).contiguous().numpy(),
+            *(
+                t.reshape(*shape, *t.shape[-2:]).contiguous().numpy()
+                for t in quantized.steps_and_minima()
+            ),
+            quantized.bits,
+            group_rows,
+            group_cols,
+            factor_a.contiguous().numpy(),
+            factor_bt.numpy(),
+        )
+        return out if in_place else target.view(self.shape)
 
     def flat_outlier_index(self) -> torch.Tensor:
         """The outliers' flat indices ``i * d + j`` into each ``[n, d]`` matrix, ``[..., 2k']``."""
@@ -169,6 +237,20 @@ class CompressedTensor:
             outlier_index=join("outlier_index"),
             outlier_value=join("outlier_value"),
         )
+
+
+def decompresses_in_place(out: torch.Tensor) -> bool:
+    """Whether decompressing into ``out`` writes straight into it with no temporary (see
+    [`CompressedTensor.decompress()`][sketchcomm.gear.compression.CompressedTensor.decompress]):
+    a float32 CPU tensor whose ``[n, d]`` matrices are contiguous, and the compiled kernel
+    available."""
+    return (
+        decode_compiled.available()
+        and out.device.type == "cpu"
+        and out.dtype == torch.float32
+        and out.stride(-1) == 1
+        and out.stride(-2) == out.shape[-1]
+    )
 
 
 def compress(
@@ -235,7 +317,9 @@ def compress(
             mask = mask.view(work.shape)
             outlier_index = index.to(torch.int16 if n * d <= 2**15 else torch.int32)
 
-    quantized = quantize(work, config.bits, config.group_size_for(kind), mode, exclude=mask)
+    quantized = quantize(
+        work, config.bits, config.group_size_for(kind), mode, exclude=mask, metadata=config.metadata
+    )
 
     factor_a = factor_b = None
     if config.rank > 0:

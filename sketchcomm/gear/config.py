@@ -22,6 +22,7 @@ from sketchcomm.validation import check_int
 
 QuantMode = Literal["channel", "token"]
 OutlierScope = Literal["matrix", "row"]
+MetadataFormat = Literal["float16", "8bit"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -65,6 +66,10 @@ class GEARConfig:
             block decompressed once when it is compressed; decoding steps then copy them instead
             of decompressing the whole cache. Faster steps for the memory of an uncompressed
             cache on top (counted in ``nbytes``); off by default.
+        metadata: ``"8bit"`` (default) stores a uint8 code for every group's step and one for
+            its minimum (16 bits per group, plus three float16 numbers per block matrix), see
+            [`sketchcomm.gear.quantization`][sketchcomm.gear.quantization]; ``"float16"`` stores
+            both in float16 (32 bits per group, the former default).
 
     >>> from sketchcomm.gear import GEARConfig
     >>> GEARConfig().describe()  # the default: rank 1 on the keys, key groups of 32 tokens
@@ -90,6 +95,7 @@ class GEARConfig:
     buffer_size: int = 32
     seed: int = 0
     decoded_buffer: bool = False
+    metadata: MetadataFormat = "8bit"
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -126,6 +132,8 @@ class GEARConfig:
         check_int("power_iters", self.power_iters, minimum=1)
         check_int("buffer_size", self.buffer_size, minimum=1)
         check_int("seed", self.seed, minimum=0)
+        if self.metadata not in ("float16", "8bit"):
+            raise ValueError(f"metadata must be 'float16' or '8bit', got {self.metadata!r}")
         if not isinstance(self.decoded_buffer, bool):
             raise ValueError(f"decoded_buffer must be a bool, got {self.decoded_buffer!r}")
         for kind in ("key", "value"):
@@ -168,6 +176,6 @@ class GEARConfig:
             f"{name} {self.bits}-bit g{self.group_size}"
             f"{'' if self.value_group_size is None else f'/{self.value_group_size}'} r{self.rank} "
             f"s{100 * self.outlier_ratio:g}%{'/row' if self.outlier_scope == 'row' else ''} "
-            f"nb{self.buffer_size}"
+            f"nb{self.buffer_size}{' m16' if self.metadata == 'float16' else ''}"
             f"{f' {self.corrected}s' if name == 'GEAR' and self.corrected != 'both' else ''}"
         )

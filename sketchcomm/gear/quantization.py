@@ -23,6 +23,19 @@ the ``[..., n, d]`` layout of the data in both modes, planes of tokens sharing a
 directly, without a transpose. A grouped axis whose length is not a multiple of ``g`` is padded by
 repeating its last entry, and the token axis is padded to a multiple of 4; the padding's codes are
 stored (and counted) too.
+
+**8-bit metadata** (``metadata="8bit"``): instead of a float16 step and minimum per group, each
+``[n, d]`` matrix stores three float16 numbers ``(μ, δ, σ)`` and every group a uint8 minimum
+code ``a`` and a uint8 step code ``c``:
+
+    m' = μ + a δ  (a = ⌊(m - μ) / δ⌋, μ and δ the matrix's lowest minimum and span / 255),
+    s' = σ 2^{c/16}  (c = ⌈16 log2(s / σ)⌉, s = (M - m') / (2^b - 1)),
+
+both rounded so that ``m' <= m`` and ``s' >= (M - m') / (2^b - 1)``: the group's range stays
+inside the ``2^b`` levels and the error stays within ``s' / 2``, with a step at most 4.4 %
+(``2^{1/16}``) larger plus ``δ / (2^b - 1)``. ``σ`` is the matrix's smallest step, or
+``2^{-255/16}`` of its largest when that is larger (the codes span 16 octaves). This halves the
+metadata: 16 bits per group plus 48 per matrix instead of 32 per group.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .config import QuantMode
+from .config import MetadataFormat, QuantMode
 
 
 def rows_multiple(bits: int) -> int:
@@ -100,6 +113,9 @@ class GroupQuantized:
             ``[..., n'/g, d']`` for ``mode="channel"``.
         minimum: float16 minimum ``m`` of every group (the zero point), shaped like ``scale``.
         bits: bits per code.
+        matrix_scales: ``None`` for float16 ``scale`` and ``minimum``; with 8-bit metadata, the
+            float16 ``(μ, δ, σ)`` of every matrix, ``[..., 3]``, and ``scale`` and ``minimum``
+            are then the uint8 codes ``c`` and ``a`` (see the module docstring).
         mode: ``"token"`` or ``"channel"`` (the axis the groups run along, see the module doc).
         n: tokens of the unpadded tensor.
         d: channels of the unpadded tensor.
@@ -112,32 +128,41 @@ class GroupQuantized:
     mode: QuantMode
     n: int
     d: int
+    matrix_scales: torch.Tensor | None = None
 
     @property
     def lead_shape(self) -> torch.Size:
         """The leading dimensions ``[...]``."""
         return self.codes.shape[:-2]
 
+    def steps_and_minima(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 step ``s`` and minimum ``m`` of every group, each shaped like ``scale``."""
+        if self.matrix_scales is None:
+            return self.scale.float(), self.minimum.float()
+        return decode_metadata(self.scale, self.minimum, self.matrix_scales)
+
     def dequantize(self) -> torch.Tensor:
         """Return ``x̂ = m + s q`` as a float32 tensor of shape ``[..., n, d]``."""
         codes = unpack_codes(self.codes, self.bits).float()
         *lead, rows, cols = codes.shape
+        scale, minimum = self.steps_and_minima()
         if self.mode == "token":
             groups = self.scale.shape[-1]
             grouped = codes.view(*lead, rows, groups, cols // groups)
-            scale, minimum = self.scale.unsqueeze(-1), self.minimum.unsqueeze(-1)
+            scale, minimum = scale.unsqueeze(-1), minimum.unsqueeze(-1)
         else:
             groups = self.scale.shape[-2]
             grouped = codes.view(*lead, groups, rows // groups, cols)
-            scale, minimum = self.scale.unsqueeze(-2), self.minimum.unsqueeze(-2)
-        values = torch.addcmul(minimum.float(), grouped, scale.float()).view(*lead, rows, cols)
+            scale, minimum = scale.unsqueeze(-2), minimum.unsqueeze(-2)
+        values = torch.addcmul(minimum, grouped, scale).view(*lead, rows, cols)
         if (rows, cols) != (self.n, self.d):
             values = values[..., : self.n, : self.d]
         return values
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors this object holds."""
-        return [self.codes, self.scale, self.minimum]
+        held = [self.codes, self.scale, self.minimum]
+        return held if self.matrix_scales is None else [*held, self.matrix_scales]
 
     @property
     def nbytes(self) -> int:
@@ -155,10 +180,10 @@ class GroupQuantized:
     def cat(parts: list[GroupQuantized], dim: int) -> GroupQuantized:
         """Concatenate along leading dimension ``dim`` (counted from the front, ``dim >= 0``)."""
         first = parts[0]
-        key = (first.bits, first.mode, first.n, first.d)
-        if any((p.bits, p.mode, p.n, p.d) != key for p in parts):
+        key = (first.bits, first.mode, first.n, first.d, first.matrix_scales is None)
+        if any((p.bits, p.mode, p.n, p.d, p.matrix_scales is None) != key for p in parts):
             raise ValueError(
-                "only tensors quantized with the same bits, mode and shape can be joined"
+                "only tensors quantized with the same bits, mode, shape and metadata can be joined"
             )
         return GroupQuantized(
             codes=torch.cat([p.codes for p in parts], dim),
@@ -168,6 +193,9 @@ class GroupQuantized:
             mode=first.mode,
             n=first.n,
             d=first.d,
+            matrix_scales=None
+            if first.matrix_scales is None
+            else torch.cat([p.matrix_scales for p in parts], dim),
         )
 
 
@@ -177,6 +205,7 @@ def quantize(
     group_size: int,
     mode: QuantMode,
     exclude: torch.Tensor | None = None,
+    metadata: MetadataFormat = "float16",
 ) -> GroupQuantized:
     """Quantize ``x`` of shape ``[..., n, d]`` group-wise to ``bits`` bits.
 
@@ -188,6 +217,7 @@ def quantize(
         mode: ``"token"`` (groups along ``d``) or ``"channel"`` (groups along ``n``).
         exclude: optional boolean mask ``[..., n, d]`` of entries left out of the group minima
             and maxima (they still get codes, which a caller overrides with exact values).
+        metadata: ``"float16"`` steps and minima, or ``"8bit"`` codes (see the module docstring).
 
     Returns:
         The [`GroupQuantized`][sketchcomm.gear.quantization.GroupQuantized] tensor.
@@ -230,16 +260,95 @@ def quantize(
         high = high.masked_fill(empty, 0.0)
 
     levels = (1 << bits) - 1
-    minimum = low.half()
-    scale = ((high - minimum.float()) / levels).half()
-    if not (torch.isfinite(minimum).all() and torch.isfinite(scale).all()):
+    matrix_scales = None
+    if metadata == "8bit":
+        scale, minimum, matrix_scales = encode_metadata(low, high, levels)
+        step, floor = decode_metadata(scale, minimum, matrix_scales)
+    elif metadata == "float16":
+        minimum = low.half()
+        scale = ((high - minimum.float()) / levels).half()
+        step, floor = scale.float(), minimum.float()
+    else:
+        raise ValueError(f"metadata must be 'float16' or '8bit', got {metadata!r}")
+    if not (torch.isfinite(step).all() and torch.isfinite(floor).all()):
         raise ValueError("x has entries outside the float16 range of the quantization scales")
-    step = torch.where(scale > 0, scale.float(), torch.ones_like(low))
-    codes = (grouped - minimum.unsqueeze(reduce_dim).float()) / step.unsqueeze(reduce_dim)
+    step = torch.where(step > 0, step, torch.ones_like(low))
+    codes = (grouped - floor.unsqueeze(reduce_dim)) / step.unsqueeze(reduce_dim)
     codes = codes.round_().clamp_(0, levels).to(torch.uint8).view(*work.shape)
     return GroupQuantized(
-        codes=pack_codes(codes, bits), scale=scale, minimum=minimum, bits=bits, mode=mode, n=n, d=d
+        codes=pack_codes(codes, bits),
+        scale=scale,
+        minimum=minimum,
+        bits=bits,
+        mode=mode,
+        n=n,
+        d=d,
+        matrix_scales=matrix_scales,
     )
+
+
+STEP_CODES_PER_OCTAVE = 16
+"""Step codes per doubling of the step with 8-bit metadata: a code ``c`` stands for
+``σ 2^{c/16}``, so that 256 codes span 16 octaves."""
+
+STEP_FACTORS = torch.exp2(torch.arange(256, dtype=torch.float64) / STEP_CODES_PER_OCTAVE).float()
+"""``2^{c/16}`` for every step code ``c``, computed once, so that decoding is a table look-up that
+gives the same float32 step whatever the shape of the batch."""
+
+
+def _half_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """``x`` in float16, rounded towards ``direction`` (``-inf``: at most ``x``; ``inf``: at
+    least ``x``)."""
+    half = x.half()
+    toward = torch.full_like(half, direction)
+    past = half.float() > x if direction < 0 else half.float() < x
+    return torch.where(past, torch.nextafter(half, toward), half)
+
+
+def encode_metadata(
+    low: torch.Tensor, high: torch.Tensor, levels: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit step and minimum codes of groups with minima ``low`` and maxima ``high``.
+
+    Args:
+        low: float32 group minima ``[..., r, c]`` (the last two dimensions: one matrix).
+        high: float32 group maxima, shaped like ``low``.
+        levels: ``2^b - 1``.
+
+    Returns:
+        ``(step codes c, minimum codes a, (μ, δ, σ))``: uint8 ``[..., r, c]`` twice and float16
+        ``[..., 3]``, as the module docstring defines them.
+    """
+    flat_low = low.flatten(-2)
+    base = _half_toward(flat_low.amin(-1), -torch.inf)
+    span = _half_toward((flat_low.amax(-1) - base.float()) / 255, torch.inf)
+    per_code = span.float()[..., None, None]
+    offset = (low - base.float()[..., None, None]) / torch.where(per_code > 0, per_code, 1.0)
+    minimum = offset.floor_().clamp_(0, 255)
+    floor = base.float()[..., None, None] + minimum * per_code
+    floor = torch.minimum(floor, low)  # float rounding must not lift a minimum above its group
+    needed = (high - floor) / levels
+    flat = needed.flatten(-2)
+    smallest = torch.where(flat > 0, flat, torch.inf).amin(-1)
+    largest = flat.amax(-1)
+    lowest = largest * 2.0 ** (-255 / STEP_CODES_PER_OCTAVE)
+    sigma = torch.where(torch.isfinite(smallest), torch.maximum(smallest, lowest), largest)
+    sigma = _half_toward(torch.where(sigma > 0, sigma, 1.0), -torch.inf)
+    # In float64, so that a code never depends on how the batch is laid out (vectorised float32
+    # logarithms can differ in the last bit, which would flip a ceiling).
+    ratio = needed.double() / sigma.double()[..., None, None]
+    scale = (STEP_CODES_PER_OCTAVE * torch.log2(ratio.clamp_min(1.0))).ceil_().clamp_(0, 255)
+    matrix_scales = torch.stack([base, span, sigma], dim=-1)
+    return scale.to(torch.uint8), minimum.to(torch.uint8), matrix_scales
+
+
+def decode_metadata(
+    scale: torch.Tensor, minimum: torch.Tensor, matrix_scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 steps ``s' = σ 2^{c/16}`` and minima ``m' = μ + a δ`` of 8-bit metadata."""
+    base, span, sigma = (matrix_scales[..., k, None, None].float() for k in range(3))
+    steps = sigma * STEP_FACTORS.to(scale.device)[scale.long()]
+    return steps, base + minimum.float() * span
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -30,11 +30,12 @@ from collections.abc import Callable
 
 import torch
 
-from .compression import CompressedTensor, compress
+from .compression import CompressedTensor, compress, decompresses_in_place
 from .config import GEARConfig
 
 DECOMPRESS_CHUNK = 8
-"""Blocks decompressed together when no decoded buffer is kept."""
+"""Blocks decompressed together when no decoded buffer is kept and the blocks cannot be written
+straight into the result (see ``decompresses_in_place``)."""
 
 
 class BlockStream:
@@ -121,9 +122,10 @@ class BlockStream:
     ) -> torch.Tensor:
         """Zeros, decompressed blocks, buffer and new states, in sequence order.
 
-        The blocks come from ``decoded`` when it is kept, else they are decompressed
-        ``DECOMPRESS_CHUNK`` blocks at a time straight into the result, so that the float32
-        temporaries stay the size of a chunk, not of the cache.
+        The blocks come from ``decoded`` when it is kept, else they are decompressed straight
+        into the result: all at once by the compiled kernel when the result is float32 on the
+        CPU (no temporary at all), else ``DECOMPRESS_CHUNK`` blocks at a time, so that the
+        float32 temporaries stay the size of a chunk, not of the cache.
         """
         batch, heads, _, head_dim = new.shape
         start = self.phase
@@ -136,8 +138,9 @@ class BlockStream:
             out[..., start : start + compressed, :] = decoded
         elif stored is not None:
             blocks, block = stored.shape[2], stored.shape[3]
-            for first in range(0, blocks, DECOMPRESS_CHUNK):
-                last = min(first + DECOMPRESS_CHUNK, blocks)
+            chunk = blocks if decompresses_in_place(out) else DECOMPRESS_CHUNK
+            for first in range(0, blocks, chunk):
+                last = min(first + chunk, blocks)
                 target = out[..., start + first * block : start + last * block, :]
                 part = stored.apply(lambda t, a=first, b=last: t[:, :, a:b])
                 part.decompress(out=target.view(part.shape))
