@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.accuracy import Run, compare, markdown, sketch_options, summarise
+from benchmarks.accuracy import Run, compare, markdown, summarise
+from benchmarks.accuracy_methods import sketch_options
 
 
 def test_quick_comparison_pairs_runs_and_reports_the_choice() -> None:
