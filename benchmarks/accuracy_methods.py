@@ -21,7 +21,8 @@ A method is ``allreduce``, ``fp16``, ``powersgd@RANK`` or ``NAME@RATIO`` with ``
     :class:`sketchcomm.SketchState`; the bytes are ``state.stats.step_bytes_sent``. ``default``
     is the state with nothing else set registered with ``state.register(ddp)`` (the hook sees
     the optimizer); ``unmoved`` is the same state registered with ``ddp.register_comm_hook``, so
-    the optimizer's momentum stays where it is.
+    the optimizer's momentum stays where it is; ``second-round`` and ``dense`` the other
+    recoveries; ``k3``, ``k10`` and ``k30`` the default with ``topk_fraction`` 0.03, 0.1 and 0.3.
 
 Every method counts the bytes of the tensors each rank hands to its collectives in one step
 (what ``SketchStats`` counts), not the algorithm's wire traffic.
@@ -58,6 +59,9 @@ SKETCH_METHODS: dict[str, dict[str, Any]] = {
     "unmoved": {},
     "second-round": {"second_round": True},
     "dense": {"recovery": "dense"},
+    "k3": {"topk_fraction": 0.03},
+    "k10": {"topk_fraction": 0.1},
+    "k30": {"topk_fraction": 0.3},
 }
 #: Methods that take no ``@`` parameter.
 PLAIN_METHODS = ("allreduce", "fp16")
