@@ -3,13 +3,27 @@
 During the first ``start_iter`` iterations the sketch hook allreduces, so a sketched run that
 stops there equals allreduce's run of the same seed exactly (same initialisation, same batches):
 that checks the harness. One step more and the hook has seen the optimizer and says what it chose.
+The GPT-2 baselines are checked against the bytes their definitions imply (PowerSGD's from its
+documented compression rule on the model's parameter shapes).
 """
 
 from __future__ import annotations
 
-import pytest
+import math
+from pathlib import Path
 
-from benchmarks.accuracy import Run, compare, markdown, sketch_options, summarise
+import pytest
+import torch
+
+from benchmarks.accuracy import Run, compare, markdown, summarise
+from benchmarks.accuracy_frontier import (
+    family_lines,
+    frontier_markdown,
+    load_results,
+    plot_frontier,
+)
+from benchmarks.accuracy_methods import check_method, powersgd_warmup, sketch_options
+from benchmarks.byte_lm import make_gpt2
 
 
 def test_quick_comparison_pairs_runs_and_reports_the_choice() -> None:
@@ -36,3 +50,56 @@ def test_methods_are_checked() -> None:
     assert sketch_options("allreduce") is None
     with pytest.raises(ValueError, match="NAME@RATIO"):
         sketch_options("fetch@10")
+
+
+def powersgd_elements(shapes: list[torch.Size], rank: int) -> int:
+    """Elements PowerSGD sends for gradients of ``shapes``, from its documented rule: an
+    ``n x m`` view (``n = shape[0]``) goes as ``P`` and ``Q`` when ``n m >= 2 (n + m) r``."""
+    total = 0
+    for shape in shapes:
+        n = shape[0]
+        m = math.prod(shape) // n
+        r = min(n, m, rank)
+        total += (n + m) * r if n * m >= 2 * (n + m) * r else n * m
+    return total
+
+
+def test_gpt2_baselines_send_what_they_claim_and_train(tmp_path: Path) -> None:
+    steps = 3
+    methods = ["allreduce", "fp16", "powersgd@1", "default@20"]
+    runs = [Run(0, "sgd", m, steps, model="gpt2", eval_batches=2) for m in methods]
+    progress = tmp_path / "progress.jsonl"
+    results = compare(runs, progress=str(progress))
+    by_method = {r["method"]: r for r in results}
+    shapes = [p.shape for p in make_gpt2(256, seed=0).parameters()]
+    dense = 4 * sum(math.prod(shape) for shape in shapes)
+    assert by_method["allreduce"]["step_bytes"] == dense
+    assert by_method["fp16"]["step_bytes"] == dense // 2
+    # Two warm-up steps of plain allreduce, then one compressed step.
+    assert powersgd_warmup(steps) == 2
+    assert by_method["powersgd@1"]["step_bytes"] == 4 * powersgd_elements(shapes, 1)
+    assert by_method["powersgd@1"]["mean_step_bytes"] == pytest.approx(
+        (2 * dense + 4 * powersgd_elements(shapes, 1)) / 3
+    )
+    assert by_method["default@20"]["ratio"] > 15.0
+    reference = by_method["allreduce"]["eval_loss"]
+    assert by_method["fp16"]["eval_loss"] == pytest.approx(reference, rel=1e-3)
+    for r in results:
+        assert math.isfinite(r["eval_loss"]) and r["eval_loss"] < math.log(256)
+    assert load_results(progress) == results
+    rows = summarise(results)
+    table = frontier_markdown(rows)
+    assert "| gpt2 | sgd | fp16 | " in table and "| 2.0x |" in table
+    lines = family_lines(rows, "sgd")
+    assert set(lines) == {"allreduce", "fp16", "powersgd", "default"}
+    figure = tmp_path / "frontier.png"
+    plot_frontier(rows, figure)
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_baseline_methods_are_checked() -> None:
+    assert check_method("powersgd@8") == "powersgd" and check_method("fp16") == "fp16"
+    assert sketch_options("powersgd@8") is None
+    for bad in ("powersgd@1.5", "powersgd", "default@0", "fp8"):
+        with pytest.raises(ValueError, match="powersgd@RANK"):
+            check_method(bad)
