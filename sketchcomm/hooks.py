@@ -53,7 +53,6 @@ rebuilds its buckets after the first one) and for buckets too small for compress
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -63,7 +62,13 @@ from torch import Tensor, nn
 from sketchcomm.buckets import BucketState
 from sketchcomm.config import SketchConfig
 from sketchcomm.engine import HookState
-from sketchcomm.optimizers import OptimizerChoice, OptimizerWatch, apply_choice, choose
+from sketchcomm.optimizers import (
+    OptimizerChoice,
+    OptimizerWatch,
+    apply_choice,
+    choose,
+    configured,
+)
 from sketchcomm.recovery import decode_into
 from sketchcomm.second_round import message_size, part_message_into, second_round
 from sketchcomm.sketch import CountSketch, derive_seed
@@ -178,9 +183,12 @@ class SketchState(HookState):
         return choice
 
     def use_choice(self, choice: OptimizerChoice) -> None:
-        """Run with ``choice``'s sketch-space momentum from now on."""
+        """Run with ``choice``'s sketch-space momentum and least ``topk_fraction`` from now on
+        (buckets already made keep their tables and take the new ``k``)."""
         self.optimizer_choice = choice
-        self.config = replace(self.requested, momentum=choice.momentum)
+        self.config = configured(choice, self.requested)
+        for bucket in self.buckets.values():
+            bucket.topk, bucket.candidates = self.config.kept_coordinates(bucket.sketch.dim)
 
     def tell_unseen_optimizer(self) -> None:
         """Warn once when sketching starts and no optimizer was seen (FetchSGD recovery without
