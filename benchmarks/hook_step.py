@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 from torch.nn.parallel import DistributedDataParallel
 
-from sketchcomm import sketch_compiled
+from sketchcomm import compiled
 from sketchcomm.hooks import SketchState, sketch_hook
 from sketchcomm.recovery import decode
 
@@ -142,15 +142,15 @@ def _seconds(fn: Callable[[], None]) -> float:
 @contextmanager
 def kernel_path(path: str):
     """Run the sketch kernels on ``path`` (``compiled`` or ``numpy``) for the duration."""
-    saved = os.environ.get(sketch_compiled.ENVIRONMENT_VARIABLE)
-    os.environ[sketch_compiled.ENVIRONMENT_VARIABLE] = path
+    saved = os.environ.get(compiled.ENVIRONMENT_VARIABLE)
+    os.environ[compiled.ENVIRONMENT_VARIABLE] = path
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop(sketch_compiled.ENVIRONMENT_VARIABLE, None)
+            os.environ.pop(compiled.ENVIRONMENT_VARIABLE, None)
         else:
-            os.environ[sketch_compiled.ENVIRONMENT_VARIABLE] = saved
+            os.environ[compiled.ENVIRONMENT_VARIABLE] = saved
 
 
 def hook_step_report(
@@ -165,7 +165,7 @@ def hook_step_report(
         power_state = powersgd.PowerSGDState(
             process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2
         )
-        paths = ["numpy", "compiled"] if sketch_compiled.numba is not None else ["numpy"]
+        paths = ["numpy", "compiled"] if compiled.numba is not None else ["numpy"]
         sketch_states = {}
         for path in paths:
             state = SketchState(

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks.hook_step import kernel_path
-from sketchcomm import sketch_compiled
+from sketchcomm import compiled
 from sketchcomm.sketch import CountSketch, prime_at_most
 
 __all__ = [
@@ -67,7 +67,7 @@ HEAVY_HITTERS_TARGET = 4.0
 
 def kernel_paths() -> list[str]:
     """The CPU kernel paths to measure: ``numpy``, and ``compiled`` where numba is installed."""
-    return ["numpy", "compiled"] if sketch_compiled.numba is not None else ["numpy"]
+    return ["numpy", "compiled"] if compiled.numba is not None else ["numpy"]
 
 
 @dataclass

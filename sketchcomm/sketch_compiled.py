@@ -25,14 +25,9 @@ sketchcomm.sketch_compiled.available] is false and the numpy kernels run instead
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # the numpy kernels run instead
-    numba = None
+from sketchcomm.compiled import ENVIRONMENT_VARIABLE, available, jit
 
 __all__ = [
     "ENVIRONMENT_VARIABLE",
@@ -46,33 +41,19 @@ __all__ = [
     "zero_cells",
 ]
 
-# ``SKETCHCOMM_KERNELS=numpy`` forces the numpy kernels even where numba is installed.
-ENVIRONMENT_VARIABLE = "SKETCHCOMM_KERNELS"
 # Positions of one chunk handled together while sketching: the slice of ``x`` stays in L1 while
 # it is added to every row.
 _SKETCH_BLOCK = 2048
 
 
-def available() -> bool:
-    """Whether the compiled kernels run: numba is importable and ``SKETCHCOMM_KERNELS`` is not
-    ``numpy``."""
-    return numba is not None and os.environ.get(ENVIRONMENT_VARIABLE, "") != "numpy"
-
-
-def _jit(fn):
-    if numba is None:
-        return fn
-    return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
-
-
-@_jit
+@jit()
 def _add_signed(target, source, sign):
     """``target += sign * source[:len(target)]``."""
     for t in range(len(target)):
         target[t] += sign * source[t]
 
 
-@_jit
+@jit()
 def _sketch_block(x, offset, tables, offsets, signs):
     batch, n = x.shape
     rows, columns = tables.shape[1], tables.shape[2]
@@ -108,7 +89,7 @@ def sketch_block(
     _sketch_block(x, offset, tables, offsets, signs)
 
 
-@_jit
+@jit()
 def _sketch_segments(flat, starts, positions, lengths, table, offsets, signs):
     tables = table.reshape((1, table.shape[0], table.shape[1]))
     for s in range(len(starts)):
@@ -132,7 +113,7 @@ def sketch_segments(
     _sketch_segments(flat, starts, positions, lengths, table, offsets, signs)
 
 
-@_jit
+@jit()
 def _median_small(values, r):
     """Median of ``values[:r]`` (sorted in place), the mean of the middle two for even ``r``."""
     for i in range(1, r):
@@ -147,7 +128,7 @@ def _median_small(values, r):
     return (values[r // 2 - 1] + values[r // 2]) * np.float32(0.5)
 
 
-@_jit
+@jit()
 def _segment(table, offsets, signs, k, begin, end, out, scratch, starts):
     """Estimates of positions ``begin .. end - 1`` of chunk ``k`` into ``out[:end - begin]``, for
     a range in which no row wraps around. ``scratch`` (fp32) and ``starts`` (int64) hold ``r``
@@ -190,7 +171,7 @@ def _segment(table, offsets, signs, k, begin, end, out, scratch, starts):
             out[t] = _median_small(scratch, rows)
 
 
-@_jit
+@jit()
 def _chunk_cuts(offsets, k, length, columns, cuts):
     """Sorted positions of chunk ``k`` (``0 = cuts[0] < ... = length``) where a row wraps around;
     returns how many cuts there are."""
@@ -209,7 +190,7 @@ def _chunk_cuts(offsets, k, length, columns, cuts):
     return count
 
 
-@_jit
+@jit()
 def _estimate_into(table, offsets, signs, dim, out):
     rows, columns = table.shape
     chunks = offsets.shape[1]
@@ -243,7 +224,7 @@ def estimate_into(
     _estimate_into(table, offsets, signs, dim, out)
 
 
-@_jit
+@jit()
 def _estimates_above(
     table, offsets, signs, dim, threshold, block, found_indices, found_values, dense, placement
 ):
@@ -325,7 +306,7 @@ def estimates_above(
         capacity = found
 
 
-@_jit
+@jit()
 def _zero_cells(table, other, offsets, indices):
     rows, columns = table.shape
     both = other.size > 0
@@ -349,7 +330,7 @@ def zero_cells(
     _zero_cells(table, second, offsets, indices)
 
 
-@_jit
+@jit()
 def _estimates_strided(table, offsets, signs, dim, stride, out):
     rows, columns = table.shape
     scratch = np.empty(rows, dtype=np.float32)
@@ -383,7 +364,7 @@ def estimates_strided(
     return out
 
 
-@_jit
+@jit()
 def _all_finite(table):
     # x * 0 is 0 for a finite x and NaN for an infinite or NaN one; the sum stays 0 iff all are.
     total = np.float32(0.0)

@@ -36,33 +36,14 @@ path runs.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from sketchcomm.sketch_compiled import ENVIRONMENT_VARIABLE
-
-try:
-    import numba
-except ImportError:  # the torch path runs instead
-    numba = None
+from sketchcomm.compiled import available, jit
 
 __all__ = ["available", "dequantize_into"]
 
 
-def available() -> bool:
-    """Whether the compiled kernel runs: numba is importable and ``SKETCHCOMM_KERNELS`` is not
-    ``numpy``."""
-    return numba is not None and os.environ.get(ENVIRONMENT_VARIABLE, "") != "numpy"
-
-
-def _jit(fn):
-    if numba is None:
-        return fn
-    return numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")(fn)
-
-
-@_jit
+@jit(error_model="numpy")
 def _dequantize_into(
     out, offset, strides, codes, scale, minimum, bits, group_rows, group_cols, factor_a, factor_bt
 ):
