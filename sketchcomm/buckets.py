@@ -13,6 +13,7 @@ and keys its state by the bucket's shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -82,7 +83,7 @@ class BucketLayout:
         slices = tuple(s for part in parts for s in part.slices or ())
         return cls(whole.key, whole.numel, order, slices)
 
-    @property
+    @cached_property
     def placement(self) -> Placement:
         """Where the canonical vector's coordinates lie in the bucket buffer (see
         [`Placement`][sketchcomm.placement.Placement])."""
@@ -90,20 +91,11 @@ class BucketLayout:
 
     def to_canonical(self, flat: Tensor) -> Tensor:
         """The bucket buffer ``[numel]`` in canonical order (the same tensor if already so)."""
-        if self.slices is None:
-            return flat
-        return torch.cat([flat[o : o + n] for o, n in self.slices])
+        return flat if self.slices is None else self.placement.gather(flat)
 
     def from_canonical(self, flat: Tensor) -> Tensor:
         """Inverse of `to_canonical()`."""
-        if self.slices is None:
-            return flat
-        out = torch.empty_like(flat)
-        start = 0
-        for o, n in self.slices:
-            out[o : o + n] = flat[start : start + n]
-            start += n
-        return out
+        return flat if self.slices is None else self.placement.scatter(flat, torch.empty_like(flat))
 
 
 @dataclass
