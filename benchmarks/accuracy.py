@@ -1,12 +1,14 @@
 """Does the sketch hook train like allreduce with the optimizer the user already has?
 
-``python -m benchmarks.accuracy`` trains a seeded language model on 2 gloo ranks with each
+``python -m benchmarks.accuracy`` trains a seeded model on 2 gloo ranks with each
 optimizer (``sgd``: SGD with momentum 0.9; ``adamw``: AdamW) and each method, from the same
 initialisation and on the same batches per seed, and reports the held-out loss relative to
 allreduce's run of the same seed and optimizer (mean and spread over the seeds) and the bytes
 each method sends per step. The model (``--model``) is ``char``, the character Llama of
 :mod:`benchmarks.char_lm` (2 layers, 128 wide, 322k parameters), or ``gpt2``, the byte-level
-GPT-2 of :mod:`benchmarks.byte_lm` (2 layers, 128 wide, 462k parameters).
+GPT-2 of :mod:`benchmarks.byte_lm` (2 layers, 128 wide, 462k parameters), or ``cnn``, the
+digits CNN of :mod:`benchmarks.digits_cnn` (151k parameters; batches of ``batch_size`` images, the
+held-out loss over the whole test split).
 
 The methods (allreduce, fp16, PowerSGD and the sketch hook's variants) and how their bytes are
 counted are in :mod:`benchmarks.accuracy_methods`; the frontier table and plot in
@@ -27,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from benchmarks.accuracy_methods import check_method, register_method
 from benchmarks.byte_lm import load_byte_text, make_gpt2
 from benchmarks.char_lm import LMShape, lm_batches, lm_loss, load_char_text, make_lm
+from benchmarks.digits_cnn import image_batches, image_loss, load_digit_images, make_digits_cnn
 
 __all__ = ["ACCURACY_LM", "LEARNING_RATES", "Run", "compare", "main", "summarise"]
 
@@ -55,8 +58,10 @@ LEARNING_RATES = {
     ("char", "adamw"): 3e-3,
     ("gpt2", "sgd"): 0.05,
     ("gpt2", "adamw"): 1e-3,
+    ("cnn", "sgd"): 0.05,
+    ("cnn", "adamw"): 3e-3,
 }
-MODELS = ("char", "gpt2")
+MODELS = ("char", "gpt2", "cnn")
 
 
 @dataclass(frozen=True)
@@ -82,42 +87,61 @@ def make_optimizer(model: str, name: str, parameters: Any) -> torch.optim.Optimi
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
 
 
-def build_model(run: Run, vocab_size: int) -> nn.Module:
+def build_model(run: Run, data: Any) -> nn.Module:
     """``run``'s model with the seed's initialisation."""
     if run.model == "gpt2":
-        return make_gpt2(vocab_size, seed=run.seed)
+        return make_gpt2(data.vocab_size, seed=run.seed)
     if run.model == "char":
-        return make_lm(vocab_size, ACCURACY_LM, seed=run.seed)
+        return make_lm(data.vocab_size, ACCURACY_LM, seed=run.seed)
+    if run.model == "cnn":
+        return make_digits_cnn(seed=run.seed)
     raise ValueError(f"model must be one of {MODELS}, got {run.model!r}")
 
 
-def load_text(model: str) -> Any:
-    """The text ``model`` trains on: bytes for ``gpt2``, characters for ``char``."""
+def load_data(model: str) -> Any:
+    """What ``model`` trains on: bytes for ``gpt2``, characters for ``char``, images for ``cnn``."""
+    if model == "cnn":
+        return load_digit_images()
     return load_byte_text() if model == "gpt2" else load_char_text()
 
 
-def train_one(run: Run, text: Any) -> dict[str, Any]:
+def train_batches(run: Run, data: Any, rank: int) -> Iterator[Any]:
+    """``rank``'s training batches of ``run``."""
+    if run.model == "cnn":
+        return image_batches(data.x_train, data.y_train, run.batch_size, seed=run.seed, rank=rank)
+    return lm_batches(data.train, run.batch_size, run.seq_len, seed=run.seed, rank=rank)
+
+
+def held_out_loss(run: Run, model: nn.Module, data: Any) -> float:
+    """The eval loss: ``eval_batches`` held-out windows of text, or the whole test split."""
+    model.eval()
+    with torch.no_grad():
+        if run.model == "cnn":
+            return image_loss(model, (data.x_test, data.y_test)).item()
+        held_out = lm_batches(data.test, run.batch_size, run.seq_len, seed=run.seed + 1, rank=0)
+        losses = [lm_loss(model, next(held_out)).item() for _ in range(run.eval_batches)]
+    return sum(losses) / len(losses)
+
+
+def train_one(run: Run, data: Any) -> dict[str, Any]:
     """Train ``run`` in the current process group; the held-out loss and the bytes sent."""
     rank = dist.get_rank()
     start = time.perf_counter()
-    model = build_model(run, text.vocab_size)
+    model = build_model(run, data)
     ddp = DDP(model)
     optimizer = make_optimizer(run.model, run.optimizer, model.parameters())
     method = register_method(run.method, ddp, run.steps)
-    batches = lm_batches(text.train, run.batch_size, run.seq_len, seed=run.seed, rank=rank)
+    batches = train_batches(run, data, rank)
+    loss = image_loss if run.model == "cnn" else lm_loss
     for _ in range(run.steps):
         optimizer.zero_grad(set_to_none=True)
-        lm_loss(ddp, next(batches)).backward()
+        loss(ddp, next(batches)).backward()
         optimizer.step()
         method.end_step()
-    held_out = lm_batches(text.test, run.batch_size, run.seq_len, seed=run.seed + 1, rank=0)
-    model.eval()
-    with torch.no_grad():
-        losses = [lm_loss(model, next(held_out)).item() for _ in range(run.eval_batches)]
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         **asdict(run),
-        "eval_loss": sum(losses) / len(losses),
+        "eval_loss": held_out_loss(run, model, data),
         "step_bytes": method.step_bytes,
         "mean_step_bytes": method.total_bytes / max(run.steps, 1),
         "ratio": dense_bytes / method.step_bytes if method.step_bytes else 1.0,
@@ -132,10 +156,10 @@ def _rank_entry(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        texts = {model: load_text(model) for model in sorted({run.model for run in runs})}
+        data = {model: load_data(model) for model in sorted({run.model for run in runs})}
         results = []
         for run in runs:
-            results.append(train_one(run, texts[run.model]))
+            results.append(train_one(run, data[run.model]))
             if rank == 0 and progress:
                 with open(progress, "a") as file:
                     file.write(json.dumps(results[-1]) + "\n")

@@ -22,7 +22,8 @@ A method is ``allreduce``, ``fp16``, ``powersgd@RANK`` or ``NAME@RATIO`` with ``
     is the state with nothing else set registered with ``state.register(ddp)`` (the hook sees
     the optimizer); ``unmoved`` is the same state registered with ``ddp.register_comm_hook``, so
     the optimizer's momentum stays where it is; ``second-round`` and ``dense`` the other
-    recoveries; ``k3``, ``k10`` and ``k30`` the default with ``topk_fraction`` 0.03, 0.1 and 0.3.
+    recoveries; ``k3``, ``k10``, ``k30``, ``k50`` and ``k100`` the default with ``topk_fraction``
+    0.03, 0.1, 0.3, 0.5 and 1 (every coordinate).
 
 Every method counts the bytes of the tensors each rank hands to its collectives in one step
 (what ``SketchStats`` counts), not the algorithm's wire traffic.
@@ -62,6 +63,8 @@ SKETCH_METHODS: dict[str, dict[str, Any]] = {
     "k3": {"topk_fraction": 0.03},
     "k10": {"topk_fraction": 0.1},
     "k30": {"topk_fraction": 0.3},
+    "k50": {"topk_fraction": 0.5},
+    "k100": {"topk_fraction": 1.0},
 }
 #: Methods that take no ``@`` parameter.
 PLAIN_METHODS = ("allreduce", "fp16")

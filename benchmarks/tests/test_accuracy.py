@@ -4,18 +4,21 @@ During the first ``start_iter`` iterations the sketch hook allreduces, so a sket
 stops there equals allreduce's run of the same seed exactly (same initialisation, same batches):
 that checks the harness. One step more and the hook has seen the optimizer and says what it chose.
 The GPT-2 baselines are checked against the bytes their definitions imply (PowerSGD's from its
-documented compression rule on the model's parameter shapes).
+documented compression rule on the model's parameter shapes); the digits CNN's allreduce run
+against one process training on both ranks' batches at once.
 """
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.accuracy import Run, compare, markdown, summarise
+from benchmarks.accuracy import LEARNING_RATES, Run, compare, markdown, summarise
 from benchmarks.accuracy_frontier import (
     family_lines,
     frontier_markdown,
@@ -24,6 +27,7 @@ from benchmarks.accuracy_frontier import (
 )
 from benchmarks.accuracy_methods import check_method, powersgd_warmup, sketch_options
 from benchmarks.byte_lm import make_gpt2
+from benchmarks.digits_cnn import image_batches, image_loss, load_digit_images, make_digits_cnn
 
 
 def test_quick_comparison_pairs_runs_and_reports_the_choice() -> None:
@@ -103,3 +107,34 @@ def test_baseline_methods_are_checked() -> None:
     for bad in ("powersgd@1.5", "powersgd", "default@0", "fp8"):
         with pytest.raises(ValueError, match="powersgd@RANK"):
             check_method(bad)
+
+
+def test_cnn_allreduce_run_is_one_process_on_both_ranks_batches() -> None:
+    steps, batch = 6, 8
+    results = compare(
+        [
+            Run(1, "sgd", m, steps, model="cnn", batch_size=batch)
+            for m in ("allreduce", "default@20")
+        ]
+    )
+    images = load_digit_images()
+    model = make_digits_cnn(seed=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATES[("cnn", "sgd")], momentum=0.9)
+    ranks = [image_batches(images.x_train, images.y_train, batch, seed=1, rank=r) for r in (0, 1)]
+    for _ in range(steps):
+        (x0, y0), (x1, y1) = (next(b) for b in ranks)
+        optimizer.zero_grad()
+        image_loss(model, (torch.cat([x0, x1]), torch.cat([y0, y1]))).backward()
+        optimizer.step()
+    with torch.no_grad():
+        reference = image_loss(model, (images.x_test, images.y_test)).item()
+    allreduce, sketched = results
+    assert allreduce["eval_loss"] == pytest.approx(reference, rel=1e-5)
+    assert reference < math.log(10)
+    assert sketched["ratio"] > 15.0 and math.isfinite(sketched["eval_loss"])
+
+
+@pytest.mark.parametrize("module", ["benchmarks.byte_lm", "benchmarks.digits_cnn"])
+def test_model_docstring_examples(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
