@@ -21,9 +21,9 @@ A method is ``allreduce``, ``fp16``, ``powersgd@RANK`` or ``NAME@RATIO`` with ``
     :class:`sketchcomm.SketchState`; the bytes are ``state.stats.step_bytes_sent``. ``default``
     is the state with nothing else set registered with ``state.register(ddp)`` (the hook sees
     the optimizer); ``unmoved`` is the same state registered with ``ddp.register_comm_hook``, so
-    the optimizer's momentum stays where it is; ``second-round`` and ``dense`` the other
-    recoveries; ``k3``, ``k10``, ``k30``, ``k50`` and ``k100`` the default with ``topk_fraction``
-    0.03, 0.1, 0.3, 0.5 and 1 (every coordinate).
+    the optimizer's momentum stays where it is; ``second-round``, ``dense`` and ``dense3`` (3
+    rows) the other recoveries; ``k1``, ``k3``, ``k10``, ``k30``, ``k50`` and ``k100`` the
+    default with ``topk_fraction`` set to 0.01, 0.03, 0.1, 0.3, 0.5 and 1 (every coordinate).
 
 Every method counts the bytes of the tensors each rank hands to its collectives in one step
 (what ``SketchStats`` counts), not the algorithm's wire traffic.
@@ -60,6 +60,8 @@ SKETCH_METHODS: dict[str, dict[str, Any]] = {
     "unmoved": {},
     "second-round": {"second_round": True},
     "dense": {"recovery": "dense"},
+    "dense3": {"recovery": "dense", "rows": 3},
+    "k1": {"topk_fraction": 0.01},
     "k3": {"topk_fraction": 0.03},
     "k10": {"topk_fraction": 0.1},
     "k30": {"topk_fraction": 0.3},

@@ -154,10 +154,15 @@ def kernel_path(path: str):
 
 
 def hook_step_report(
-    rows: int = 3, compression: float = 20.0, repeats: int = 20, warmup: int = 3
+    rows: int = 3,
+    compression: float = 20.0,
+    repeats: int = 20,
+    warmup: int = 3,
+    topk_fraction: float = 0.01,
 ) -> dict[str, Any]:
     """Median seconds per whole step of every variant and their ratios to the copy and to
-    PowerSGD; the kernel paths are ``numpy`` and, where numba is installed, ``compiled``."""
+    PowerSGD; the kernel paths are ``numpy`` and, where numba is installed, ``compiled``.
+    ``topk_fraction`` is the sketch's ``k`` (0.5 is what SGD with momentum gets by default)."""
     with single_rank_group():
         model = transformer()
         buckets = record_buckets(model)
@@ -173,6 +178,7 @@ def hook_step_report(
                 rows=rows,
                 error_feedback="sketch",
                 momentum=0.9,
+                topk_fraction=topk_fraction,
                 start_iter=0,
             )
             state.bind(model)
@@ -224,6 +230,7 @@ def hook_step_report(
         "compressed_bucket_steps": compressed,
         "rows": rows,
         "compression": compression,
+        "topk_fraction": topk_fraction,
         "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
         "seconds": seconds,

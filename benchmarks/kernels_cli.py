@@ -141,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
 
         rows = 3 if 3 in args.rows else args.rows[0]
         report["hook_step"] = hook_step_report(
-            rows=rows, compression=args.compression, repeats=args.hook_repeats
+            rows=rows,
+            compression=args.compression,
+            repeats=args.hook_repeats,
+            topk_fraction=args.topk_fraction,
         )
         table += "\n\n" + markdown_hook_table(report["hook_step"])
     print(table)

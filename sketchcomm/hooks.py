@@ -92,7 +92,9 @@ class SketchState(HookState):
       then sketched even when the table is as large as the bucket (with ``c >= d`` the recovery is
       exact).
     * ``recovery``: ``"topk"`` or ``"dense"`` (see the module docstring).
-    * ``topk_fraction``: ``k`` as a fraction of the bucket's elements, in ``(0, 1]``.
+    * ``topk_fraction``: ``k`` as a fraction of the bucket's elements, in ``(0, 1]`` (default
+      0.01; when it is not given and the hook sees SGD with momentum or an adaptive optimizer,
+      every coordinate: see `sketchcomm.optimizers`).
     * ``second_round``: allreduce the exact values of ``candidates * k`` candidates and keep the
       ``k`` largest (``"topk"`` only, not with ``error_feedback="sketch"``).
     * ``candidates``: candidates per kept coordinate in the second round, at least 1.
@@ -132,6 +134,9 @@ class SketchState(HookState):
         self.requested = config if config is not None else SketchConfig(**options)
         #: The options the hook runs with: ``requested`` plus what `attach()` chose.
         self.config = self.requested
+        #: Whether the user set ``topk_fraction`` (a whole ``config`` counts as set): the
+        #: optimizer choice then keeps it.
+        self.topk_given = config is not None or "topk_fraction" in options
         self.optimizer_choice: OptimizerChoice | None = None
         self.watch: OptimizerWatch | None = None
         self.told_unseen = False
@@ -175,7 +180,7 @@ class SketchState(HookState):
         if self.optimizer_choice is not None:
             apply_choice(self.optimizer_choice, optimizer)
             return self.optimizer_choice
-        choice = choose(self.requested, optimizer)
+        choice = choose(self.requested, optimizer, topk_given=self.topk_given)
         apply_choice(choice, optimizer)
         self.use_choice(choice)
         logger.info("sketch_hook: %s", choice.message)

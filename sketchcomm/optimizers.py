@@ -11,16 +11,25 @@ the optimizer it:
   the hook keeps ``rho`` on the summed table and the optimizer's ``momentum`` is set to 0 in
   every parameter group ("moved");
 * any other optimizer (AdamW, Adam, plain SGD, ...): leaves it alone ("kept"); the hook's
-  recovered update is its gradient. An adaptive optimizer moves every coordinate about ``lr`` per
-  step under allreduce but only the ``k`` recovered ones here, and trains measurably slower
-  (docs/choosing.md); the message says so. For an adaptive optimizer (anything but SGD) the
-  choice also raises ``k`` to at least :data:`ADAPTIVE_TOPK_FRACTION` of each bucket
-  (``choice.topk_fraction``; :func:`configured` applies it): more recovered coordinates per
-  step, measured closer to allreduce (character Llama, AdamW, 100 steps, seeds 0 and 1: eval
-  loss 1.20x allreduce's with ``k = 0.1 d`` against 1.38x with ``k = 0.01 d`` at 10x, 1.31x
-  against 1.44x at 50x);
+  recovered update is its gradient;
 * a recovery without sketch-space state (``second_round=True``, ``"dense"``) is
   optimizer-agnostic: nothing is moved.
+
+For SGD with momentum and for adaptive optimizers (anything but SGD) the choice also sets ``k``
+to every coordinate of the bucket (:data:`MOMENTUM_TOPK_FRACTION`,
+:data:`ADAPTIVE_TOPK_FRACTION`; ``choice.topk_fraction``, which :func:`configured` applies).
+Recovering every coordinate extracts every cell, so FetchSGD's zeroing empties the error and
+momentum tables each step: the update is the median estimate of the step's summed table, with no
+delayed error and no momentum left. Measured on a byte-level GPT-2 and a digits CNN, 3 seeds, at
+10x to 100x (docs/accuracy-frontier.md), that trained closer to allreduce than the few largest
+coordinates with error accumulation and momentum (``k = 0.01 d`` and ``0.1 d``) at every ratio,
+with both optimizers; ``k = 0.5 d`` did about as well, at far more selection work. Keeping the
+optimizer's momentum on the every-coordinate estimate instead (``recovery="dense"``) was better
+still on the GPT-2 and diverged on the CNN at 50x, so it is not the default.
+
+A ``topk_fraction`` the user sets is kept as it is (``choose(..., topk_given=True)``, which
+[`SketchState`][sketchcomm.SketchState] passes when ``topk_fraction`` is among its options or a
+whole ``config`` is given); only the default is raised.
 
 The hook learns the optimizer from [`SketchState.attach()`][sketchcomm.SketchState.attach], or by
 itself at the optimizer's first ``step()`` (a step pre-hook that matches the optimizer's
@@ -36,9 +45,11 @@ parameters with the model's); the decision is logged and warned once, and
 ('moved', 0.9)
 >>> apply_choice(choice, optimizer); optimizer.param_groups[0]["momentum"]
 0.0
+>>> configured(choice, SketchConfig(compression=10)).topk_fraction
+1.0
 >>> adaptive = choose(SketchConfig(compression=10), torch.optim.AdamW(weights))
 >>> configured(adaptive, SketchConfig(compression=10)).topk_fraction
-0.1
+1.0
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ from sketchcomm.config import SketchConfig
 
 __all__ = [
     "ADAPTIVE_TOPK_FRACTION",
+    "MOMENTUM_TOPK_FRACTION",
     "OptimizerChoice",
     "OptimizerWatch",
     "apply_choice",
@@ -62,15 +74,17 @@ __all__ = [
 ]
 
 ACTIONS = ("moved", "kept", "agnostic")
-#: The least fraction of each bucket recovered per step for an adaptive optimizer (``k >=
-#: ADAPTIVE_TOPK_FRACTION d``); measured in docs/choosing.md.
-ADAPTIVE_TOPK_FRACTION = 0.1
-#: What the measurements of docs/choosing.md say about adaptive optimizers on sparse updates.
+#: The fraction of each bucket recovered per step for an adaptive optimizer when the user did not
+#: set ``topk_fraction`` (every coordinate); measured in docs/accuracy-frontier.md.
+ADAPTIVE_TOPK_FRACTION = 1.0
+#: The fraction of each bucket recovered per step when SGD's momentum is moved into sketch space
+#: and the user did not set ``topk_fraction`` (every coordinate); docs/accuracy-frontier.md.
+MOMENTUM_TOPK_FRACTION = 1.0
+#: What the measurements of docs/accuracy-frontier.md say about adaptive optimizers here.
 ADAPTIVE_NOTE = (
-    "; adaptive optimizers train slower than with allreduce on this sparse update (AdamW, "
-    "character Llama, 100 steps, 10x: eval loss 1.20x allreduce's with k = 0.1 d, 1.38x with "
-    "k = 0.01 d; recovery='dense' 1.11x; docs/choosing.md): compare with an allreduce run, or "
-    "use SGD with momentum"
+    "; adaptive optimizers train slower than with allreduce on this sketched update (AdamW, "
+    "GPT-2 bytes, 200 steps, 50x: eval loss 1.19x allreduce's with k = 0.5 d, PowerSGD rank 1 "
+    "1.14x; docs/accuracy-frontier.md): compare with an allreduce run"
 )
 
 
@@ -125,8 +139,11 @@ def _sgd_momentum(optimizer: torch.optim.Optimizer) -> float:
     return momentum
 
 
-def choose(config: SketchConfig, optimizer: torch.optim.Optimizer) -> OptimizerChoice:
-    """The decision for ``optimizer`` under ``config`` (see the module docstring)."""
+def choose(
+    config: SketchConfig, optimizer: torch.optim.Optimizer, *, topk_given: bool = False
+) -> OptimizerChoice:
+    """The decision for ``optimizer`` under ``config`` (see the module docstring). With
+    ``topk_given`` (the user set ``topk_fraction``) the choice keeps the configured ``k``."""
     name = type(optimizer).__name__
     if config.error_feedback != "sketch":
         return OptimizerChoice(
@@ -138,12 +155,15 @@ def choose(config: SketchConfig, optimizer: torch.optim.Optimizer) -> OptimizerC
     momentum = _sgd_momentum(optimizer)
     if momentum:
         rho = config.momentum or momentum
+        least = 0.0 if topk_given else MOMENTUM_TOPK_FRACTION
         return OptimizerChoice(
             name,
             "moved",
             rho,
             f"{name} momentum {momentum:g} moved into sketch space: the hook keeps momentum "
-            f"{rho:g} on the summed table before top-k and the optimizer's momentum is set to 0",
+            f"{rho:g} on the summed table before top-k, with {_kept(config, least)}, and the "
+            "optimizer's momentum is set to 0",
+            least,
         )
     if isinstance(optimizer, torch.optim.SGD):
         return OptimizerChoice(
@@ -153,16 +173,27 @@ def choose(config: SketchConfig, optimizer: torch.optim.Optimizer) -> OptimizerC
             f"{name} left as it is: it gets the recovered top-k update as its gradient "
             f"(sketch-space momentum {config.momentum:g})",
         )
-    topk_fraction = max(config.topk_fraction, ADAPTIVE_TOPK_FRACTION)
+    least = 0.0 if topk_given else ADAPTIVE_TOPK_FRACTION
     return OptimizerChoice(
         name,
         "kept",
         config.momentum,
         f"{name} left as it is: it gets the recovered top-k update as its gradient "
-        f"(sketch-space momentum {config.momentum:g}), with k = {topk_fraction:g} d recovered "
-        f"per bucket of d elements (an adaptive optimizer needs more coordinates per step)"
-        f"{ADAPTIVE_NOTE}",
-        topk_fraction,
+        f"(sketch-space momentum {config.momentum:g}), with {_kept(config, least)} (an adaptive "
+        f"optimizer needs more coordinates per step){ADAPTIVE_NOTE}",
+        least,
+    )
+
+
+def _kept(config: SketchConfig, least: float) -> str:
+    """How many coordinates per bucket the recovery keeps, and why."""
+    fraction = max(config.topk_fraction, least)
+    why = "chosen for this optimizer" if fraction > config.topk_fraction else "as configured"
+    if fraction < 1.0:
+        return f"k = {fraction:g} d recovered per bucket of d elements ({why})"
+    return (
+        f"every coordinate recovered per step, k = d ({why}): the update is the median estimate "
+        "of the step's summed table, and the error and momentum tables are emptied every step"
     )
 
 

@@ -40,7 +40,7 @@ class DecodeConfig:
     momentum: float
 
 
-_Recover = Callable[[Tensor], tuple[Tensor, Tensor]]
+_Recover = Callable[[Tensor], tuple[Tensor, Tensor | None]]
 
 
 def output_buffer(bucket: BucketState, device: torch.device) -> Tensor:
@@ -60,16 +60,17 @@ def _recover(
     table: Tensor,
     target: Tensor | None = None,
     placement: Placement | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Dense ``[d]`` fp32 estimate of the sum, and the selected indices (all for dense), written
-    into the bucket's [`output_buffer()`][sketchcomm.recovery.output_buffer], or into ``target``
-    at ``placement``'s positions (then ``target`` is returned)."""
+) -> tuple[Tensor, Tensor | None]:
+    """Dense ``[d]`` fp32 estimate of the sum, and the selected indices (``None``: every
+    coordinate), written into the bucket's [`output_buffer()`][sketchcomm.recovery.output_buffer],
+    or into ``target`` at ``placement``'s positions (then ``target`` is returned). A top-k that
+    keeps every coordinate (``k >= d``) is the median estimate itself, computed as such."""
     sketch = bucket.sketch
     placed = target is not None and placement is not None and not placement.is_identity
     out = output_buffer(bucket, table.device) if target is None or placed else target
-    if config.recovery == "dense":
+    if config.recovery == "dense" or bucket.topk >= sketch.dim:
         estimate = sketch.estimate(table, out=out)
-        return (placement.scatter(estimate, target) if placed else estimate), torch.arange(0)
+        return (placement.scatter(estimate, target) if placed else estimate), None
     if placed and table.device.type != "cpu":
         indices, _ = sketch.heavy_hitters(table, bucket.topk, out=out)
         return placement.scatter(out, target), indices
@@ -84,7 +85,8 @@ def _sketch_space_step(
 ) -> Tensor:
     """FetchSGD: accumulate momentum and error on the aggregated table, extract the top-k (with
     ``recover`` from the error table), then zero the cells of both tables that the extracted
-    coordinates hash to."""
+    coordinates hash to. When every coordinate is extracted that is every cell some coordinate
+    hashes to, and the others never hold anything: both tables are zeroed whole."""
     if bucket.error_table is None:
         bucket.error_table = torch.zeros_like(summed)
     if config.momentum and bucket.momentum_table is None:
@@ -96,7 +98,12 @@ def _sketch_space_step(
     else:
         bucket.error_table.add_(summed)
     update, indices = recover(bucket.error_table)
-    bucket.sketch.zero_cells(bucket.error_table, indices, bucket.momentum_table)
+    if indices is not None:
+        bucket.sketch.zero_cells(bucket.error_table, indices, bucket.momentum_table)
+        return update
+    bucket.error_table.zero_()
+    if bucket.momentum_table is not None:
+        bucket.momentum_table.zero_()
     return update
 
 
@@ -138,7 +145,7 @@ def decode_into(
     """
     scale_table = divisor != 1 and bucket.sketch.rows % 2 == 1
 
-    def recover(table: Tensor) -> tuple[Tensor, Tensor]:
+    def recover(table: Tensor) -> tuple[Tensor, Tensor | None]:
         scaled = table / divisor if scale_table else table
         return _recover(config, bucket, scaled, target, placement)
 
