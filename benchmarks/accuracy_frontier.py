@@ -1,12 +1,12 @@
 """The bytes-vs-eval-loss frontier of the accuracy benchmark's methods.
 
-``python -m benchmarks.accuracy_frontier RESULTS.json --plot FIGURE.png`` reads the per-run
-results that ``python -m benchmarks.accuracy --json`` writes (or the JSON lines of
-``--progress``), prints the frontier table (method, bytes per rank per step, eval loss mean ±
-half range over the seeds, eval loss relative to allreduce's run of the same seed) and draws one
-panel per optimizer: bytes per step on a log axis against the relative eval loss, one line per
-method family (``allreduce`` and ``fp16`` are single points, ``powersgd`` one point per rank, a
-sketch method one point per compression).
+``python -m benchmarks.accuracy_frontier RESULTS.json [MORE.json ...] --plot FIGURE.png`` reads
+the per-run results that ``python -m benchmarks.accuracy --json`` writes (or the JSON lines of
+``--progress``; several files are read as one list), prints the frontier table (method, bytes
+per rank per step, eval loss mean ± half range over the seeds, eval loss relative to allreduce's
+run of the same seed) and draws one panel per optimizer: bytes per step on a log axis against the
+relative eval loss, one line per method family (``allreduce`` and ``fp16`` are single points,
+``powersgd`` one point per rank, a sketch method one point per compression).
 
 >>> rows = [
 ...     {"model": "gpt2", "optimizer": "sgd", "method": "allreduce", "step_bytes": 400,
@@ -117,10 +117,12 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="JSON (or JSON lines) of python -m benchmarks.accuracy")
+    parser.add_argument(
+        "results", nargs="+", help="JSON (or JSON lines) of python -m benchmarks.accuracy"
+    )
     parser.add_argument("--plot", help="write the frontier figure here (PNG)")
     args = parser.parse_args(argv)
-    rows = summarise(load_results(args.results))
+    rows = summarise([run for path in args.results for run in load_results(path)])
     print(frontier_markdown(rows))
     if args.plot:
         plot_frontier(rows, args.plot)

@@ -93,8 +93,7 @@ class SketchState(HookState):
       exact).
     * ``recovery``: ``"topk"`` or ``"dense"`` (see the module docstring).
     * ``topk_fraction``: ``k`` as a fraction of the bucket's elements, in ``(0, 1]`` (default
-      0.01; when it is not given and the hook sees SGD with momentum or an adaptive optimizer,
-      every coordinate: see `sketchcomm.optimizers`).
+      0.01; 1 when not given and the optimizer has momentum or adapts: `sketchcomm.optimizers`).
     * ``second_round``: allreduce the exact values of ``candidates * k`` candidates and keep the
       ``k`` largest (``"topk"`` only, not with ``error_feedback="sketch"``).
     * ``candidates``: candidates per kept coordinate in the second round, at least 1.
@@ -215,6 +214,8 @@ class SketchState(HookState):
         topk = f"k = {config.topk_fraction:g} d"
         if config.second_round:
             recovery = f"top-k ({topk}) with a second round and local error feedback"
+        elif config.recovery == "topk" and config.topk_fraction >= 1.0:
+            recovery = "every coordinate (k = d): the median estimate, nothing accumulated"
         elif config.recovery == "topk":
             recovery = f"FetchSGD top-k ({topk}), error accumulated in the summed table"
         else:

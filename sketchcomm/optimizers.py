@@ -161,8 +161,8 @@ def choose(
             "moved",
             rho,
             f"{name} momentum {momentum:g} moved into sketch space: the hook keeps momentum "
-            f"{rho:g} on the summed table before top-k, with {_kept(config, least)}, and the "
-            "optimizer's momentum is set to 0",
+            f"{rho:g} on the summed table and the optimizer's momentum is set to 0; "
+            f"{_kept(config, least)}",
             least,
         )
     if isinstance(optimizer, torch.optim.SGD):

@@ -136,10 +136,12 @@ def _train(rank: int, world: int, optimizer_name: str, seed: int) -> dict:
 
 
 # Eval loss of the default SketchState(compression=50) over allreduce's (same seed) after 200
-# steps of the byte-level GPT-2 on 2 ranks, seed 0 (measured here: SGD MEASURED_SGD, AdamW
-# MEASURED_ADAMW). The margins come from the 3-seed frontier of `python -m benchmarks.accuracy
-# --model gpt2` (docs/accuracy-frontier.md): MARGIN_NOTE
-MARGINS = {"sgd": 1.0, "adamw": 1.0}
+# steps of the byte-level GPT-2 on 2 ranks, seed 0 (measured here: SGD 1.090, AdamW 1.200, the
+# benchmark's seed-0 figures). The margins come from the 3-seed frontier of `python -m
+# benchmarks.accuracy --model gpt2` (docs/accuracy-frontier.md): the default at 50x scored
+# SGD 1.09 and AdamW 1.19 (half ranges about 0.01); the previous defaults (SGD: top 1 % with
+# momentum, 1.201 +- 0.010; AdamW: top 10 %, 1.253 +- 0.012) fail these margins.
+MARGINS = {"sgd": 1.12, "adamw": 1.22}
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
