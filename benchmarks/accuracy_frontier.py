@@ -2,11 +2,12 @@
 
 ``python -m benchmarks.accuracy_frontier RESULTS.json [MORE.json ...] --plot FIGURE.png`` reads
 the per-run results that ``python -m benchmarks.accuracy --json`` writes (or the JSON lines of
-``--progress``; several files are read as one list), prints the frontier table (method, bytes
-per rank per step, eval loss mean ± half range over the seeds, eval loss relative to allreduce's
-run of the same seed) and draws one panel per optimizer: bytes per step on a log axis against the
-relative eval loss, one line per method family (``allreduce`` and ``fp16`` are single points,
-``powersgd`` one point per rank, a sketch method one point per compression).
+``--progress``; several files are read as one list, a run found in more than one counted once),
+prints the frontier table (method, bytes per rank per step, eval loss mean ± half range over the
+seeds, eval loss relative to allreduce's run of the same seed) and draws one panel per optimizer:
+bytes per step on a log axis against the relative eval loss, one line per method family
+(``allreduce`` and ``fp16`` are single points, ``powersgd`` one point per rank, a sketch method
+one point per compression).
 
 >>> rows = [
 ...     {"model": "gpt2", "optimizer": "sgd", "method": "allreduce", "step_bytes": 400,
@@ -30,7 +31,14 @@ from typing import Any
 from benchmarks.accuracy import summarise
 from benchmarks.accuracy_methods import check_method
 
-__all__ = ["family_lines", "frontier_markdown", "load_results", "main", "plot_frontier"]
+__all__ = [
+    "distinct_runs",
+    "family_lines",
+    "frontier_markdown",
+    "load_results",
+    "main",
+    "plot_frontier",
+]
 
 
 def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -40,6 +48,18 @@ def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if text.lstrip().startswith("["):
         return json.loads(text)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def distinct_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``runs`` without repeats: the first run of each (model, steps, seed, optimizer, method)."""
+    seen: set[tuple] = set()
+    distinct = []
+    for run in runs:
+        key = (run.get("model", "char"), run["steps"], run["seed"], run["optimizer"], run["method"])
+        if key not in seen:
+            seen.add(key)
+            distinct.append(run)
+    return distinct
 
 
 def sort_key(row: dict[str, Any]) -> tuple[str, str, float]:
@@ -122,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--plot", help="write the frontier figure here (PNG)")
     args = parser.parse_args(argv)
-    rows = summarise([run for path in args.results for run in load_results(path)])
+    rows = summarise(distinct_runs([run for path in args.results for run in load_results(path)]))
     print(frontier_markdown(rows))
     if args.plot:
         plot_frontier(rows, args.plot)

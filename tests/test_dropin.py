@@ -139,7 +139,7 @@ def _train(rank: int, world: int, optimizer_name: str, seed: int) -> dict:
 # steps of the byte-level GPT-2 on 2 ranks, seed 0 (measured here: SGD 1.090, AdamW 1.200, the
 # benchmark's seed-0 figures). The margins come from the 3-seed frontier of `python -m
 # benchmarks.accuracy --model gpt2` (docs/accuracy-frontier.md): the default at 50x scored
-# SGD 1.09 and AdamW 1.19 (half ranges about 0.01); the previous defaults (SGD: top 1 % with
+# SGD 1.096 and AdamW 1.194 (half ranges 0.015); the previous defaults (SGD: top 1 % with
 # momentum, 1.201 +- 0.010; AdamW: top 10 %, 1.253 +- 0.012) fail these margins.
 MARGINS = {"sgd": 1.12, "adamw": 1.22}
 
