@@ -127,6 +127,8 @@ class DPSketchState(SketchState):
     (1, 1.0, 1.0)
     >>> state.privacy.colluding_ranks
     0
+    >>> dist.barrier()  # the hook's callbacks have run on the group's thread
+    >>> del model, state  # release DDP's reducer before its process group
     >>> dist.destroy_process_group()
     """
 
