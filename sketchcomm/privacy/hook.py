@@ -127,8 +127,7 @@ class DPSketchState(SketchState):
     (1, 1.0, 1.0)
     >>> state.privacy.colluding_ranks
     0
-    >>> dist.barrier()  # the hook's callbacks have run on the group's thread
-    >>> del model, state  # release DDP's reducer before its process group
+    >>> dist.barrier(); del model, state  # callbacks done; DDP's reducer goes before its group
     >>> dist.destroy_process_group()
     """
 
