@@ -162,7 +162,8 @@ def hook_step_report(
 ) -> dict[str, Any]:
     """Median seconds per whole step of every variant and their ratios to the copy and to
     PowerSGD; the kernel paths are ``numpy`` and, where numba is installed, ``compiled``.
-    ``topk_fraction`` is the sketch's ``k`` (0.5 is what SGD with momentum gets by default)."""
+    ``topk_fraction`` is the sketch's ``k`` (1.0, every coordinate, is what the hook chooses for SGD
+    with momentum and adaptive optimizers)."""
     with single_rank_group():
         model = transformer()
         buckets = record_buckets(model)

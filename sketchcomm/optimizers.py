@@ -83,7 +83,7 @@ MOMENTUM_TOPK_FRACTION = 1.0
 #: What the measurements of docs/accuracy-frontier.md say about adaptive optimizers here.
 ADAPTIVE_NOTE = (
     "; adaptive optimizers train slower than with allreduce on this sketched update (AdamW, "
-    "GPT-2 bytes, 200 steps, 50x: eval loss 1.19x allreduce's with k = 0.5 d, PowerSGD rank 1 "
+    "GPT-2 bytes, 200 steps, 50x: eval loss 1.19x allreduce's with k = d, PowerSGD rank 1 "
     "1.14x; docs/accuracy-frontier.md): compare with an allreduce run"
 )
 
