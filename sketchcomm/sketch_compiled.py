@@ -45,6 +45,11 @@ __all__ = [
 # it is added to every row.
 _SKETCH_BLOCK = 2048
 
+# Bits of an fp32: the exponent field, its lowest bit, the sign.
+_EXPONENT = np.uint32(0x7F800000)
+_EXPONENT_LOW_BIT = np.uint32(0x00800000)
+_SIGN_BIT = np.uint32(0x80000000)
+
 
 @jit()
 def _add_signed(target, source, sign):
@@ -366,11 +371,14 @@ def estimates_strided(
 
 @jit()
 def _all_finite(table):
-    # x * 0 is 0 for a finite x and NaN for an infinite or NaN one; the sum stays 0 iff all are.
-    total = np.float32(0.0)
-    for value in table.ravel():
-        total += value * np.float32(0.0)
-    return total == 0.0
+    # An fp32 is infinite or NaN iff its 8 exponent bits are all ones; adding one to the lowest
+    # exponent bit then carries into bit 31, and no finite value does. An OR of integers
+    # vectorizes (a float sum is a chain of dependent additions, ten times slower).
+    bits = table.ravel().view(np.uint32)
+    carried = np.uint32(0)
+    for i in range(len(bits)):
+        carried |= (bits[i] & _EXPONENT) + _EXPONENT_LOW_BIT
+    return carried < _SIGN_BIT
 
 
 def all_finite(table: np.ndarray) -> bool:

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -388,3 +389,17 @@ def test_heavy_hitters_write_the_top_k_vector_into_out(
     expected = torch.zeros(dim)
     expected[indices] = values
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (5, 9973)])
+def test_compiled_finiteness_check_agrees_with_numpy(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal(shape) * 1e30).astype(np.float32)
+    table.flat[0] = np.finfo(np.float32).max
+    table.flat[-1] = -np.finfo(np.float32).tiny / 4  # subnormal
+    assert sketch_compiled.all_finite(table)
+    for bad in (np.inf, -np.inf, np.nan, -np.nan):
+        for position in (0, table.size // 2, table.size - 1):
+            spoiled = table.copy()
+            spoiled.flat[position] = bad
+            assert sketch_compiled.all_finite(spoiled) == bool(np.isfinite(spoiled).all())
