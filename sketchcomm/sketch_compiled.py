@@ -191,7 +191,13 @@ def _chunk_cuts(offsets, k, length, columns, cuts):
             count += 1
     cuts[count] = length
     count += 1
-    cuts[:count].sort()
+    for i in range(2, count - 1):  # insertion sort of the wraps (a generic sort costs more)
+        wrap = cuts[i]
+        m = i - 1
+        while cuts[m] > wrap:
+            cuts[m + 1] = cuts[m]
+            m -= 1
+        cuts[m + 1] = wrap
     return count
 
 
