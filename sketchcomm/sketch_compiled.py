@@ -41,10 +41,6 @@ __all__ = [
     "zero_cells",
 ]
 
-# Positions of one chunk handled together while sketching: the slice of ``x`` stays in L1 while
-# it is added to every row.
-_SKETCH_BLOCK = 2048
-
 # Bits of an fp32: the exponent field, its lowest bit, the sign.
 _EXPONENT = np.uint32(0x7F800000)
 _EXPONENT_LOW_BIT = np.uint32(0x00800000)
@@ -59,28 +55,58 @@ def _add_signed(target, source, sign):
 
 
 @jit()
+def _add_to_rows(table, starts, signs, source):
+    """``table[j, starts[j] + t] += signs[j] * source[t]`` for every row ``j``: 3 and 5 rows in
+    one loop that reads ``source`` once, others row by row."""
+    n = len(source)
+    if len(starts) == 3:
+        a, b, c = table[0, starts[0] :], table[1, starts[1] :], table[2, starts[2] :]
+        sa, sb, sc = signs[0], signs[1], signs[2]
+        for t in range(n):
+            v = source[t]
+            a[t] += sa * v
+            b[t] += sb * v
+            c[t] += sc * v
+    elif len(starts) == 5:
+        a, b, c = table[0, starts[0] :], table[1, starts[1] :], table[2, starts[2] :]
+        d, e = table[3, starts[3] :], table[4, starts[4] :]
+        sa, sb, sc, sd, se = signs[0], signs[1], signs[2], signs[3], signs[4]
+        for t in range(n):
+            v = source[t]
+            a[t] += sa * v
+            b[t] += sb * v
+            c[t] += sc * v
+            d[t] += sd * v
+            e[t] += se * v
+    else:
+        for j in range(len(starts)):
+            _add_signed(table[j, starts[j] : starts[j] + n], source, signs[j])
+
+
+@jit()
 def _sketch_block(x, offset, tables, offsets, signs):
     batch, n = x.shape
     rows, columns = tables.shape[1], tables.shape[2]
+    cuts = np.empty(rows + 2, dtype=np.int64)
+    starts = np.empty(rows, dtype=np.int64)
+    chunk_signs = np.empty(rows, dtype=np.float32)
     position, end = offset, offset + n
     while position < end:
         k = position // columns
         first = position - k * columns
         last = min(columns, end - k * columns)
-        for begin in range(first, last, _SKETCH_BLOCK):
-            stop = min(last, begin + _SKETCH_BLOCK)
-            base = k * columns - offset
-            for j in range(rows):
-                sign = signs[j, k]
-                start = offsets[j, k] + begin
-                if start >= columns:
-                    start -= columns
-                head = min(stop - begin, columns - start)
+        base = k * columns - offset
+        for j in range(rows):
+            chunk_signs[j] = signs[j, k]
+        count = _chunk_cuts(offsets, k, last, columns, cuts)
+        for m in range(count - 1):
+            begin, stop = max(cuts[m], first), cuts[m + 1]
+            if stop > begin:
+                for j in range(rows):
+                    start = offsets[j, k] + begin
+                    starts[j] = start - columns if start >= columns else start
                 for b in range(batch):
-                    _add_signed(tables[b, j, start : start + head], x[b, base + begin :], sign)
-                    if head < stop - begin:
-                        wrapped = x[b, base + begin + head : base + stop]
-                        _add_signed(tables[b, j, : len(wrapped)], wrapped, sign)
+                    _add_to_rows(tables[b], starts, chunk_signs, x[b, base + begin : base + stop])
         position = k * columns + last
 
 
