@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from sketchcomm import sketch_compiled, sketch_triton
+from sketchcomm.finite import finite_on_cpu
 from sketchcomm.placement import Placement
 from sketchcomm.sketch_numpy import (
     estimates_at_least,
-    finite_on_cpu,
     selection_threshold,
     top_magnitudes,
 )

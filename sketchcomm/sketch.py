@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from sketchcomm import sketch_compiled, sketch_triton
+from sketchcomm.finite import all_finite
 from sketchcomm.hashing import derive_seed, prime_at_most
 from sketchcomm.heavy_hitters import select_heavy_hitters
 from sketchcomm.placement import Placement
@@ -326,7 +327,7 @@ class CountSketch:
         result = torch.empty(self.dim, dtype=torch.float32) if out is None else out
         if sketch_compiled.available():
             cells = table.contiguous().numpy()
-            if sketch_compiled.all_finite(cells):
+            if all_finite(cells):
                 sketch_compiled.estimate_into(
                     cells, self.offsets_cpu, self.chunk_signs, self.dim, result.numpy()
                 )

@@ -31,7 +31,6 @@ from sketchcomm.compiled import ENVIRONMENT_VARIABLE, available, jit
 
 __all__ = [
     "ENVIRONMENT_VARIABLE",
-    "all_finite",
     "available",
     "estimate_into",
     "estimates_above",
@@ -40,11 +39,6 @@ __all__ = [
     "sketch_segments",
     "zero_cells",
 ]
-
-# Bits of an fp32: the exponent field, its lowest bit, the sign.
-_EXPONENT = np.uint32(0x7F800000)
-_EXPONENT_LOW_BIT = np.uint32(0x00800000)
-_SIGN_BIT = np.uint32(0x80000000)
 
 
 @jit()
@@ -399,20 +393,3 @@ def estimates_strided(
     out = np.empty(-(-dim // stride), dtype=np.float32)
     _estimates_strided(table, offsets, signs, dim, stride, out)
     return out
-
-
-@jit()
-def _all_finite(table):
-    # An fp32 is infinite or NaN iff its 8 exponent bits are all ones; adding one to the lowest
-    # exponent bit then carries into bit 31, and no finite value does. An OR of integers
-    # vectorizes (a float sum is a chain of dependent additions, ten times slower).
-    bits = table.ravel().view(np.uint32)
-    carried = np.uint32(0)
-    for i in range(len(bits)):
-        carried |= (bits[i] & _EXPONENT) + _EXPONENT_LOW_BIT
-    return carried < _SIGN_BIT
-
-
-def all_finite(table: np.ndarray) -> bool:
-    """Whether every element of ``table`` (C-contiguous fp32) is finite."""
-    return bool(_all_finite(table))

@@ -29,7 +29,6 @@ __all__ = [
     "cpu_blocks",
     "cpu_scratch",
     "estimates_at_least",
-    "finite_on_cpu",
     "median_over_rows",
     "median_rows_into",
     "selection_threshold",
@@ -157,14 +156,6 @@ def sketch_grouped(sketch: CountSketch, x: np.ndarray, tables: np.ndarray) -> in
             rotated[:, 0] += tables[:, j]
             np.add.reduce(rotated, axis=1, out=tables[:, j])
     return whole
-
-
-def finite_on_cpu(table: Tensor) -> bool:
-    """Whether every element of the CPU tensor ``table`` is finite (one compiled pass where
-    possible)."""
-    if sketch_compiled.available() and table.is_contiguous():
-        return sketch_compiled.all_finite(table.numpy())
-    return bool(torch.isfinite(table).all())
 
 
 def selection_threshold(sketch: CountSketch, table: Tensor, k: int) -> float | None:
