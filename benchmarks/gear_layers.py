@@ -91,24 +91,13 @@ class LayerRecipe:
         )
 
 
-def recipe_compressor(recipe: LayerRecipe):
-    """The :data:`benchmarks.gear_simulate.CompressBlocks` of ``recipe``."""
-
-    def compress_blocks(blocks: torch.Tensor, kind: str, layer: int):
-        if blocks.numel() == 0:
-            return blocks, 0
-        stored = compress(blocks, recipe.choice(layer, kind), kind)
-        return stored.decompress(), stored.nbytes
-
-    return compress_blocks
-
-
 def recipe_point(
     model, input_ids: torch.Tensor, prefill: int, recipe: LayerRecipe, text: str, reference: float
 ) -> FrontierPoint:
     """``recipe`` on ``input_ids`` by the one-pass computation."""
-    run = simulate(model, input_ids, prefill, recipe.buffer_size, recipe_compressor(recipe))
-    corrected = any(c.rank or c.outlier_ratio for c in recipe.keys + recipe.values)
+    config = recipe_config(recipe)
+    run = simulate(model, input_ids, prefill, recipe.buffer_size, block_compressor(config))
+    corrected = config.corrects
     return FrontierPoint(
         text=text,
         prefill=prefill,
@@ -267,19 +256,36 @@ def option_bits(errors: LayerErrors, index: int) -> float:
 
 
 def allocation_options(bits: Sequence[int] = (2, 3, 4)) -> list[GEARConfig]:
-    """Quantization only and the default rank-1 key term at every bit width (defaults else)."""
+    """Every bit width with key groups of 32 and 16 tokens, each without and with the default
+    rank-1 key term (other settings default)."""
     options = []
     for b in bits:
-        config = GEARConfig(bits=b)
-        options.extend([config.quantization_only(), config])
+        for group in (32, 16):
+            config = GEARConfig(bits=b, group_size=group)
+            options.extend([config.quantization_only(), config])
     return options
+
+
+def recipe_config(recipe: LayerRecipe) -> GEARConfig:
+    """``recipe`` as one library config: ``GEARConfig(per_layer=...)`` for ``GEARCache``."""
+    overrides = {}
+    for layer, (key, value) in enumerate(zip(recipe.keys, recipe.values, strict=True)):
+        overrides[layer] = {
+            "bits": value.bits,
+            "key_bits": key.bits,
+            "group_size": key.group_size,
+            "value_group_size": value.group_size_for("value"),
+            "rank": key.rank,
+        }
+    base = dataclasses.replace(recipe.values[0].quantization_only(), corrected="key")
+    return GEARConfig(**{**dataclasses.asdict(base), "per_layer": overrides})
 
 
 def equal_bytes_recipes(bits: int, layers: int) -> list[LayerRecipe]:
     """GEAR's default at ``bits`` and quantization-only recipes around its bytes.
 
-    Quantization only spends GEAR's low-rank bytes on finer groups, float16 metadata, or one
-    more key bit.
+    Quantization only spends GEAR's low-rank bytes on finer groups (key groups of 16 tokens and
+    value groups of 32 channels hold exactly GEAR's bytes) or on float16 metadata.
     """
     gear = GEARConfig(bits=bits)
     quant = gear.quantization_only()
@@ -288,27 +294,24 @@ def equal_bytes_recipes(bits: int, layers: int) -> list[LayerRecipe]:
         dataclasses.replace(quant, group_size=16),
         dataclasses.replace(quant, group_size=16, value_group_size=32),
         dataclasses.replace(quant, metadata="float16"),
-        dataclasses.replace(quant, group_size=16, metadata="float16"),
     ]
     recipes = [LayerRecipe.uniform(gear, layers)]
     recipes += [LayerRecipe.uniform(v, layers) for v in variants]
-    more = dataclasses.replace(quant, bits=bits + 1)
-    recipes.append(
-        LayerRecipe(
-            f"quant-only keys {bits + 1}-bit, values {bits}-bit",
-            (more,) * layers,
-            (quant,) * layers,
-        )
-    )
     return recipes
 
 
 def allocated_recipes(
-    model, tokenizer, bits: int, prefill: int, tokens: int, log: Callable[[str], None]
+    model,
+    tokenizer,
+    budgets: Sequence[float],
+    prefill: int,
+    tokens: int,
+    log: Callable[[str], None],
 ) -> tuple[list[LayerRecipe], dict]:
-    """Per-layer recipes at the bytes of GEAR's default at ``bits``, from the calibration text.
+    """Per-layer recipes within each budget (mean bits per compressed entry), from the
+    calibration text.
 
-    Two allocations at that budget: one may use the low-rank key term, one may not (quantization
+    Two allocations per budget: one may use the low-rank key term, one may not (quantization
     only), so that their difference is what the low-rank term buys at equal bytes.
     """
     from sketchcomm.gear.loading import default_text
@@ -317,23 +320,23 @@ def allocated_recipes(
     options = allocation_options()
     log("calibration: per-layer errors")
     errors = layer_errors(model, calibration, prefill, options)
-    default = options.index(GEARConfig(bits=bits))
-    budget = option_bits(errors, default)
-    recipes = [
-        allocate(errors, budget, f"allocated {budget:.2f} b, low rank allowed"),
-        allocate(
-            errors,
-            budget,
-            f"allocated {budget:.2f} b, quant-only",
-            allowed=lambda kind, o: o.rank == 0,
-        ),
-    ]
+    recipes = []
+    for budget in budgets:
+        recipes.append(allocate(errors, budget, f"allocated {budget:.2f} b, low rank allowed"))
+        recipes.append(
+            allocate(
+                errors,
+                budget,
+                f"allocated {budget:.2f} b, quant-only",
+                allowed=lambda kind, o: o.rank == 0,
+            )
+        )
     statistic = {
         "options": [o.describe() for o in options],
         "option_bits": [option_bits(errors, i) for i in range(len(options))],
         "key_error": errors.key_error.tolist(),
         "value_error": errors.value_error.tolist(),
-        "budget_bits": budget,
+        "budgets": list(budgets),
         "recipes": [
             {
                 "name": r.name,
@@ -352,7 +355,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", choices=["equal-bytes", "allocate"], required=True)
-    parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--bits", type=int, default=2, help="bits of the uniform recipes")
+    parser.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=[2.77],
+        help="mean bits per compressed entry of the allocated recipes (2.77: GEAR 2-bit's)",
+    )
     parser.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=512)
@@ -371,12 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipes = equal_bytes_recipes(args.bits, layers)
     else:
         recipes, statistic = allocated_recipes(
-            model, tokenizer, args.bits, args.prefill, args.tokens, log
+            model, tokenizer, args.budgets, args.prefill, args.tokens, log
         )
-        recipes.insert(0, LayerRecipe.uniform(GEARConfig(bits=args.bits), layers))
-        recipes.insert(
-            1, LayerRecipe.uniform(GEARConfig(bits=args.bits).quantization_only(), layers)
-        )
+        gear = GEARConfig(bits=args.bits)
+        uniform = [gear, gear.quantization_only(), dataclasses.replace(gear, rank=0, group_size=16)]
+        recipes = [LayerRecipe.uniform(c, layers) for c in uniform] + recipes
     points = []
     for name in args.texts:
         ids = text_segments(tokenizer, TEXTS[name](), 1, args.prefill + args.tokens + 1)
