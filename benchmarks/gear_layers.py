@@ -304,15 +304,18 @@ def allocated_recipes(
     model,
     tokenizer,
     budgets: Sequence[float],
-    prefill: int,
-    tokens: int,
     log: Callable[[str], None],
+    prefill: int = 512,
+    tokens: int = 512,
 ) -> tuple[list[LayerRecipe], dict]:
     """Per-layer recipes within each budget (mean bits per compressed entry), from the
     calibration text.
 
     Two allocations per budget: one may use the low-rank key term, one may not (quantization
-    only), so that their difference is what the low-rank term buys at equal bytes.
+    only), so that their difference is what the low-rank term buys at equal bytes; the second
+    is left out where it equals the first. The calibration segment is ``prefill + tokens + 1``
+    tokens of the ``pydoc_data`` topics whatever length is evaluated: budgets are bits per
+    entry, which do not depend on the length.
     """
     from sketchcomm.gear.loading import default_text
 
@@ -323,14 +326,11 @@ def allocated_recipes(
     recipes = []
     for budget in budgets:
         recipes.append(allocate(errors, budget, f"allocated {budget:.2f} b, low rank allowed"))
-        recipes.append(
-            allocate(
-                errors,
-                budget,
-                f"allocated {budget:.2f} b, quant-only",
-                allowed=lambda kind, o: o.rank == 0,
-            )
+        quant = allocate(
+            errors, budget, f"allocated {budget:.2f} b, quant-only", lambda kind, o: o.rank == 0
         )
+        if (quant.keys, quant.values) != (recipes[-1].keys, recipes[-1].values):
+            recipes.append(quant)
     statistic = {
         "options": [o.describe() for o in options],
         "option_bits": [option_bits(errors, i) for i in range(len(options))],
@@ -342,6 +342,7 @@ def allocated_recipes(
                 "name": r.name,
                 "keys": [c.describe() for c in r.keys],
                 "values": [c.describe() for c in r.values],
+                "config": recipe_config(r).describe(),
             }
             for r in recipes
         ],
@@ -367,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--only-allocated", action="store_true", help="leave out the uniform recipes"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -380,12 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.study == "equal-bytes":
         recipes = equal_bytes_recipes(args.bits, layers)
     else:
-        recipes, statistic = allocated_recipes(
-            model, tokenizer, args.budgets, args.prefill, args.tokens, log
-        )
+        recipes, statistic = allocated_recipes(model, tokenizer, args.budgets, log)
         gear = GEARConfig(bits=args.bits)
         uniform = [gear, gear.quantization_only(), dataclasses.replace(gear, rank=0, group_size=16)]
-        recipes = [LayerRecipe.uniform(c, layers) for c in uniform] + recipes
+        if not args.only_allocated:
+            recipes = [LayerRecipe.uniform(c, layers) for c in uniform] + recipes
     points = []
     for name in args.texts:
         ids = text_segments(tokenizer, TEXTS[name](), 1, args.prefill + args.tokens + 1)

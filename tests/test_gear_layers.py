@@ -21,7 +21,9 @@ def test_key_bits_quantize_the_keys_only() -> None:
     x = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(0)).half()
     mixed = small(bits=2, key_bits=4, rank=0)
     four, two = small(bits=4, rank=0), small(bits=2, rank=0)
-    assert torch.equal(compress(x, mixed, "key").decompress(), compress(x, four, "key").decompress())
+    assert torch.equal(
+        compress(x, mixed, "key").decompress(), compress(x, four, "key").decompress()
+    )
     assert compress(x, mixed, "key").nbytes == compress(x, four, "key").nbytes
     assert torch.equal(
         compress(x, mixed, "value").decompress(), compress(x, two, "value").decompress()
@@ -79,7 +81,11 @@ def test_cache_layers_take_their_override_and_count_their_bytes(model) -> None:
         stream = layer.streams[0]
         expected = compress(stream_input(model, ids[:, :40], index), config.for_layer(index), "key")
         assert stream.compressed_keys.nbytes == expected.nbytes
-        assert torch.equal(stream.compressed_keys.decompress(), expected.decompress())
+        # The same codes up to the float rounding of the decoding kernel (a 2-bit layer read
+        # with another layer's bits would be off by whole quantization steps).
+        torch.testing.assert_close(
+            stream.compressed_keys.decompress(), expected.decompress(), rtol=1e-4, atol=1e-5
+        )
     sizes = [layer.nbytes for layer in cache.layers]
     assert sizes[0] < sizes[1] < sizes[2]  # 2-bit, then 4-bit keys with rank 2, then 8-bit
     with pytest.raises(ValueError, match="model has 3 layers"):
