@@ -106,12 +106,13 @@ class FrontierPoint:
 
 
 def block_compressor(config: GEARConfig):
-    """The :data:`benchmarks.gear_simulate.CompressBlocks` of ``config`` (``None``: exact)."""
+    """The :data:`benchmarks.gear_simulate.CompressBlocks` of ``config`` (``None``: exact); layer
+    ``l`` is compressed with ``config.for_layer(l)``, as in ``GEARCache``."""
 
     def compress_blocks(blocks: torch.Tensor, kind: str, layer: int):
         if config is None or blocks.numel() == 0:
             return blocks, blocks.numel() * blocks.element_size() if config is None else 0
-        stored = compress(blocks, config, kind)
+        stored = compress(blocks, config.for_layer(layer), kind)
         return stored.decompress(), stored.nbytes
 
     return compress_blocks
@@ -130,7 +131,7 @@ def one_pass_points(
                 text=text,
                 prefill=prefill,
                 tokens=input_ids.shape[1] - prefill - 1,
-                method="GEAR" if config.rank or config.outlier_ratio else "quant-only",
+                method="GEAR" if config.corrects else "quant-only",
                 bits=config.bits,
                 settings=config.describe(),
                 perplexity=run.perplexity,

@@ -239,9 +239,10 @@ class GEARCache(Cache):
     Args:
         gear_config: the GEAR settings (defaults to ``GEARConfig()``). When they do not compress,
             the cache is laid out and behaves exactly like ``DynamicCache(config=config)``.
-        config: the model's config (optional). With it every layer is created up front and
-            models with sliding-window or linear-attention layers are rejected when compressing;
-            without it layers are created on first use.
+        config: the model's config (optional). With it every layer is created up front (layer
+            ``i`` with ``gear_config.for_layer(i)``) and models with sliding-window or
+            linear-attention layers are rejected when compressing; without it layers are created
+            on first use (``per_layer`` overrides then need it).
 
     >>> import torch
     >>> from sketchcomm.gear import GEARCache, GEARConfig
@@ -272,6 +273,11 @@ class GEARCache(Cache):
                 super().__init__(layers=DynamicCache(config=config).layers)
             return
         if config is None:
+            if gear_config.per_layer:
+                raise ValueError(
+                    "a GEARConfig with per_layer overrides needs the model's config: "
+                    "GEARCache(gear_config, config=model.config)"
+                )
             super().__init__(layer_class_to_replicate=functools.partial(GEARLayer, gear_config))
             return
         text_config = config.get_text_config(decoder=True)
@@ -282,7 +288,14 @@ class GEARCache(Cache):
                 "GEARCache supports full-attention layers only; "
                 f"the model has {sorted(unsupported)}"
             )
-        super().__init__(layers=[GEARLayer(gear_config) for _ in layer_types])
+        beyond = [layer for layer, _ in gear_config.per_layer if layer >= len(layer_types)]
+        if beyond:
+            raise ValueError(
+                f"per_layer names layers {beyond}, but the model has {len(layer_types)} layers"
+            )
+        super().__init__(
+            layers=[GEARLayer(gear_config.for_layer(i)) for i in range(len(layer_types))]
+        )
 
     @property
     def nbytes(self) -> int:

@@ -318,7 +318,12 @@ def compress(
             outlier_index = index.to(torch.int16 if n * d <= 2**15 else torch.int32)
 
     quantized = quantize(
-        work, config.bits, config.group_size_for(kind), mode, exclude=mask, metadata=config.metadata
+        work,
+        config.bits_for(kind),
+        config.group_size_for(kind),
+        mode,
+        exclude=mask,
+        metadata=config.metadata,
     )
 
     factor_a = factor_b = None

@@ -15,8 +15,9 @@ channel) and values per token (a group runs along the channels of one token).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sketchcomm.validation import check_int
 
@@ -25,6 +26,22 @@ OutlierScope = Literal["matrix", "row"]
 MetadataFormat = Literal["float16", "8bit"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+
+LAYER_FIELDS = (
+    "bits",
+    "key_bits",
+    "group_size",
+    "value_group_size",
+    "key_mode",
+    "value_mode",
+    "outlier_ratio",
+    "outlier_scope",
+    "rank",
+    "corrected",
+    "power_iters",
+    "metadata",
+)
+"""The fields a ``per_layer`` override may set (everything but the streaming and cache ones)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,12 @@ class GEARConfig:
             its minimum (16 bits per group, plus three float16 numbers per block matrix), see
             [`sketchcomm.gear.quantization`][sketchcomm.gear.quantization]; ``"float16"`` stores
             both in float16 (32 bits per group, the former default).
+        key_bits: bits of the keys when they differ from ``bits`` (which then applies to the
+            values only); ``None`` (default) uses ``bits`` for both.
+        per_layer: overrides for some attention layers, ``{layer index: {field: value}}``
+            with fields from :data:`LAYER_FIELDS`, e.g. ``{12: {"key_bits": 4, "rank": 1}}``;
+            layer ``i`` is compressed with :meth:`for_layer` ``(i)``. Stored as a sorted tuple
+            of ``(layer, ((field, value), ...))`` pairs so that the config stays hashable.
 
     >>> from sketchcomm.gear import GEARConfig
     >>> GEARConfig().describe()  # the default: rank 1 on the keys, key groups of 32 tokens
@@ -79,6 +102,11 @@ class GEARConfig:
     'GEAR 2-bit g32/64 r4 s2% nb32'
     >>> config.quantization_only().describe()  # the same quantization, no low rank, no outliers
     'quant-only 2-bit g32/64 r0 s0% nb32'
+    >>> layered = GEARConfig(bits=2, rank=0, per_layer={5: {"key_bits": 4, "rank": 1}})
+    >>> layered.describe()  # 2-bit keys and values, 4-bit keys with rank 1 on layer 5
+    'GEAR 2-bit g32/64 r0 s0% nb32 keys | L5: k4 r1'
+    >>> layered.for_layer(5).describe(), layered.for_layer(6).describe()
+    ('GEAR 2-bit k4 g32/64 r1 s0% nb32 keys', 'quant-only 2-bit g32/64 r0 s0% nb32')
     """
 
     bits: int | None = 4
@@ -96,6 +124,8 @@ class GEARConfig:
     seed: int = 0
     decoded_buffer: bool = False
     metadata: MetadataFormat = "8bit"
+    key_bits: int | None = None
+    per_layer: Any = ()
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -136,6 +166,10 @@ class GEARConfig:
             raise ValueError(f"metadata must be 'float16' or '8bit', got {self.metadata!r}")
         if not isinstance(self.decoded_buffer, bool):
             raise ValueError(f"decoded_buffer must be a bool, got {self.decoded_buffer!r}")
+        key_bits = self.key_bits
+        if key_bits is not None and (isinstance(key_bits, bool) or key_bits not in SUPPORTED_BITS):
+            raise ValueError(f"key_bits must be one of {SUPPORTED_BITS} or None, got {key_bits!r}")
+        object.__setattr__(self, "per_layer", self._normalised_overrides())
         for kind in ("key", "value"):
             group = self.group_size_for(kind)
             if self.compresses and self.mode_for(kind) == "channel" and self.buffer_size % group:
@@ -143,6 +177,51 @@ class GEARConfig:
                     f"buffer_size ({self.buffer_size}) must be a multiple of the {kind} group size "
                     f"({group}) when the {kind}s are quantized per channel"
                 )
+
+    def _normalised_overrides(self) -> tuple:
+        """``per_layer`` as a sorted tuple of ``(layer, ((field, value), ...))``, validated."""
+        overrides = self.per_layer
+        if isinstance(overrides, Mapping):
+            overrides = tuple(overrides.items())
+        if not isinstance(overrides, tuple | list):
+            raise ValueError(
+                "per_layer must map layer indices to {field: value} overrides, "
+                f"got {type(overrides).__name__}"
+            )
+        normalised = {}
+        for entry in overrides:
+            if not (isinstance(entry, tuple | list) and len(entry) == 2):
+                raise ValueError(f"per_layer entries must be (layer, overrides), got {entry!r}")
+            layer, fields = entry
+            check_int("per_layer layer index", layer, minimum=0)
+            fields = dict(fields.items() if isinstance(fields, Mapping) else fields)
+            unknown = sorted(set(fields) - set(LAYER_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"per_layer[{layer}] cannot set {unknown}; allowed fields: {LAYER_FIELDS}"
+                )
+            if layer in normalised:
+                raise ValueError(f"per_layer names layer {layer} twice")
+            if fields:
+                normalised[layer] = tuple(sorted(fields.items()))
+        if normalised and not self.compresses:
+            raise ValueError("per_layer needs a config that compresses (bits set, enabled)")
+        result = tuple(sorted(normalised.items()))
+        for layer, fields in result:
+            try:
+                layer_config = dataclasses.replace(self, per_layer=(), **dict(fields))
+            except ValueError as error:
+                raise ValueError(f"per_layer[{layer}]: {error}") from error
+            if not layer_config.compresses:
+                raise ValueError(f"per_layer[{layer}] must compress (bits cannot be None)")
+        return result
+
+    def for_layer(self, layer: int) -> GEARConfig:
+        """The config of attention layer ``layer``: this one with its ``per_layer`` override."""
+        for index, fields in self.per_layer:
+            if index == layer:
+                return dataclasses.replace(self, per_layer=(), **dict(fields))
+        return dataclasses.replace(self, per_layer=()) if self.per_layer else self
 
     @property
     def compresses(self) -> bool:
@@ -163,19 +242,67 @@ class GEARConfig:
             return self.value_group_size
         return self.group_size
 
+    def bits_for(self, kind: Literal["key", "value"]) -> int | None:
+        """The bits of keys or of values."""
+        if kind == "key" and self.key_bits is not None:
+            return self.key_bits
+        self.mode_for(kind)  # validates kind
+        return self.bits
+
     def quantization_only(self) -> GEARConfig:
-        """The same quantization without the low-rank and sparse parts (a KIVI-like baseline)."""
-        return dataclasses.replace(self, rank=0, outlier_ratio=0.0)
+        """The same quantization without the low-rank and sparse parts (a KIVI-like baseline),
+        on every layer."""
+        overrides = tuple(
+            (layer, tuple(f for f in fields if f[0] not in ("rank", "outlier_ratio")))
+            for layer, fields in self.per_layer
+        )
+        return dataclasses.replace(self, rank=0, outlier_ratio=0.0, per_layer=overrides)
+
+    @property
+    def corrects(self) -> bool:
+        """Whether some layer has a low-rank or sparse term."""
+        configs = [self] + [self.for_layer(layer) for layer, _ in self.per_layer]
+        return any(c.rank or c.outlier_ratio for c in configs)
 
     def describe(self) -> str:
         """A short human-readable summary, e.g. ``GEAR 4-bit g32/64 r1 s0% nb32 keys``."""
         if not self.compresses:
             return "uncompressed"
-        name = "GEAR" if self.rank or self.outlier_ratio else "quant-only"
+        name = "GEAR" if self.corrects else "quant-only"
+        key_bits = "" if self.key_bits is None else f" k{self.key_bits}"
         return (
-            f"{name} {self.bits}-bit g{self.group_size}"
+            f"{name} {self.bits}-bit{key_bits} g{self.group_size}"
             f"{'' if self.value_group_size is None else f'/{self.value_group_size}'} r{self.rank} "
             f"s{100 * self.outlier_ratio:g}%{'/row' if self.outlier_scope == 'row' else ''} "
             f"nb{self.buffer_size}{' m16' if self.metadata == 'float16' else ''}"
             f"{f' {self.corrected}s' if name == 'GEAR' and self.corrected != 'both' else ''}"
+            f"{describe_overrides(self.per_layer)}"
         )
+
+
+SHORT_NAMES = {
+    "bits": "b",
+    "key_bits": "k",
+    "rank": "r",
+    "group_size": "g",
+    "value_group_size": "gv",
+}
+
+
+def describe_overrides(per_layer: tuple) -> str:
+    """``" | L12-14,20: k4 r1 | L3: k3"``: layers with equal overrides, listed together."""
+    if not per_layer:
+        return ""
+    groups: dict[tuple, list[int]] = {}
+    for layer, fields in per_layer:
+        groups.setdefault(fields, []).append(layer)
+    parts = []
+    for fields, layers in groups.items():
+        spans, start = [], layers[0]
+        for previous, current in zip(layers, [*layers[1:], None], strict=True):
+            if current != previous + 1:
+                spans.append(f"{start}" if start == previous else f"{start}-{previous}")
+                start = current
+        settings = " ".join(f"{SHORT_NAMES.get(k, k + '=')}{v}" for k, v in fields)
+        parts.append(f" | L{','.join(spans)}: {settings}")
+    return "".join(parts)
