@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from sketchcomm.bucket_states import bucket_state_for, split_bucket
 from sketchcomm.buckets import BucketLayout, BucketState
 from sketchcomm.failure import RemoteHookError, StepGuard, error_code, error_name
+from sketchcomm.finite import tensor_is_finite
 from sketchcomm.sketch import CountSketch
 from sketchcomm.stats import SketchStats
 
@@ -281,7 +282,7 @@ class BucketContext:
         return True
 
     def _checked(self, payload: Tensor, decode: Callable[[Tensor], Tensor]) -> Tensor:
-        if not bool(torch.isfinite(payload).all()):
+        if not tensor_is_finite(payload):
             return self.nonfinite_result()
         return decode(payload)
 

@@ -1,4 +1,4 @@
-"""Whether a CPU table is finite, in one vectorized pass.
+"""Whether a table is finite, on the CPU in one vectorized pass.
 
 An fp32 value is infinite or NaN iff its 8 exponent bits are all ones; adding one to the lowest
 exponent bit then carries into bit 31, which no finite value's exponent does. The OR of those
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sketchcomm.compiled import available, jit
 
-__all__ = ["all_finite", "finite_on_cpu"]
+__all__ = ["all_finite", "tensor_is_finite"]
 
 _EXPONENT = np.uint32(0x7F800000)
 _EXPONENT_LOW_BIT = np.uint32(0x00800000)
@@ -37,14 +37,19 @@ def _all_finite(cells):
 
 def all_finite(cells: np.ndarray) -> bool:
     """Whether every element of ``cells`` (C-contiguous fp32) is finite; compiled when numba
-    is installed (without it, a Python loop: call [`finite_on_cpu()`][
-    sketchcomm.finite.finite_on_cpu] instead)."""
+    is installed (without it, a Python loop: call [`tensor_is_finite()`][
+    sketchcomm.finite.tensor_is_finite] instead)."""
     return bool(_all_finite(cells))
 
 
-def finite_on_cpu(table: Tensor) -> bool:
-    """Whether every element of the CPU tensor ``table`` is finite (one compiled pass where
-    possible)."""
-    if available() and table.is_contiguous():
+def tensor_is_finite(table: Tensor) -> bool:
+    """Whether every element of ``table`` is finite: one compiled pass for a contiguous fp32
+    CPU tensor when numba is installed, ``torch.isfinite`` otherwise (any device or dtype)."""
+    if (
+        table.device.type == "cpu"
+        and table.dtype == torch.float32
+        and table.is_contiguous()
+        and available()
+    ):
         return all_finite(table.numpy())
     return bool(torch.isfinite(table).all())

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sketchcomm import sketch_compiled, sketch_triton
-from sketchcomm.finite import finite_on_cpu
+from sketchcomm.finite import tensor_is_finite
 from sketchcomm.placement import Placement
 from sketchcomm.sketch_numpy import (
     estimates_at_least,
@@ -55,7 +55,7 @@ def select_heavy_hitters(
     >>> out.tolist()  # canonical coordinate 4 is buffer position 0
     [2.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     """
-    if table.device.type == "cpu" and finite_on_cpu(table):
+    if table.device.type == "cpu" and tensor_is_finite(table):
         threshold = selection_threshold(sketch, table, k)
         if threshold is not None:
             fused = out is not None and sketch_compiled.available()

@@ -31,6 +31,10 @@ class Placement:
     ([3.0, 4.0, 0.0, 1.0, 2.0], [3, 2])
     >>> placement.scatter(placement.gather(flat), torch.empty(5)).tolist()
     [0.0, 1.0, 2.0, 3.0, 4.0]
+    >>> buffer = np.zeros(5, dtype=np.float32)
+    >>> placement.place(1, np.array([1.0, 2.0, 3.0], dtype=np.float32), buffer)  # b, c, d
+    >>> buffer.tolist()
+    [2.0, 3.0, 0.0, 0.0, 1.0]
     """
 
     def __init__(self, slices: tuple[tuple[int, int], ...] | None, numel: int) -> None:
@@ -60,6 +64,17 @@ class Placement:
             return indices
         segment = np.searchsorted(self.starts, indices, side="right") - 1
         return self.offsets[segment] + (indices - self.starts[segment])
+
+    def place(self, start: int, values: np.ndarray, flat: np.ndarray) -> None:
+        """Write ``values``, the canonical coordinates ``start, start + 1, ...``, at their
+        positions in ``flat`` (both 1-D numpy arrays)."""
+        end = start + len(values)
+        segment = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while segment < len(self.starts) and self.starts[segment] < end:
+            first, offset = int(self.starts[segment]), int(self.offsets[segment])
+            low, high = max(first, start), min(first + int(self.lengths[segment]), end)
+            flat[offset + low - first : offset + high - first] = values[low - start : high - start]
+            segment += 1
 
     def gather(self, flat: Tensor) -> Tensor:
         """The canonical vector ``[numel]`` read from ``flat`` (``flat`` itself, or its first

@@ -67,17 +67,16 @@ def _recover(
     keeps every coordinate (``k >= d``) is the median estimate itself, computed as such."""
     sketch = bucket.sketch
     placed = target is not None and placement is not None and not placement.is_identity
-    out = output_buffer(bucket, table.device) if target is None or placed else target
+    where = placement if placed else None
+    out = target if target is not None else output_buffer(bucket, table.device)
     if config.recovery == "dense" or bucket.topk >= sketch.dim:
-        estimate = sketch.estimate(table, out=out)
-        return (placement.scatter(estimate, target) if placed else estimate), None
+        return sketch.estimate(table, out=out, placement=where), None
     if placed and table.device.type != "cpu":
-        indices, _ = sketch.heavy_hitters(table, bucket.topk, out=out)
-        return placement.scatter(out, target), indices
-    indices, _ = sketch.heavy_hitters(
-        table, bucket.topk, out=target if placed else out, placement=placement if placed else None
-    )
-    return (target if placed else out), indices
+        canonical = output_buffer(bucket, table.device)
+        indices, _ = sketch.heavy_hitters(table, bucket.topk, out=canonical)
+        return placement.scatter(canonical, target), indices
+    indices, _ = sketch.heavy_hitters(table, bucket.topk, out=out, placement=where)
+    return out, indices
 
 
 def _sketch_space_step(

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from sketchcomm.engine import BucketContext
+from sketchcomm.finite import tensor_is_finite
 from sketchcomm.sketch_blocks import sketch_placed
 
 __all__ = ["message_size", "part_message", "part_message_into", "second_round"]
@@ -67,7 +68,7 @@ def second_round(state: Any, context: BucketContext) -> torch.futures.Future[Ten
     summed = context.allreduce_now(table)
     if summed is None:
         return context.without_exchange(lambda: None)
-    if not bool(torch.isfinite(summed).all()):
+    if not tensor_is_finite(summed):
         return context.without_exchange(context.nonfinite_result)
     pieces, chosen = summed.split(sizes), {}
 

@@ -307,17 +307,26 @@ class CountSketch:
                 f"{tuple(out.shape)} {out.dtype} on {out.device}"
             )
 
-    def estimate(self, table: Tensor, out: Tensor | None = None) -> Tensor:
+    def estimate(
+        self, table: Tensor, out: Tensor | None = None, placement: Placement | None = None
+    ) -> Tensor:
         """Median-over-rows estimate of every coordinate, shape ``[dim]`` fp32.
 
         ``table`` is a ``[rows, columns]`` fp32 table. With ``out`` (a contiguous ``[dim]`` fp32
         tensor on the table's device) the estimate is written into ``out``, which is returned;
         reusing one ``out`` spares allocating (and, for large ``dim``, page-faulting) a new vector
-        per call. The CPU computes it block by block with numpy, other devices with torch
-        gathers; the values are the same.
+        per call. With ``placement`` too, coordinate ``i`` is written at
+        ``placement.positions(i)`` (``out`` a buffer holding the placement's positions), on the
+        CPU in the estimate's own pass. The CPU computes it block by block with numpy, other
+        devices with torch gathers; the values are the same.
         """
         self._check_table(table)
-        self._check_out(out, table.device)
+        if placement is not None and (placement.numel != self.dim or out is None):
+            raise ValueError(f"a placement needs out and {self.dim} elements")
+        placed = placement is not None and not placement.is_identity
+        self._check_out(out, table.device, max(len(out), placement.extent) if placed else 0)
+        if placed and table.device.type != "cpu":
+            return placement.scatter(self.estimate(table), out)
         if sketch_triton.supported(table):
             out = table.new_empty(self.dim) if out is None else out
             return sketch_triton.estimate_into(self, table.contiguous(), out)
@@ -328,13 +337,20 @@ class CountSketch:
         if sketch_compiled.available():
             cells = table.contiguous().numpy()
             if all_finite(cells):
+                pairs = placement.pairs if placed else sketch_compiled.IDENTITY_PLACEMENT
                 sketch_compiled.estimate_into(
-                    cells, self.offsets_cpu, self.chunk_signs, self.dim, result.numpy()
+                    cells, self.offsets_cpu, self.chunk_signs, self.dim, result.numpy(), pairs
                 )
                 return result
         target, scratch = result.numpy(), cpu_scratch(self)
+        block = np.empty(scratch.shape[1], dtype=np.float32)
         for start, windows in cpu_blocks(self, table):
-            median_rows_into(windows, target[start : start + len(windows[0])], scratch)
+            n = len(windows[0])
+            if placed:
+                median_rows_into(windows, block[:n], scratch)
+                placement.place(start, block[:n], target)
+            else:
+                median_rows_into(windows, target[start : start + n], scratch)
         return result
 
     def estimate_at(self, table: Tensor, indices: Tensor) -> Tensor:

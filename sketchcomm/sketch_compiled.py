@@ -29,8 +29,12 @@ import numpy as np
 
 from sketchcomm.compiled import ENVIRONMENT_VARIABLE, available, jit
 
+#: The ``(start, offset)`` rows of the identity placement (coordinate ``i`` at position ``i``).
+IDENTITY_PLACEMENT = np.zeros((1, 2), dtype=np.int64)
+
 __all__ = [
     "ENVIRONMENT_VARIABLE",
+    "IDENTITY_PLACEMENT",
     "available",
     "estimate_into",
     "estimates_above",
@@ -154,6 +158,19 @@ def _median_small(values, r):
 
 
 @jit()
+def _median_of(values, r):
+    """The median of ``values[:r]`` by the network ``_segment`` uses for ``r`` in {3, 5}."""
+    if r == 3:
+        a, b, c = values[0], values[1], values[2]
+        return max(min(a, b), min(max(a, b), c))
+    if r == 5:
+        a, b, c, d, e = values[0], values[1], values[2], values[3], values[4]
+        low, high = max(min(a, b), min(c, d)), min(max(a, b), max(c, d))
+        return max(min(e, low), min(max(e, low), high))
+    return _median_small(values, r)
+
+
+@jit()
 def _segment(table, offsets, signs, k, begin, end, out, scratch, starts):
     """Estimates of positions ``begin .. end - 1`` of chunk ``k`` into ``out[:end - begin]``, for
     a range in which no row wraps around. ``scratch`` (fp32) and ``starts`` (int64) hold ``r``
@@ -222,37 +239,41 @@ def _chunk_cuts(offsets, k, length, columns, cuts):
 
 
 @jit()
-def _estimate_into(table, offsets, signs, dim, out):
+def _estimate_into(table, offsets, signs, dim, out, placement):
     rows, columns = table.shape
-    chunks = offsets.shape[1]
     cuts = np.empty(rows + 2, dtype=np.int64)
     scratch = np.empty(rows, dtype=np.float32)
     starts = np.empty(rows, dtype=np.int64)
-    for k in range(chunks):
-        length = min(columns, dim - k * columns)
-        count = _chunk_cuts(offsets, k, length, columns, cuts)
+    segment, segments = 0, placement.shape[0]
+    for k in range(offsets.shape[1]):
+        count = _chunk_cuts(offsets, k, min(columns, dim - k * columns), columns, cuts)
         for m in range(count - 1):
-            begin, end = cuts[m], cuts[m + 1]
-            if end > begin:
-                _segment(
-                    table,
-                    offsets,
-                    signs,
-                    k,
-                    begin,
-                    end,
-                    out[k * columns + begin :],
-                    scratch,
-                    starts,
-                )
+            begin = cuts[m]
+            while begin < cuts[m + 1]:  # cut again where a placement segment starts
+                position = k * columns + begin
+                while segment + 1 < segments and placement[segment + 1, 0] <= position:
+                    segment += 1
+                end = cuts[m + 1]
+                if segment + 1 < segments:
+                    end = min(end, placement[segment + 1, 0] - k * columns)
+                target = out[placement[segment, 1] + position - placement[segment, 0] :]
+                _segment(table, offsets, signs, k, begin, end, target, scratch, starts)
+                begin = end
 
 
 def estimate_into(
-    table: np.ndarray, offsets: np.ndarray, signs: np.ndarray, dim: int, out: np.ndarray
+    table: np.ndarray,
+    offsets: np.ndarray,
+    signs: np.ndarray,
+    dim: int,
+    out: np.ndarray,
+    placement: np.ndarray = IDENTITY_PLACEMENT,
 ) -> None:
     """Write the median-over-rows estimate of the ``dim`` coordinates from ``table`` (``[r, c]``
-    fp32) into ``out`` (``[dim]`` fp32)."""
-    _estimate_into(table, offsets, signs, dim, out)
+    fp32) into ``out`` (fp32): coordinate ``i`` of segment ``s`` at ``out[placement[s, 1] + i -
+    placement[s, 0]]``, with ``placement`` the ``[s, 2]`` int64 ``(start, offset)`` rows of a
+    [`Placement`][sketchcomm.placement.Placement] (by default ``out[i]``)."""
+    _estimate_into(table, offsets, signs, dim, out, placement)
 
 
 @jit()
@@ -316,21 +337,13 @@ def estimates_above(
     coordinate ``i`` goes to ``dense[i]``."""
     block = np.empty(min(dim, 4096), dtype=np.float32)
     target = np.empty(0, dtype=np.float32) if dense is None else dense
-    segments = np.zeros((1, 2), dtype=np.int64) if placement is None else placement
+    segments = IDENTITY_PLACEMENT if placement is None else placement
+    limit = np.float32(threshold)
     while True:
         indices = np.empty(capacity, dtype=np.int64)
         values = np.empty(capacity, dtype=np.float32)
         found = _estimates_above(
-            table,
-            offsets,
-            signs,
-            dim,
-            np.float32(threshold),
-            block,
-            indices,
-            values,
-            target,
-            segments,
+            table, offsets, signs, dim, limit, block, indices, values, target, segments
         )
         if found <= capacity:
             return indices[:found], values[:found]
@@ -373,16 +386,7 @@ def _estimates_strided(table, offsets, signs, dim, stride, out):
             for j in range(rows):
                 cell = offsets[j, k] + position
                 scratch[j] = signs[j, k] * table[j, cell - columns if cell >= columns else cell]
-            if rows == 3:
-                a, b, c = scratch[0], scratch[1], scratch[2]
-                out[n] = max(min(a, b), min(max(a, b), c))
-            elif rows == 5:
-                a, b, c, d, e = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
-                low = max(min(a, b), min(c, d))
-                high = min(max(a, b), max(c, d))
-                out[n] = max(min(e, low), min(max(e, low), high))
-            else:
-                out[n] = _median_small(scratch, rows)
+            out[n] = _median_of(scratch, rows)
             n += 1
 
 

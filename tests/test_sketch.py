@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from benchmarks.kernels import TARGET_RATIO
 from sketchcomm import sketch_compiled
 from sketchcomm.cli import main
-from sketchcomm.finite import all_finite
+from sketchcomm.finite import all_finite, tensor_is_finite
 from sketchcomm.placement import Placement
 from sketchcomm.sketch import CPU_BLOCK, CountSketch, prime_at_most
 from sketchcomm.sketch_blocks import sketch_block_into, sketch_placed
@@ -350,10 +351,35 @@ def test_compiled_kernels_equal_the_numpy_path(
         cs.heavy_hitters(table, k, out=placed_top, placement=placement)
         cs.heavy_hitters(table, k, out=canonical_top)
         assert torch.equal(placement.scatter(canonical_top, torch.empty(dim)), placed_top)
+        for where in placement, _many_segments(dim):
+            placed_estimate = cs.estimate(table, out=torch.full((dim,), 7.0), placement=where)
+            assert torch.equal(placed_estimate, where.scatter(estimate, torch.empty(dim)))
         outputs = [table, cs.sketch_batch(x), blocks, estimate, values[order], zeroed]
         return [*outputs, pair[1], placed, placed_top]
 
     numpy_kernels_agree(monkeypatch, compute)
+
+
+def _many_segments(dim: int) -> Placement:
+    """Seven segments of uneven lengths (some shorter than a chunk, some across several), laid
+    out in the buffer in reverse order."""
+    cuts = [0, 1, dim // 7, dim // 7 + 3, dim // 2, dim // 2 + 101, dim - 2, dim]
+    lengths = [end - begin for begin, end in itertools.pairwise(cuts)]
+    offsets = [sum(lengths[i + 1 :]) for i in range(len(lengths))]
+    return Placement(tuple(zip(offsets, lengths, strict=True)), dim)
+
+
+def test_placed_estimate_of_a_nonfinite_table_is_the_canonical_one_in_place() -> None:
+    """A table holding an infinity takes the fallback path; the placed estimate still equals the
+    canonical estimate moved into place."""
+    cs = CountSketch(3000, 3, 101, seed=1)
+    table = cs.sketch(torch.randn(3000, generator=torch.Generator().manual_seed(2)))
+    table[1, 5] = float("inf")
+    placement = _many_segments(3000)
+    placed = cs.estimate(table, out=torch.full((3000,), 7.0), placement=placement)
+    assert torch.equal(placed, placement.scatter(cs.estimate(table), torch.empty(3000)))
+    with pytest.raises(ValueError, match="placement needs out"):
+        cs.estimate(table, placement=placement)
 
 
 def test_compiled_threshold_pass_keeps_every_coordinate_above_it() -> None:
@@ -404,3 +430,16 @@ def test_compiled_finiteness_check_agrees_with_numpy(shape: tuple[int, int]) -> 
             spoiled = table.copy()
             spoiled.flat[position] = bad
             assert all_finite(spoiled) == bool(np.isfinite(spoiled).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tensor_finiteness_check_agrees_with_torch(dtype: torch.dtype) -> None:
+    table = torch.randn(3, 40).to(dtype)
+    views = {"contiguous": lambda t: t, "transposed": lambda t: t.t(), "column": lambda t: t[:, 1]}
+    for name, view_of in views.items():
+        assert tensor_is_finite(view_of(table)), name
+        for bad in (float("inf"), float("nan")):
+            for row, column in ((0, 1), (2, 1), (1, 1)):
+                spoiled = table.clone()
+                spoiled[row, column] = bad
+                assert tensor_is_finite(view_of(spoiled)) is False, (name, bad, row)

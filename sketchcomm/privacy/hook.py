@@ -113,7 +113,7 @@ class DPSketchState(SketchState):
     [`dp_sketch_hook()`][sketchcomm.privacy.hook.dp_sketch_hook]. The hook asks the state for every
     bucket's clipping norm (`bucket_clip_norm()`) and noise share (`noise_std()`).
 
-    >>> import os, tempfile, torch.distributed as dist
+    >>> import gc, os, tempfile, torch.distributed as dist
     >>> from sketchcomm.privacy import PrivacyLedger
     >>> folder = tempfile.mkdtemp()
     >>> store = dist.FileStore(os.path.join(folder, "store"), 1)
@@ -127,8 +127,8 @@ class DPSketchState(SketchState):
     (1, 1.0, 1.0)
     >>> state.privacy.colluding_ranks
     0
-    >>> dist.barrier(); del model, state  # callbacks done; DDP's reducer goes before its group
-    >>> dist.destroy_process_group()
+    >>> dist.barrier(); del model, state; _ = gc.collect()  # the model and state go first,
+    >>> dist.destroy_process_group()  # then the group (its threads idle)
     """
 
     def __init__(
