@@ -343,7 +343,7 @@ class CountSketch:
                 )
                 return result
         target, scratch = result.numpy(), cpu_scratch(self)
-        block = np.empty(scratch.shape[1], dtype=np.float32)
+        block = np.empty(scratch.shape[1], dtype=np.float32) if placed else None
         for start, windows in cpu_blocks(self, table):
             n = len(windows[0])
             if placed:

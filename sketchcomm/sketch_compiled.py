@@ -239,25 +239,33 @@ def _chunk_cuts(offsets, k, length, columns, cuts):
 
 
 @jit()
+def _placed(placement, segment, position, stop):
+    """For the run of canonical coordinates from ``position`` up to ``stop``: the placement
+    segment it starts in (searched from ``segment`` on), where the run ends (``stop``, or where
+    the next segment starts) and the buffer position of its first coordinate."""
+    while segment + 1 < placement.shape[0] and placement[segment + 1, 0] <= position:
+        segment += 1
+    if segment + 1 < placement.shape[0]:
+        stop = min(stop, placement[segment + 1, 0])
+    return segment, stop, placement[segment, 1] + position - placement[segment, 0]
+
+
+@jit()
 def _estimate_into(table, offsets, signs, dim, out, placement):
     rows, columns = table.shape
     cuts = np.empty(rows + 2, dtype=np.int64)
     scratch = np.empty(rows, dtype=np.float32)
     starts = np.empty(rows, dtype=np.int64)
-    segment, segments = 0, placement.shape[0]
+    segment = 0
     for k in range(offsets.shape[1]):
         count = _chunk_cuts(offsets, k, min(columns, dim - k * columns), columns, cuts)
         for m in range(count - 1):
             begin = cuts[m]
             while begin < cuts[m + 1]:  # cut again where a placement segment starts
                 position = k * columns + begin
-                while segment + 1 < segments and placement[segment + 1, 0] <= position:
-                    segment += 1
-                end = cuts[m + 1]
-                if segment + 1 < segments:
-                    end = min(end, placement[segment + 1, 0] - k * columns)
-                target = out[placement[segment, 1] + position - placement[segment, 0] :]
-                _segment(table, offsets, signs, k, begin, end, target, scratch, starts)
+                segment, stop, at = _placed(placement, segment, position, k * columns + cuts[m + 1])
+                end = stop - k * columns
+                _segment(table, offsets, signs, k, begin, end, out[at:], scratch, starts)
                 begin = end
 
 
@@ -281,29 +289,21 @@ def _estimates_above(
     table, offsets, signs, dim, threshold, block, found_indices, found_values, dense, placement
 ):
     rows, columns = table.shape
-    chunks = offsets.shape[1]
     cuts = np.empty(rows + 2, dtype=np.int64)
     scratch = np.empty(rows, dtype=np.float32)
     starts = np.empty(rows, dtype=np.int64)
     capacity = len(found_indices)
-    found = 0
-    segment, segments = 0, placement.shape[0]
-    for k in range(chunks):
-        length = min(columns, dim - k * columns)
-        count = _chunk_cuts(offsets, k, length, columns, cuts)
+    found, segment = 0, 0
+    for k in range(offsets.shape[1]):
+        count = _chunk_cuts(offsets, k, min(columns, dim - k * columns), columns, cuts)
         for m in range(count - 1):
             begin = cuts[m]
             while begin < cuts[m + 1]:
                 position = k * columns + begin
-                while segment + 1 < segments and placement[segment + 1, 0] <= position:
-                    segment += 1
-                end = min(cuts[m + 1], begin + len(block))
-                if segment + 1 < segments:
-                    end = min(end, placement[segment + 1, 0] - k * columns)
-                if len(dense):
-                    target = dense[placement[segment, 1] + position - placement[segment, 0] :]
-                else:
-                    target = block
+                limit = k * columns + min(cuts[m + 1], begin + len(block))
+                segment, stop, at = _placed(placement, segment, position, limit)
+                end = stop - k * columns
+                target = dense[at:] if len(dense) else block
                 _segment(table, offsets, signs, k, begin, end, target, scratch, starts)
                 for t in range(end - begin):
                     value = target[t]
