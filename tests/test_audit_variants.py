@@ -132,18 +132,18 @@ def test_token_model_audit_is_per_example_and_detects_missing_noise() -> None:
 def test_bucketed_model_audit_detects_a_wrong_clip_split() -> None:
     """36 blocks of 512 parameters, each its own DDP bucket with a 1 x 23 table: honest, the
     canary spanning all of them moves the likelihood-ratio score by 1 C; clipping each bucket to
-    C instead of C / 6 moves it by 6 C, and 800 trials refute the claim."""
+    C instead of C / 6 moves it by 6 C, and 400 trials refute the claim (176 are expected to)."""
     common = dict(variant="buckets", dim=36 * 512, buckets=36, noise_multiplier=SIGMA)
     honest, broken = run_audits(
         [
             AuditConfig(trials=200, background=4, **common),
-            AuditConfig(trials=800, background=4, fault="clip-split", **common),
+            AuditConfig(trials=400, background=4, fault="clip-split", **common),
         ]
     )
     assert honest.table_shapes == ((1, 23),) * 36
     _check_honest(honest)
     assert broken.predicted_shift == pytest.approx(6.0)
-    assert broken.score_shift == pytest.approx(6.0, abs=0.5)  # 400 draws per side: 3.5 errors
+    assert broken.score_shift == pytest.approx(6.0, abs=0.7)  # 200 draws per side: 3.5 errors
     assert broken.score_std == pytest.approx(SIGMA, rel=0.15)
     assert broken.claimed_epsilon == pytest.approx(broken.ledger_epsilon)
     assert broken.test.epsilon_lower_bound > broken.claimed_epsilon

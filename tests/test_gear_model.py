@@ -11,7 +11,13 @@ from transformers import DynamicCache
 from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes
 from sketchcomm.gear.cache import GEARLayer
 from sketchcomm.gear.generation import greedy_tokens
-from sketchcomm.gear.loading import default_text, load_model, smollm2_folder, text_segments
+from sketchcomm.gear.loading import (
+    converted_checkpoint,
+    default_text,
+    load_model,
+    smollm2_folder,
+    text_segments,
+)
 from sketchcomm.gear.memory import float16_nbytes
 
 pytestmark = [
@@ -205,3 +211,37 @@ def test_left_padded_row_predicts_as_when_run_alone(smollm2, bits: int) -> None:
         reference = alone.log_softmax(-1)
         kl = (reference.exp() * (reference - batch[row].log_softmax(-1))).sum(-1).mean()
         assert kl < 1e-3, (row, kl)
+
+
+def test_converted_checkpoint_is_the_gguf_model(smollm2, tmp_path, monkeypatch) -> None:
+    """The checkpoint that ``load_model`` converts the GGUF file into (and then reads) has the
+    GGUF model's weights, bit for bit, in float32 and float16, and its tokenizer; a cache folder
+    that cannot be written falls back to the GGUF file with a warning naming the remedy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sketchcomm.gear.loading import CACHE_VARIABLE, SMOLLM2_GGUF
+
+    folder = str(smollm2_folder())
+    reference = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    expected = reference.state_dict()
+    model, tokenizer = smollm2  # float16, read from the converted checkpoint
+    converted = model.state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k], expected[k].half()) for k in expected)
+    converted = load_model(dtype="float32")[0].state_dict()
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+    text = default_text()[:20_000]
+    gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    assert tokenizer(text)["input_ids"] == gguf_tokenizer(text)["input_ids"]
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        gguf_tokenizer.eos_token_id,
+        gguf_tokenizer.pad_token_id,
+    )
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv(CACHE_VARIABLE, str(blocked / "cache"))
+    with pytest.warns(UserWarning, match=CACHE_VARIABLE):
+        assert converted_checkpoint(smollm2_folder(), SMOLLM2_GGUF) == (folder, SMOLLM2_GGUF)

@@ -24,7 +24,8 @@ pytestmark = [
         importlib.util.find_spec("triton") is None,
         reason="needs Triton (pip install 'sketchcomm[cuda]' or the dev extra)",
     ),
-    # One worker runs the interpreted cases once (a module fixture, about 20 s).
+    # One worker runs the interpreted cases once (a session fixture: xdist may interleave other
+    # modules, which would set a module fixture up again; about 20 s).
     pytest.mark.xdist_group("triton-interpreted"),
     pytest.mark.slow,
 ]
@@ -122,7 +123,7 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def outputs() -> dict[str, dict[str, torch.Tensor]]:
     cases = [{**BASE, **case} for case in CASES.values()]
     return dict(zip(CASES, run_interpreted(cases), strict=True))
