@@ -12,6 +12,8 @@ from sketchcomm.gear import GEARCache, GEARConfig, cache_nbytes
 from sketchcomm.gear.cache import GEARLayer
 from sketchcomm.gear.generation import greedy_tokens
 from sketchcomm.gear.loading import (
+    CACHE_VARIABLE,
+    SMOLLM2_GGUF,
     converted_checkpoint,
     default_text,
     load_model,
@@ -218,8 +220,6 @@ def test_converted_checkpoint_is_the_gguf_model(smollm2, tmp_path, monkeypatch) 
     GGUF model's weights, bit for bit, in float32 and float16, and its tokenizer; a cache folder
     that cannot be written falls back to the GGUF file with a warning naming the remedy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sketchcomm.gear.loading import CACHE_VARIABLE, SMOLLM2_GGUF
 
     folder = str(smollm2_folder())
     reference = AutoModelForCausalLM.from_pretrained(
