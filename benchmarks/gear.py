@@ -146,6 +146,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="each group's step and minimum in float16, or as 8-bit codes (default: %(default)s)",
     )
     gear.add_argument(
+        "--key-rope",
+        default=recipe.key_rope,
+        choices=["post", "pre"],
+        help="compress the keys after the model's RoPE, or before it (default: %(default)s)",
+    )
+    gear.add_argument(
         "--power-iters",
         type=positive_int,
         default=3,
@@ -251,6 +257,7 @@ def gear_configs(args: argparse.Namespace) -> list:
             power_iters=args.power_iters,
             buffer_size=args.buffer_size,
             metadata=args.metadata,
+            key_rope=args.key_rope,
         )
         for bits, rank, ratio in zip(args.bits, ranks, ratios, strict=True)
     ]
@@ -415,7 +422,9 @@ def run_frontier(args: argparse.Namespace) -> int:
     for name in args.texts:
         text = TEXTS[name]()
         for prefill in args.prefills:
-            ids = text_segments(tokenizer, text, 1, prefill + args.tokens + 1, args.offset)
+            ids = text_segments(
+                tokenizer, text, args.batch_size, prefill + args.tokens + 1, args.offset
+            )
             print(f"{name}, prompt {prefill}: one pass", file=sys.stderr, flush=True)
             points.extend(one_pass_points(model, ids, prefill, configs, name))
             if quanto_bits and not args.no_quanto and is_optimum_quanto_available():

@@ -30,6 +30,7 @@ import torch
 from benchmarks.gear_simulate import simulate
 from sketchcomm.gear.compression import compress
 from sketchcomm.gear.config import GEARConfig
+from sketchcomm.gear.rope import KeyRotation
 
 
 def stdlib_docstrings(limit: int = 400_000) -> str:
@@ -105,15 +106,29 @@ class FrontierPoint:
         return 100.0 * (self.perplexity / self.reference_perplexity - 1.0)
 
 
-def block_compressor(config: GEARConfig):
+def block_compressor(config: GEARConfig, model_config=None):
     """The :data:`benchmarks.gear_simulate.CompressBlocks` of ``config`` (``None``: exact); layer
-    ``l`` is compressed with ``config.for_layer(l)``, as in ``GEARCache``."""
+    ``l`` is compressed with ``config.for_layer(l)``, as in ``GEARCache``. With
+    ``config.key_rope == "pre"`` the keys are un-rotated with the RoPE of ``model_config`` before
+    compression and rotated back after, the ``i``-th token of every row being at position ``i``
+    (the one-pass computation has no padding)."""
+    rotation = None
+    if config is not None and config.key_rope == "pre":
+        if model_config is None:
+            raise ValueError("key_rope='pre' needs the model's config")
+        rotation = KeyRotation.from_config(model_config)
 
     def compress_blocks(blocks: torch.Tensor, kind: str, layer: int):
         if config is None or blocks.numel() == 0:
             return blocks, blocks.numel() * blocks.element_size() if config is None else 0
+        turn = rotation is not None and kind == "key"
+        if turn:
+            blocks = rotation.unrotate(blocks.flatten(2, 3)).view(blocks.shape)
         stored = compress(blocks, config.for_layer(layer), kind)
-        return stored.decompress(), stored.nbytes
+        decoded = stored.decompress()
+        if turn:
+            decoded = rotation.rotate(decoded.flatten(2, 3)).view(blocks.shape)
+        return decoded, stored.nbytes
 
     return compress_blocks
 
@@ -125,7 +140,9 @@ def one_pass_points(
     reference = simulate(model, input_ids, prefill, 64, block_compressor(None))
     points = []
     for config in configs:
-        run = simulate(model, input_ids, prefill, config.buffer_size, block_compressor(config))
+        run = simulate(
+            model, input_ids, prefill, config.buffer_size, block_compressor(config, model.config)
+        )
         points.append(
             FrontierPoint(
                 text=text,

@@ -96,7 +96,9 @@ def recipe_point(
 ) -> FrontierPoint:
     """``recipe`` on ``input_ids`` by the one-pass computation."""
     config = recipe_config(recipe)
-    run = simulate(model, input_ids, prefill, recipe.buffer_size, block_compressor(config))
+    run = simulate(
+        model, input_ids, prefill, recipe.buffer_size, block_compressor(config, model.config)
+    )
     corrected = config.corrects
     return FrontierPoint(
         text=text,

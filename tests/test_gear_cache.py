@@ -12,6 +12,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
 from sketchcomm.gear.cache import GEARCache, GEARLayer
 from sketchcomm.gear.compression import compress
 from sketchcomm.gear.config import GEARConfig
+from sketchcomm.gear.rope import KeyRotation
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -234,14 +235,27 @@ def layer_states(seed: int, batch: int, tokens: int) -> tuple[torch.Tensor, torc
     )
 
 
+# Keys after RoPE (a head dimension of 8, frequencies 1 … 1/1000) or as they are.
+ROTATIONS = {"post-RoPE": None, "pre-RoPE": KeyRotation(1000.0 ** -torch.arange(0, 1, 0.25))}
+rotations = pytest.mark.parametrize("rotation", list(ROTATIONS.values()), ids=list(ROTATIONS))
+
+
+def new_layer(config: GEARConfig, rotation: KeyRotation | None) -> GEARLayer:
+    """A layer of ``config``, compressing keys before ``rotation`` when one is given."""
+    if rotation is None:
+        return GEARLayer(config)
+    return GEARLayer(dataclasses.replace(config, key_rope="pre"), rotation)
+
+
 def held(layer: GEARLayer) -> list[torch.Tensor]:
     return [t for stream in layer.streams for t in stream.tensors()]
 
 
-def test_crop_of_the_latest_states_is_exact() -> None:
+@rotations
+def test_crop_of_the_latest_states_is_exact(rotation: KeyRotation | None) -> None:
     config = small_config(bits=2, rank=2, outlier_ratio=0.05)
     keys, values = layer_states(3, 2, 45)
-    cropped, fresh = GEARLayer(config), GEARLayer(config)
+    cropped, fresh = new_layer(config, rotation), new_layer(config, rotation)
     cropped.update(keys[..., :30, :], values[..., :30, :])
     cropped.update(keys[..., 30:40, :], values[..., 30:40, :])  # compresses one block first
     cropped.crop(-7)  # as assisted decoding rejects 7 of 10 candidates
@@ -254,10 +268,11 @@ def test_crop_of_the_latest_states_is_exact() -> None:
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_crop_into_compressed_blocks_keeps_what_was_read() -> None:
+@rotations
+def test_crop_into_compressed_blocks_keeps_what_was_read(rotation: KeyRotation | None) -> None:
     config = small_config(bits=4, rank=2, outlier_ratio=0.02)
     keys, values = layer_states(4, 2, 60)
-    layer = GEARLayer(config)
+    layer = new_layer(config, rotation)
     layer.update(keys[..., :40, :], values[..., :40, :])
     read_keys, read_values = layer.update(keys[..., 40:41, :], values[..., 40:41, :])
     assert layer.streams[0].compressed_blocks == 2
@@ -278,13 +293,14 @@ def padded_positions(lengths: list[int], total: int) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
-def test_padding_stays_out_of_the_blocks_of_real_tokens() -> None:
+@rotations
+def test_padding_stays_out_of_the_blocks_of_real_tokens(rotation: KeyRotation | None) -> None:
     config = small_config(bits=2, rank=2, outlier_ratio=0.05)
     keys, values = layer_states(5, 3, 60)
     lengths = [50, 29, 13]  # padding 0, 21 and 37: phases 0, 5, 5
     pads = [50 - n for n in lengths]
     keys[2, :, :37] = 1e3  # padding that would wreck any group it entered
-    batch = GEARLayer(config)
+    batch = new_layer(config, rotation)
     batch.update(
         keys[..., :50, :],
         values[..., :50, :],
@@ -299,7 +315,7 @@ def test_padding_stays_out_of_the_blocks_of_real_tokens() -> None:
             kwargs={"position_ids": position},
         )
     for row, pad in enumerate(pads):
-        alone = GEARLayer(config)
+        alone = new_layer(config, rotation)
         alone.update(keys[row : row + 1, :, pad:50], values[row : row + 1, :, pad:50])
         for step in range(50, 60):
             want = alone.update(
@@ -309,16 +325,17 @@ def test_padding_stays_out_of_the_blocks_of_real_tokens() -> None:
             assert torch.allclose(got_part[row : row + 1, :, pad:], want_part, atol=1e-6)
 
 
-def test_batch_operations_move_rows_between_phase_groups() -> None:
+@rotations
+def test_batch_operations_move_rows_between_phase_groups(rotation: KeyRotation | None) -> None:
     config = small_config(bits=4, rank=1)
     keys, values = layer_states(6, 3, 40)
     lengths = [40, 30, 40]
     positions = padded_positions(lengths, 40)
-    layer = GEARLayer(config)
+    layer = new_layer(config, rotation)
     layer.update(keys[..., :36, :], values[..., :36, :], kwargs={"position_ids": positions[:, :36]})
     layer.update(keys[..., 36:37, :], values[..., 36:37, :])
     order = torch.tensor([1, 0, 1, 2])  # select, repeat and swap rows of both phases
-    reference = GEARLayer(config)
+    reference = new_layer(config, rotation)
     reference.update(
         keys[order, :, :36], values[order, :, :36], kwargs={"position_ids": positions[order, :36]}
     )
@@ -365,13 +382,14 @@ def test_compiled_decompression_steps_match_the_torch_path(model, tokens, monkey
         assert (compiled.float() - reference.float()).abs().max().item() < tolerance
 
 
-def test_decoded_buffer_returns_what_decompression_returns() -> None:
+@rotations
+def test_decoded_buffer_returns_what_decompression_returns(rotation: KeyRotation | None) -> None:
     """``decoded_buffer=True`` keeps each block decompressed once; every step, crop and row
     selection reads back exactly what decompressing the blocks again gives."""
     config = small_config(bits=2, rank=1, outlier_ratio=0.05, outlier_scope="row")
     keys, values = layer_states(3, 2, 90)
-    plain = GEARLayer(config)
-    kept = GEARLayer(dataclasses.replace(config, decoded_buffer=True))
+    plain = new_layer(config, rotation)
+    kept = new_layer(dataclasses.replace(config, decoded_buffer=True), rotation)
     for layer in (plain, kept):
         layer.update(keys[..., :40, :], values[..., :40, :])
     for start, stop in ((40, 41), (41, 60), (60, 61), (61, 70)):

@@ -199,13 +199,13 @@ def left_padded_logits(model, prompts: list[torch.Tensor], steps: torch.Tensor, 
     return torch.stack(logits, 1).float()
 
 
-@pytest.mark.parametrize("bits", [4, 2])
-def test_left_padded_row_predicts_as_when_run_alone(smollm2, bits: int) -> None:
+@pytest.mark.parametrize("bits, key_rope", [(4, "post"), (2, "post"), (2, "pre")])
+def test_left_padded_row_predicts_as_when_run_alone(smollm2, bits: int, key_rope: str) -> None:
     model, tokenizer = smollm2
     text = text_segments(tokenizer, default_text(), batch=2, length=48, offset=4000)
     prompts = [text[0, :42], text[1, :27]]  # 15 positions of padding, not a multiple of 16
     steps = text[:, 42:48]
-    config = GEARConfig(bits=bits, group_size=16, buffer_size=16)
+    config = GEARConfig(bits=bits, group_size=16, buffer_size=16, key_rope=key_rope)
     batch = left_padded_logits(model, prompts, steps, GEARCache(config, config=model.config))
     for row, prompt in enumerate(prompts):
         cache = GEARCache(config, config=model.config)

@@ -36,11 +36,13 @@ def test_bench_gear_quick_writes_json_markdown_and_plot(tmp_path) -> None:
     assert paths["png"].read_bytes().startswith(b"\x89PNG")
 
 
-def test_one_pass_computation_equals_the_decoding_loop_on_smollm2() -> None:
+@pytest.mark.parametrize("key_rope", ["post", "pre"])
+def test_one_pass_computation_equals_the_decoding_loop_on_smollm2(key_rope: str) -> None:
     """On the real model, the frontier's one-pass computation gives the decoding loop's
-    likelihood and bytes for the default recipe, both with the cache in the model's dtype
-    (float32). (With a float16 cache in the one pass only, the inputs' rounding can move a
-    2-bit group's step code, which shifts this short run's likelihood by about 1.5 %.)"""
+    likelihood and bytes for the default recipe at 2 bits, with keys compressed after and
+    before RoPE, both with the cache in the model's dtype (float32). (With a float16 cache in
+    the one pass only, the inputs' rounding can move a 2-bit group's step code, which shifts
+    this short run's likelihood by about 1.5 %.)"""
     import torch
 
     from benchmarks.gear_evaluate import decode_in_lockstep
@@ -52,10 +54,11 @@ def test_one_pass_computation_equals_the_decoding_loop_on_smollm2() -> None:
     torch.set_num_threads(1)
     model, tokenizer = load_model(dtype="float32")
     ids = text_segments(tokenizer, default_text(), batch=1, length=64 + 40 + 1, offset=500)
-    config = GEARConfig(bits=2)
+    config = GEARConfig(bits=2, key_rope=key_rope)
     loop = decode_in_lockstep(model, ids, 64, [GEARCache(config, config=model.config)])[0]
+    compress_blocks = block_compressor(config, model.config)
     one_pass = simulate(
-        model, ids, 64, config.buffer_size, block_compressor(config), cache_dtype=torch.float32
+        model, ids, 64, config.buffer_size, compress_blocks, cache_dtype=torch.float32
     )
     assert one_pass.nll.sum().item() == pytest.approx(loop.nll, rel=5e-3)
     assert one_pass.kv_bytes == cache_nbytes(loop.cache)

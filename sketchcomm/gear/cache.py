@@ -41,6 +41,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_laye
 from transformers.configuration_utils import PreTrainedConfig
 
 from .config import GEARConfig
+from .rope import KeyRotation
 from .stream import BlockStream
 
 
@@ -53,15 +54,19 @@ class GEARLayer(DynamicLayer):
 
     Args:
         config: the GEAR settings; they must compress.
+        rotation: the model's RoPE, needed when ``config.key_rope == "pre"``.
     """
 
     is_croppable = True
 
-    def __init__(self, config: GEARConfig):
+    def __init__(self, config: GEARConfig, rotation: KeyRotation | None = None):
         super().__init__()
         if not config.compresses:
             raise ValueError("GEARLayer needs a config that compresses; use DynamicLayer otherwise")
+        if (config.key_rope == "pre") != (rotation is not None):
+            raise ValueError("a KeyRotation is needed exactly when config.key_rope == 'pre'")
         self.config = config
+        self.rotation = rotation
         self.cumulative_length = 0
         self.streams: list[BlockStream] = []
         self.rows: list[torch.Tensor] = []
@@ -114,7 +119,9 @@ class GEARLayer(DynamicLayer):
         for phase in phases.unique().tolist():
             rows = (phases == phase).nonzero().flatten()
             keys, values = key_states[rows], value_states[rows]
-            self.streams.append(BlockStream(self.config, phase, keys, values, padding[rows]))
+            self.streams.append(
+                BlockStream(self.config, phase, keys, values, padding[rows], self.rotation)
+            )
             self.rows.append(rows)
 
     def get_seq_length(self) -> int:
@@ -273,11 +280,15 @@ class GEARCache(Cache):
                 super().__init__(layers=DynamicCache(config=config).layers)
             return
         if config is None:
-            if gear_config.per_layer:
-                raise ValueError(
-                    "a GEARConfig with per_layer overrides needs the model's config: "
-                    "GEARCache(gear_config, config=model.config)"
-                )
+            for needs, field in (
+                (gear_config.per_layer, "per_layer overrides"),
+                (gear_config.key_rope == "pre", "key_rope='pre'"),
+            ):
+                if needs:
+                    raise ValueError(
+                        f"a GEARConfig with {field} needs the model's config: "
+                        "GEARCache(gear_config, config=model.config)"
+                    )
             super().__init__(layer_class_to_replicate=functools.partial(GEARLayer, gear_config))
             return
         text_config = config.get_text_config(decoder=True)
@@ -293,8 +304,9 @@ class GEARCache(Cache):
             raise ValueError(
                 f"per_layer names layers {beyond}, but the model has {len(layer_types)} layers"
             )
+        rotation = KeyRotation.from_config(config) if gear_config.key_rope == "pre" else None
         super().__init__(
-            layers=[GEARLayer(gear_config.for_layer(i)) for i in range(len(layer_types))]
+            layers=[GEARLayer(gear_config.for_layer(i), rotation) for i in range(len(layer_types))]
         )
 
     @property

@@ -32,6 +32,7 @@ import torch
 
 from .compression import CompressedTensor, compress, decompresses_in_place
 from .config import GEARConfig
+from .rope import KeyRotation
 
 DECOMPRESS_CHUNK = 8
 """Blocks decompressed together when no decoded buffer is kept and the blocks cannot be written
@@ -49,6 +50,9 @@ class BlockStream:
         value_states: the first values, shaped like ``key_states``.
         padding: left-padding positions of every row, ``[b]``, each ``φ`` plus a multiple of
             ``n_b`` and at most ``q``; they are stored as zeros.
+        rotation: the model's RoPE when ``config.key_rope == "pre"``: keys are compressed before
+            their rotation and rotated back when read, a row's token at sequence index ``i``
+            being at position ``i - padding``.
 
     >>> import torch
     >>> from sketchcomm.gear import GEARConfig
@@ -70,6 +74,7 @@ class BlockStream:
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         padding: torch.Tensor,
+        rotation: KeyRotation | None = None,
     ):
         if not config.compresses:
             raise ValueError("BlockStream needs a config that compresses")
@@ -77,8 +82,12 @@ class BlockStream:
             raise ValueError(
                 f"phase must be in [0, buffer_size) and at most the tokens given, got {phase}"
             )
+        if (config.key_rope == "pre") != (rotation is not None):
+            raise ValueError("a KeyRotation is needed exactly when config.key_rope == 'pre'")
         self.config = config
         self.phase = phase
+        self.rotation = rotation
+        self.padding = padding.to(key_states.device).long().clone()
         self.dtype = key_states.dtype
         real = torch.arange(phase, key_states.shape[-2], device=key_states.device)
         real = (real[None, :] >= padding.to(key_states.device)[:, None])[:, None, :, None]
@@ -105,9 +114,11 @@ class BlockStream:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add states ``[b, kv_heads, q, head_dim]``; return ``[b, kv_heads, T + q, head_dim]``."""
         self.compress_full_blocks()
-        keys = self._assemble(self.compressed_keys, self.decoded_keys, self.keys, key_states)
+        keys = self._assemble(
+            self.compressed_keys, self.decoded_keys, self.keys, key_states, self.rotation
+        )
         values = self._assemble(
-            self.compressed_values, self.decoded_values, self.values, value_states
+            self.compressed_values, self.decoded_values, self.values, value_states, None
         )
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
@@ -119,13 +130,16 @@ class BlockStream:
         decoded: torch.Tensor | None,
         buffer: torch.Tensor,
         new: torch.Tensor,
+        rotation: KeyRotation | None,
     ) -> torch.Tensor:
         """Zeros, decompressed blocks, buffer and new states, in sequence order.
 
         The blocks come from ``decoded`` when it is kept, else they are decompressed straight
         into the result: all at once by the compiled kernel when the result is float32 on the
         CPU (no temporary at all), else ``DECOMPRESS_CHUNK`` blocks at a time, so that the
-        float32 temporaries stay the size of a chunk, not of the cache.
+        float32 temporaries stay the size of a chunk, not of the cache. With a ``rotation``
+        (pre-RoPE keys) the decompressed blocks are then rotated ``DECOMPRESS_CHUNK`` blocks at
+        a time.
         """
         batch, heads, _, head_dim = new.shape
         start = self.phase
@@ -144,6 +158,11 @@ class BlockStream:
                 target = out[..., start + first * block : start + last * block, :]
                 part = stored.apply(lambda t, a=first, b=last: t[:, :, a:b])
                 part.decompress(out=target.view(part.shape))
+            if rotation is not None:
+                for first in range(0, blocks, DECOMPRESS_CHUNK):
+                    last = min(first + DECOMPRESS_CHUNK, blocks)
+                    target = out[..., start + first * block : start + last * block, :]
+                    target.copy_(rotation.rotate(target, start + first * block, self.padding))
         start += compressed
         out[..., start : start + buffer.shape[-2], :] = buffer
         out[..., start + buffer.shape[-2] :, :] = new
@@ -157,17 +176,21 @@ class BlockStream:
             return
         batch, heads, _, head_dim = self.keys.shape
         count = blocks * block
+        first = self.phase + self.compressed_blocks * block
+        keys = self.keys[..., :count, :]
+        if self.rotation is not None:
+            keys = self.rotation.unrotate(keys, first, self.padding)
         new_keys, new_values = (
-            compress(
-                t[..., :count, :].reshape(batch, heads, blocks, block, head_dim), self.config, kind
-            )
-            for t, kind in ((self.keys, "key"), (self.values, "value"))
+            compress(t.reshape(batch, heads, blocks, block, head_dim), self.config, kind)
+            for t, kind in ((keys, "key"), (self.values[..., :count, :], "value"))
         )
         if self.config.decoded_buffer:
             decoded = [
                 t.decompress(self.dtype).reshape(batch, heads, count, head_dim)
                 for t in (new_keys, new_values)
             ]
+            if self.rotation is not None:
+                decoded[0] = self.rotation.rotate(decoded[0], first, self.padding)
             if self.decoded_keys is not None:
                 decoded = [
                     torch.cat([old, part], dim=-2)
@@ -202,10 +225,10 @@ class BlockStream:
             blocks = -(-(count - buffered) // self.config.buffer_size)
             kept = self.compressed_blocks - blocks
             self.keys, self.values = (
-                torch.cat([self._pop_blocks(stored_part, kept), buffer], dim=-2)
-                for stored_part, buffer in (
-                    (self.compressed_keys, self.keys),
-                    (self.compressed_values, self.values),
+                torch.cat([self._pop_blocks(stored_part, kept, rotation), buffer], dim=-2)
+                for stored_part, buffer, rotation in (
+                    (self.compressed_keys, self.keys, self.rotation),
+                    (self.compressed_values, self.values, None),
                 )
             )
             if self.decoded_keys is not None:
@@ -224,15 +247,22 @@ class BlockStream:
             self.keys = self.keys[..., : self.keys.shape[-2] - count, :].clone()
             self.values = self.values[..., : self.values.shape[-2] - count, :].clone()
 
-    def _pop_blocks(self, stored: CompressedTensor, kept: int) -> torch.Tensor:
-        """The blocks after the first ``kept``, as ``[b, kv_heads, tokens, head_dim]``."""
+    def _pop_blocks(
+        self, stored: CompressedTensor, kept: int, rotation: KeyRotation | None
+    ) -> torch.Tensor:
+        """The blocks after the first ``kept``, as ``[b, kv_heads, tokens, head_dim]``, rotated
+        back to their positions by ``rotation`` (pre-RoPE keys)."""
         tail = stored.apply(lambda x: x[:, :, kept:])
         batch, heads, blocks, block, head_dim = tail.shape
-        return tail.decompress(self.dtype).reshape(batch, heads, blocks * block, head_dim)
+        tokens = tail.decompress(self.dtype).reshape(batch, heads, blocks * block, head_dim)
+        if rotation is None:
+            return tokens
+        return rotation.rotate(tokens, self.phase + kept * block, self.padding)
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (acting on the batch dimension only) to every held tensor."""
         self.keys, self.values = fn(self.keys), fn(self.values)
+        self.padding = fn(self.padding)
         if self.decoded_keys is not None:
             self.decoded_keys, self.decoded_values = fn(self.decoded_keys), fn(self.decoded_values)
         if self.compressed_keys is not None:
