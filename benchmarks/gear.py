@@ -148,8 +148,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     gear.add_argument(
         "--key-rope",
         default=recipe.key_rope,
-        choices=["post", "pre"],
-        help="compress the keys after the model's RoPE, or before it (default: %(default)s)",
+        choices=["auto", "post", "pre"],
+        help="compress the keys after the model's RoPE, before it, or before it where the "
+        "model's RoPE is supported (default: %(default)s)",
     )
     gear.add_argument(
         "--power-iters",

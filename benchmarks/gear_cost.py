@@ -32,6 +32,8 @@ CACHES = {
     "quant4": "quantization only, 4-bit (default recipe without the low-rank term)",
     "gear4-m16": "GEAR 4-bit (default recipe) with metadata='float16' (the former default)",
     "gear2": "GEAR 2-bit (default recipe)",
+    "gear4-post": "GEAR 4-bit (default recipe) with key_rope='post' (keys after RoPE)",
+    "quant4-post": "quantization only, 4-bit, with key_rope='post'",
     "quanto4": "transformers QuantizedCache(backend='quanto', nbits=4)",
     "none": "no cache kept: the model and one prefill (the memory baseline)",
 }
@@ -54,7 +56,9 @@ def make_cache(name: str, model):
         recipe = dataclasses.replace(recipe, decoded_buffer=True)
     if name == "gear4-m16":
         recipe = dataclasses.replace(recipe, metadata="float16")
-    if name == "quant4":
+    if name.endswith("-post"):
+        recipe = dataclasses.replace(recipe, key_rope="post")
+    if name.startswith("quant4"):
         recipe = recipe.quantization_only()
     return GEARCache(recipe, config=model.config)
 

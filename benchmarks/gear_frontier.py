@@ -30,7 +30,7 @@ import torch
 from benchmarks.gear_simulate import simulate
 from sketchcomm.gear.compression import compress
 from sketchcomm.gear.config import GEARConfig
-from sketchcomm.gear.rope import KeyRotation
+from sketchcomm.gear.rope import rotation_for
 
 
 def stdlib_docstrings(limit: int = 400_000) -> str:
@@ -106,17 +106,13 @@ class FrontierPoint:
         return 100.0 * (self.perplexity / self.reference_perplexity - 1.0)
 
 
-def block_compressor(config: GEARConfig, model_config=None):
+def block_compressor(config: GEARConfig | None, model_config):
     """The :data:`benchmarks.gear_simulate.CompressBlocks` of ``config`` (``None``: exact); layer
-    ``l`` is compressed with ``config.for_layer(l)``, as in ``GEARCache``. With
-    ``config.key_rope == "pre"`` the keys are un-rotated with the RoPE of ``model_config`` before
-    compression and rotated back after, the ``i``-th token of every row being at position ``i``
-    (the one-pass computation has no padding)."""
-    rotation = None
-    if config is not None and config.key_rope == "pre":
-        if model_config is None:
-            raise ValueError("key_rope='pre' needs the model's config")
-        rotation = KeyRotation.from_config(model_config)
+    ``l`` is compressed with ``config.for_layer(l)``, as in ``GEARCache``. Where
+    ``config.key_rope`` undoes the RoPE of ``model_config``, as in ``GEARCache`` too, the keys
+    are un-rotated before compression and rotated back after, the ``i``-th token of every row
+    being at position ``i`` (the one-pass computation has no padding)."""
+    rotation = None if config is None else rotation_for(config, model_config)
 
     def compress_blocks(blocks: torch.Tensor, kind: str, layer: int):
         if config is None or blocks.numel() == 0:
@@ -137,7 +133,7 @@ def one_pass_points(
     model, input_ids: torch.Tensor, prefill: int, configs: list[GEARConfig], text: str
 ) -> list[FrontierPoint]:
     """The uncompressed reference, then every config, by the one-pass computation."""
-    reference = simulate(model, input_ids, prefill, 64, block_compressor(None))
+    reference = simulate(model, input_ids, prefill, 64, block_compressor(None, None))
     points = []
     for config in configs:
         run = simulate(

@@ -37,7 +37,6 @@ from transformers import AttentionInterface
 
 from benchmarks.gear_frontier import TEXTS, FrontierPoint, block_compressor, markdown_frontier
 from benchmarks.gear_simulate import compressed_mask, simulate
-from sketchcomm.gear.compression import compress
 from sketchcomm.gear.config import GEARConfig
 from sketchcomm.gear.loading import text_segments
 
@@ -152,6 +151,8 @@ def layer_errors(
     value_error = torch.zeros(layers, len(options))
     key_bytes = torch.zeros(len(options))
     value_bytes = torch.zeros(len(options))
+    # Each option as the cache applies it (keys before RoPE where the option says so).
+    compressors = [block_compressor(option, model.config) for option in options]
 
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         layer = module.layer_idx
@@ -169,11 +170,11 @@ def layer_errors(
         exact = exact_p @ expand(v)
         reads = mask.any(-1)
         norm = exact[..., reads, :].pow(2).sum()
-        for index, option in enumerate(options):
+        for index, compress_blocks in enumerate(compressors):
             for kind, states in (("key", k), ("value", v)):
                 blocks = states[..., :end, :].reshape(batch, heads, held, block, head_dim)
-                stored = compress(blocks.half(), option, kind)
-                decoded = stored.decompress().float().reshape(batch, heads, end, head_dim)
+                decoded, nbytes = compress_blocks(blocks.half(), kind, layer)
+                decoded = decoded.float().reshape(batch, heads, end, head_dim)
                 approx = torch.cat([decoded, states[..., end:, :]], dim=-2)
                 if kind == "key":
                     # Exact and compressed scores of one query share one softmax.
@@ -181,12 +182,12 @@ def layer_errors(
                     out = (scores * scaling).masked_fill(~causal, -math.inf).softmax(-1) @ expand(v)
                     key_error[layer, index] = (out - exact)[..., reads, :].pow(2).sum() / norm
                     if layer == 0:
-                        key_bytes[index] = stored.nbytes
+                        key_bytes[index] = nbytes
                 else:
                     error = (exact_p * mask) @ expand(approx - v)
                     value_error[layer, index] = error[..., reads, :].pow(2).sum() / norm
                     if layer == 0:
-                        value_bytes[index] = stored.nbytes
+                        value_bytes[index] = nbytes
         return exact.transpose(1, 2).contiguous().to(query.dtype), None
 
     name = "sketchcomm_layer_errors"
@@ -394,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     points = []
     for name in args.texts:
         ids = text_segments(tokenizer, TEXTS[name](), 1, args.prefill + args.tokens + 1)
-        reference = simulate(model, ids, args.prefill, 64, block_compressor(None)).perplexity
+        reference = simulate(model, ids, args.prefill, 64, block_compressor(None, None)).perplexity
         for recipe in recipes:
             log(f"{name}: {recipe.describe()}")
             points.append(recipe_point(model, ids, args.prefill, recipe, name, reference))

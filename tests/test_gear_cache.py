@@ -356,7 +356,8 @@ def test_deepcopy_and_reset_of_a_model_cache(model, tokens) -> None:
         first = model(step, cache=cache, use_cache=True).logits
         second = model(step, cache=twin, use_cache=True).logits
     assert torch.equal(first, second) and cache.nbytes == twin.nbytes
-    fresh_logits = decode_logits(model, GEARCache(small_config(bits=4, rank=2)), tokens, 40)
+    fresh = GEARCache(small_config(bits=4, rank=2), config=model.config)
+    fresh_logits = decode_logits(model, fresh, tokens, 40)
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.nbytes == 0
     assert torch.equal(decode_logits(model, cache, tokens, prefill=40), fresh_logits)

@@ -70,7 +70,9 @@ def model() -> LlamaForCausalLM:
 
 
 def test_cache_layers_take_their_override_and_count_their_bytes(model) -> None:
-    config = small(bits=2, rank=0, per_layer={1: {"key_bits": 4, "rank": 2}, 2: {"bits": 8}})
+    # Keys after RoPE, so that the blocks compare with compress() of the cached keys.
+    overrides = {1: {"key_bits": 4, "rank": 2}, 2: {"bits": 8}}
+    config = small(bits=2, rank=0, per_layer=overrides, key_rope="post")
     cache = GEARCache(config, config=model.config)
     assert [layer.config for layer in cache.layers] == [config.for_layer(i) for i in range(3)]
     ids = torch.randint(0, 64, (2, 50), generator=torch.Generator().manual_seed(1))

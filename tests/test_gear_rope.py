@@ -118,7 +118,7 @@ def test_pre_rope_cache_tracks_the_uncompressed_logits(model, tokens) -> None:
         assert (logits - reference).abs().max().item() < 1e-2, key_rope
 
 
-def test_pre_rope_needs_a_rotary_model_config(model) -> None:
+def test_pre_rope_needs_a_rotary_model_config_and_auto_follows_the_model(model) -> None:
     with pytest.raises(ValueError, match="key_rope must be"):
         GEARConfig(key_rope="before")
     with pytest.raises(ValueError, match="needs the model's config"):
@@ -128,10 +128,21 @@ def test_pre_rope_needs_a_rotary_model_config(model) -> None:
     )
     with pytest.raises(ValueError, match="use key_rope='post'"):
         GEARCache(GEARConfig(key_rope="pre"), config=dynamic)
-    with pytest.raises(ValueError, match="KeyRotation is needed"):
+    with pytest.raises(ValueError, match="needs a KeyRotation"):
         GEARLayer(GEARConfig(key_rope="pre"))
     states = torch.zeros(1, 1, 4, 16)
-    with pytest.raises(ValueError, match="KeyRotation is needed"):
-        BlockStream(GEARConfig(), 0, states, states, torch.zeros(1), KeyRotation(torch.ones(8)))
-    cache = GEARCache(GEARConfig(key_rope="pre"), config=model.config)
-    assert all(layer.rotation is not None for layer in cache.layers)
+    with pytest.raises(ValueError, match="pass no KeyRotation"):
+        BlockStream(
+            GEARConfig(key_rope="post"),
+            0,
+            states,
+            states,
+            torch.zeros(1),
+            KeyRotation(torch.ones(8)),
+        )
+    # The default, "auto": before RoPE for a supported model, after it otherwise.
+    assert GEARConfig().key_rope == "auto"
+    assert all(layer.rotation is not None for layer in GEARCache(config=model.config).layers)
+    post = GEARCache(GEARConfig(key_rope="post"), config=model.config)
+    assert all(layer.rotation is None for layer in post.layers)
+    assert all(layer.rotation is None for layer in GEARCache(config=dynamic).layers)

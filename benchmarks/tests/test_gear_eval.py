@@ -272,10 +272,10 @@ def test_one_pass_computation_equals_the_decoding_loop(model, prefill) -> None:
     ids = torch.randint(3, 64, (2, 81), generator=torch.Generator().manual_seed(8))
     config = small(bits=2, rank=1, outlier_ratio=0.02)
     loop = decode_in_lockstep(half, ids, prefill, [GEARCache(config, config=half.config)])[0]
-    one_pass = simulate(half, ids, prefill, 16, block_compressor(config))
+    one_pass = simulate(half, ids, prefill, 16, block_compressor(config, half.config))
     assert one_pass.nll.sum().item() == pytest.approx(loop.nll, rel=2e-3)
     assert one_pass.kv_bytes == cache_nbytes(loop.cache)
-    exact = simulate(model, ids, prefill, 16, block_compressor(None), torch.float32)
+    exact = simulate(model, ids, prefill, 16, block_compressor(None, None), torch.float32)
     assert exact.kv_bytes == 2 * exact.kv_float16_bytes  # float32 entries, every one counted
     with torch.inference_mode():
         logits = model(ids).logits[:, prefill:-1].log_softmax(-1)

@@ -66,7 +66,8 @@ def test_per_layer_cache_on_smollm2_matches_the_one_pass_and_stays_near_dynamic_
     reference, loop = decode_in_lockstep(
         model, ids, 64, [DynamicCache(config=model.config), GEARCache(config, config=model.config)]
     )
-    one_pass = simulate(model, ids, 64, 32, block_compressor(config), cache_dtype=torch.float32)
+    compress_blocks = block_compressor(config, model.config)
+    one_pass = simulate(model, ids, 64, 32, compress_blocks, cache_dtype=torch.float32)
     assert one_pass.nll.sum().item() == pytest.approx(loop.nll, rel=5e-3)
     assert one_pass.kv_bytes == cache_nbytes(loop.cache)
     assert loop.nll < reference.nll + 40 * math.log(1.03)

@@ -16,7 +16,7 @@ by power iteration, and the outliers ``S`` kept exactly.
   during training.
 
 Internals stay importable from their modules (``sketchcomm.gear.quantization``, ``.lowrank``,
-``.memory``, ``.generation``, ``.cache``, ``.loading``). The evaluation against
+``.memory``, ``.generation``, ``.cache``, ``.loading``, ``.rope``). The evaluation against
 ``DynamicCache``, quantization only and transformers' quanto cache (perplexity, KL, agreement,
 bytes and speed) is a benchmark of the repository: ``sketchcomm bench gear``
 (``benchmarks/gear.py``).

@@ -41,7 +41,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_laye
 from transformers.configuration_utils import PreTrainedConfig
 
 from .config import GEARConfig
-from .rope import KeyRotation
+from .rope import KeyRotation, check_rotation, rotation_for
 from .stream import BlockStream
 
 
@@ -54,7 +54,9 @@ class GEARLayer(DynamicLayer):
 
     Args:
         config: the GEAR settings; they must compress.
-        rotation: the model's RoPE, needed when ``config.key_rope == "pre"``.
+        rotation: the model's RoPE to undo on the keys before compression (see
+            [`rotation_for()`][sketchcomm.gear.rope.rotation_for]); needed for
+            ``key_rope="pre"``.
     """
 
     is_croppable = True
@@ -63,8 +65,7 @@ class GEARLayer(DynamicLayer):
         super().__init__()
         if not config.compresses:
             raise ValueError("GEARLayer needs a config that compresses; use DynamicLayer otherwise")
-        if (config.key_rope == "pre") != (rotation is not None):
-            raise ValueError("a KeyRotation is needed exactly when config.key_rope == 'pre'")
+        check_rotation(config, rotation)
         self.config = config
         self.rotation = rotation
         self.cumulative_length = 0
@@ -304,7 +305,7 @@ class GEARCache(Cache):
             raise ValueError(
                 f"per_layer names layers {beyond}, but the model has {len(layer_types)} layers"
             )
-        rotation = KeyRotation.from_config(config) if gear_config.key_rope == "pre" else None
+        rotation = rotation_for(gear_config, config)
         super().__init__(
             layers=[GEARLayer(gear_config.for_layer(i), rotation) for i in range(len(layer_types))]
         )

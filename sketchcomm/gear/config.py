@@ -89,11 +89,12 @@ class GEARConfig:
             both in float16 (32 bits per group, the former default).
         key_bits: bits of the keys when they differ from ``bits`` (which then applies to the
             values only); ``None`` (default) uses ``bits`` for both.
-        key_rope: ``"post"`` (default) compresses the keys as the model caches them, after its
-            rotary position embedding; ``"pre"`` undoes the rotation before compressing and
-            redoes it when reading (KVQuant's pre-RoPE keys, see
+        key_rope: ``"pre"`` undoes the model's rotary position embedding before compressing
+            the keys and redoes it when reading them (KVQuant's pre-RoPE keys, see
             [`sketchcomm.gear.rope`][sketchcomm.gear.rope]), which needs the model's config in
-            ``GEARCache``. The same for every layer.
+            ``GEARCache``; ``"post"`` compresses the keys as the model caches them, after RoPE;
+            ``"auto"`` (default) is ``"pre"`` when ``GEARCache`` is given a model config with a
+            RoPE it supports, else ``"post"``. The same for every layer.
         per_layer: overrides for some attention layers, ``{layer index: {field: value}}``
             with fields from :data:`LAYER_FIELDS`, e.g. ``{12: {"key_bits": 4, "rank": 1}}``;
             layer ``i`` is compressed with :meth:`for_layer` ``(i)``. Stored as a sorted tuple
@@ -130,7 +131,7 @@ class GEARConfig:
     decoded_buffer: bool = False
     metadata: MetadataFormat = "8bit"
     key_bits: int | None = None
-    key_rope: Literal["post", "pre"] = "post"
+    key_rope: Literal["auto", "post", "pre"] = "auto"
     per_layer: Any = ()
 
     def __post_init__(self) -> None:
@@ -172,8 +173,8 @@ class GEARConfig:
             raise ValueError(f"metadata must be 'float16' or '8bit', got {self.metadata!r}")
         if not isinstance(self.decoded_buffer, bool):
             raise ValueError(f"decoded_buffer must be a bool, got {self.decoded_buffer!r}")
-        if self.key_rope not in ("post", "pre"):
-            raise ValueError(f"key_rope must be 'post' or 'pre', got {self.key_rope!r}")
+        if self.key_rope not in ("auto", "post", "pre"):
+            raise ValueError(f"key_rope must be 'auto', 'post' or 'pre', got {self.key_rope!r}")
         key_bits = self.key_bits
         if key_bits is not None and (isinstance(key_bits, bool) or key_bits not in SUPPORTED_BITS):
             raise ValueError(f"key_bits must be one of {SUPPORTED_BITS} or None, got {key_bits!r}")
@@ -283,7 +284,7 @@ class GEARConfig:
             f"{'' if self.value_group_size is None else f'/{self.value_group_size}'} r{self.rank} "
             f"s{100 * self.outlier_ratio:g}%{'/row' if self.outlier_scope == 'row' else ''} "
             f"nb{self.buffer_size}{' m16' if self.metadata == 'float16' else ''}"
-            f"{' preRoPE' if self.key_rope == 'pre' else ''}"
+            f"{'' if self.key_rope == 'auto' else f' {self.key_rope}RoPE'}"
             f"{f' {self.corrected}s' if name == 'GEAR' and self.corrected != 'both' else ''}"
             f"{describe_overrides(self.per_layer)}"
         )

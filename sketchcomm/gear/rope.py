@@ -7,7 +7,8 @@ scaling and ``rot(k) = (−k_{d/2:}, k_{:d/2})``. The rotation turns each channe
 frequency along the tokens, so that a channel of the cached keys oscillates within a
 quantization group of tokens. KVQuant (Hooper et al., 2024, arXiv:2401.18079) quantizes keys
 before RoPE instead, where a channel keeps its scale along the tokens; with
-``GEARConfig(key_rope="pre")`` the cache does the same: it undoes the rotation,
+``GEARConfig(key_rope="pre")``, and by default (``"auto"``) for models whose RoPE is supported,
+the cache does the same: it undoes the rotation,
 ``k = (k' ⊙ cos + rot(k') ⊙ sin*) / a`` with ``sin* = −sin``, compresses ``k``, and rotates the
 decompressed keys back to their positions when it reads them.
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .config import GEARConfig
 
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 """Rope types whose frequencies do not depend on the sequence length."""
@@ -156,3 +159,31 @@ class KeyRotation:
         """The model's cached keys → keys before RoPE, positions as in
         [`rotate()`][sketchcomm.gear.rope.KeyRotation.rotate] (its inverse up to rounding)."""
         return self._turn(keys, first, padding, -1.0)
+
+
+def rotation_for(gear_config: GEARConfig, model_config) -> KeyRotation | None:
+    """The rotation to undo on the keys under ``gear_config.key_rope``: the model's RoPE for
+    ``"pre"`` (a ``ValueError`` if ``model_config`` is ``None`` or its RoPE is not supported),
+    and for ``"auto"`` when it is supported; ``None`` (keys compressed after RoPE) otherwise."""
+    if gear_config.key_rope == "post" or (model_config is None and gear_config.key_rope == "auto"):
+        return None
+    if model_config is None:
+        raise ValueError(
+            "a GEARConfig with key_rope='pre' needs the model's config: "
+            "GEARCache(gear_config, config=model.config)"
+        )
+    try:
+        return KeyRotation.from_config(model_config)
+    except ValueError:
+        if gear_config.key_rope == "pre":
+            raise
+        return None
+
+
+def check_rotation(config: GEARConfig, rotation: KeyRotation | None) -> None:
+    """Raise a ``ValueError`` unless ``rotation`` agrees with ``config.key_rope`` (required for
+    ``"pre"``, refused for ``"post"``, either for ``"auto"``)."""
+    if config.key_rope == "pre" and rotation is None:
+        raise ValueError("key_rope='pre' needs a KeyRotation (see rotation_for)")
+    if config.key_rope == "post" and rotation is not None:
+        raise ValueError("key_rope='post' compresses the keys after RoPE: pass no KeyRotation")

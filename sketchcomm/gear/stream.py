@@ -32,7 +32,7 @@ import torch
 
 from .compression import CompressedTensor, compress, decompresses_in_place
 from .config import GEARConfig
-from .rope import KeyRotation
+from .rope import KeyRotation, check_rotation
 
 DECOMPRESS_CHUNK = 8
 """Blocks decompressed together when no decoded buffer is kept and the blocks cannot be written
@@ -50,7 +50,8 @@ class BlockStream:
         value_states: the first values, shaped like ``key_states``.
         padding: left-padding positions of every row, ``[b]``, each ``φ`` plus a multiple of
             ``n_b`` and at most ``q``; they are stored as zeros.
-        rotation: the model's RoPE when ``config.key_rope == "pre"``: keys are compressed before
+        rotation: the model's RoPE to undo on the keys (see
+            [`rotation_for()`][sketchcomm.gear.rope.rotation_for]): keys are compressed before
             their rotation and rotated back when read, a row's token at sequence index ``i``
             being at position ``i - padding``.
 
@@ -82,8 +83,7 @@ class BlockStream:
             raise ValueError(
                 f"phase must be in [0, buffer_size) and at most the tokens given, got {phase}"
             )
-        if (config.key_rope == "pre") != (rotation is not None):
-            raise ValueError("a KeyRotation is needed exactly when config.key_rope == 'pre'")
+        check_rotation(config, rotation)
         self.config = config
         self.phase = phase
         self.rotation = rotation
