@@ -95,8 +95,9 @@ class KeyRotation:
         self, first: int, count: int, padding: torch.Tensor | None, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscaled ``cos`` and ``sin`` of tokens ``first .. first + count - 1``, ``[rows, 1,
-        count, head_dim]``: one row (a slice of the table) when every row has the same padding,
-        else one per row; positions below 0 (padding) read position 0."""
+        count, head_dim / 2]`` (both halves of ``θ`` are equal): one row (a slice of the table)
+        when every row has the same padding, else one per row; positions below 0 (padding)
+        read position 0."""
         offsets = None
         if padding is not None and padding.numel():
             if bool((padding == padding[0]).all()):
@@ -109,56 +110,61 @@ class KeyRotation:
             # float32 angles, as the models compute them, so that undoing their rotation is exact
             # up to the rounding of the products.
             angles = torch.arange(size, dtype=torch.float32)[:, None] * self.inv_freq
-            angles = torch.cat([angles, angles], dim=-1)
             self._cos, self._sin = angles.cos(), angles.sin()
         if self._cos.device != device:
             self._cos, self._sin = self._cos.to(device), self._sin.to(device)
         if offsets is None and first >= 0:
-            return self._cos[None, None, first : first + count], self._sin[
-                None, None, first : first + count
-            ]
+            rows = slice(first, first + count)
+            return self._cos[None, None, rows], self._sin[None, None, rows]
         positions = torch.arange(first, first + count, device=device)[None, :]
         if offsets is not None:
             positions = positions - offsets[:, None]
         positions = positions.clamp_min(0)
         return self._cos[positions][:, None], self._sin[positions][:, None]
 
-    def _turn(
-        self,
-        keys: torch.Tensor,
-        first: int,
-        padding: torch.Tensor | None,
-        direction: float,
+    def _turn_(
+        self, keys: torch.Tensor, first: int, padding: torch.Tensor | None, direction: float
     ) -> torch.Tensor:
+        """Rotate ``keys`` in place by ``direction`` (``+1``: apply RoPE, ``-1``: undo it)."""
         if keys.shape[-1] != self.head_dim:
             raise ValueError(f"keys have head_dim {keys.shape[-1]}, the RoPE {self.head_dim}")
         cos, sin = self._table(first, keys.shape[-2], padding, keys.device)
-        work = keys.float()
         half = self.head_dim // 2
-        out = work * cos
-        # rot(k) ⊙ sin: the first half gets -k_{d/2:} sin, the second k_{:d/2} sin.
-        out[..., :half].addcmul_(work[..., half:], sin[..., :half], value=-direction)
-        out[..., half:].addcmul_(work[..., :half], sin[..., half:], value=direction)
+        low, high = keys[..., :half], keys[..., half:]
+        saved = low.clone()
+        # (low, high) -> (low cos - high sin, high cos + low sin), sin negated to undo.
+        low.mul_(cos).addcmul_(high, sin, value=-direction)
+        high.mul_(cos).addcmul_(saved, sin, value=direction)
         if self.scaling != 1.0:
-            out.mul_(self.scaling if direction > 0 else 1.0 / self.scaling)
-        return out.to(keys.dtype)
+            keys.mul_(self.scaling if direction > 0 else 1.0 / self.scaling)
+        return keys
+
+    def rotate_(
+        self, keys: torch.Tensor, first: int = 0, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Keys before RoPE → the model's cached keys, in place (in the keys' dtype); returns
+        ``keys``. Keys ``[batch, kv_heads, tokens, head_dim]`` hold the tokens ``first,
+        first + 1, …`` of the sequence; with ``padding`` (``[batch]`` left-padding positions)
+        token ``i`` of row ``b`` is at position ``i - padding[b]`` (the positions ``generate``
+        gives left-padded rows; padding itself reads position 0), else at position ``i``."""
+        return self._turn_(keys, first, padding, 1.0)
 
     def rotate(
         self, keys: torch.Tensor, first: int = 0, padding: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Keys before RoPE → the model's cached keys. Keys ``[batch, kv_heads, tokens,
-        head_dim]`` hold the tokens ``first, first + 1, …`` of the sequence; with ``padding``
-        (``[batch]`` left-padding positions) token ``i`` of row ``b`` is at position
-        ``i - padding[b]`` (the positions ``generate`` gives left-padded rows; padding itself
-        reads position 0), else at position ``i``."""
-        return self._turn(keys, first, padding, 1.0)
+        """[`rotate_()`][sketchcomm.gear.rope.KeyRotation.rotate_] on a float32 copy, returned
+        in the keys' dtype."""
+        work = keys.to(torch.float32, copy=True)
+        return self._turn_(work, first, padding, 1.0).to(keys.dtype)
 
     def unrotate(
         self, keys: torch.Tensor, first: int = 0, padding: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The model's cached keys → keys before RoPE, positions as in
-        [`rotate()`][sketchcomm.gear.rope.KeyRotation.rotate] (its inverse up to rounding)."""
-        return self._turn(keys, first, padding, -1.0)
+        """The model's cached keys → keys before RoPE (a float32 computation, returned in the
+        keys' dtype), positions as in [`rotate_()`][sketchcomm.gear.rope.KeyRotation.rotate_]:
+        the inverse of the rotation up to rounding."""
+        work = keys.to(torch.float32, copy=True)
+        return self._turn_(work, first, padding, -1.0).to(keys.dtype)
 
 
 def rotation_for(gear_config: GEARConfig, model_config) -> KeyRotation | None:

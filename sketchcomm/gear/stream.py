@@ -138,8 +138,8 @@ class BlockStream:
         into the result: all at once by the compiled kernel when the result is float32 on the
         CPU (no temporary at all), else ``DECOMPRESS_CHUNK`` blocks at a time, so that the
         float32 temporaries stay the size of a chunk, not of the cache. With a ``rotation``
-        (pre-RoPE keys) the decompressed blocks are then rotated ``DECOMPRESS_CHUNK`` blocks at
-        a time.
+        (pre-RoPE keys) the decompressed blocks are then rotated in place, ``DECOMPRESS_CHUNK``
+        blocks at a time (in the model's dtype).
         """
         batch, heads, _, head_dim = new.shape
         start = self.phase
@@ -162,7 +162,7 @@ class BlockStream:
                 for first in range(0, blocks, DECOMPRESS_CHUNK):
                     last = min(first + DECOMPRESS_CHUNK, blocks)
                     target = out[..., start + first * block : start + last * block, :]
-                    target.copy_(rotation.rotate(target, start + first * block, self.padding))
+                    rotation.rotate_(target, start + first * block, self.padding)
         start += compressed
         out[..., start : start + buffer.shape[-2], :] = buffer
         out[..., start + buffer.shape[-2] :, :] = new
